@@ -1,0 +1,199 @@
+"""Checkpoint I/O for both official TD-MPC2 key layouts, fp16 and the paper's quantized files.
+
+Layouts: older flat `_Qs.params.{n}` (n = 4*layer + slot) and newer `_Qs.params.{layer}.{weight|bias|ln.*}`
+with `_detach_Qs_params.` / `_target_Qs_params.` copies and tensordict bookkeeping. Files are always read with
+`torch.load(weights_only=True)`: a file that needs arbitrary unpickling is refused, never executed.
+"""
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from edge_tdmpc.config import PRESETS, ModelConfig, make_config
+from edge_tdmpc.model import WorldModel
+from edge_tdmpc.tasks import TASK_SETS
+
+_SLOTS = ("weight", "bias", "ln.weight", "ln.bias")
+_BOOKKEEPING = ("__batch_size", "__device")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the problem and the fix."""
+
+
+def read_state_dict(path) -> dict:
+    """Safely read a checkpoint file -> flat state dict (tensors as stored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to unpickle (the file holds objects beyond tensors, which could run code); "
+            f"re-save it as {{'model': state_dict}} with trusted code. Detail: {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a TD-MPC2 checkpoint (expected {{'model': state_dict}})")
+    return obj
+
+
+def to_internal(sd: dict) -> dict:
+    """Either official layout -> our module layout (`_Qs.params.L.*`, `_target_Qs.params.L.*`)."""
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor) or k.endswith(_BOOKKEEPING) or k.startswith("_detach_Qs"):
+            continue  # detach-Q params duplicate _Qs; bookkeeping is tensordict's
+        m = re.fullmatch(r"(_Qs|_target_Qs)\.params\.(\d+)", k)
+        if m:  # older flat layout
+            n = int(m.group(2))
+            k = f"{m.group(1)}.params.{n // 4}.{_SLOTS[n % 4]}"
+        elif k.startswith("_target_Qs_params."):
+            k = "_target_Qs.params." + k[len("_target_Qs_params."):]
+        out[k] = v
+    return out
+
+
+def to_official(sd: dict, num_q: int) -> dict:
+    """Our layout -> the official newer layout, loadable by official TD-MPC2 code."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("_target_Qs."):
+            out["_target_Qs_params." + k[len("_target_Qs.params."):]] = v
+        else:
+            out[k] = v
+            if k.startswith("_Qs.params."):
+                out["_detach_Qs_params." + k[len("_Qs.params."):]] = v
+    for prefix in ("_Qs.params.", "_detach_Qs_params.", "_target_Qs_params."):
+        out[prefix + "__batch_size"] = torch.Size([num_q])
+        out[prefix + "__device"] = None
+    return out
+
+
+def dequantize(sd: dict) -> tuple[dict, bool]:
+    """Quantized tensors (the paper's int8 files) -> float32; returns (state dict, had_quantized)."""
+    had = False
+    out = {}
+    for k, v in sd.items():
+        if v.is_quantized:
+            had = True
+            v = v.dequantize()
+        out[k] = v
+    return out, had
+
+
+def infer_config(sd: dict, tasks="mt30", size=None) -> ModelConfig:
+    """Read the architecture off the tensor shapes; match a size preset when `size` is None."""
+    def shape(key):
+        if key not in sd:
+            raise CheckpointError(f"missing key '{key}': not a TD-MPC2 state-observation checkpoint")
+        return tuple(sd[key].shape)
+
+    enc = sorted({int(m.group(1)) for k in sd if (m := re.fullmatch(r"_encoder\.state\.(\d+)\.weight", k))})
+    if not enc:
+        raise CheckpointError("missing key '_encoder.state.0.weight': not a state-observation TD-MPC2 checkpoint")
+    latent_dim, enc_dim = shape(f"_encoder.state.{enc[-1]}.weight")[0], shape("_encoder.state.0.weight")[0]
+    mlp_dim = shape("_dynamics.0.weight")[0]
+    num_q, num_bins = shape("_Qs.params.2.weight")[0], shape("_reward.2.weight")[0]
+    n_tasks, task_dim = shape("_task_emb.weight") if "_task_emb.weight" in sd else (1, 0)
+    obs_dim = shape("_encoder.state.0.weight")[1] - task_dim
+    action_dim = shape("_dynamics.0.weight")[1] - latent_dim - task_dim
+    arch = dict(enc_dim=enc_dim, mlp_dim=mlp_dim, latent_dim=latent_dim, num_enc_layers=len(enc), num_q=num_q)
+
+    if isinstance(tasks, str) and tasks in TASK_SETS and len(TASK_SETS[tasks]) != n_tasks:
+        hint = "a single-task checkpoint: pass tasks='<task name>'" if n_tasks == 1 else (
+            f"a {n_tasks}-task checkpoint" + (" (mt80?)" if n_tasks == 80 else ""))
+        raise CheckpointError(
+            f"task-set mismatch: '_task_emb.weight' has {n_tasks} rows but tasks='{tasks}' has "
+            f"{len(TASK_SETS[tasks])} tasks; this is {hint}"
+        )
+    if size is None:
+        size = next((s for s, p in PRESETS.items() if p == arch), None)
+        if size is None:  # e.g. the mt30-19M checkpoint (latent 512): keep the shapes, name the nearest preset
+            size = next((s for s, p in PRESETS.items()
+                         if {k: v for k, v in p.items() if k != "latent_dim"} == {
+                             k: v for k, v in arch.items() if k != "latent_dim"}), None)
+    try:
+        cfg = make_config(tasks, size=size if size in PRESETS else None, num_bins=num_bins, **arch)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if (cfg.obs_dim, cfg.action_dim, len(cfg.tasks)) != (obs_dim, action_dim, n_tasks):
+        raise CheckpointError(
+            f"checkpoint is for obs_dim {obs_dim}, action_dim {action_dim}, {n_tasks} task(s), but tasks={tasks!r} "
+            f"needs obs_dim {cfg.obs_dim}, action_dim {cfg.action_dim}, {len(cfg.tasks)} task(s)"
+        )
+    return cfg
+
+
+def load_state_into(model: WorldModel, sd: dict):
+    """Copy a (internal-layout) state dict into `model`, naming any missing/extra/mis-shaped key."""
+    own = model.state_dict()
+    sd = dict(sd)
+    for k in ("log_std_min", "log_std_dif", "_action_masks"):  # derived from the config, absent in old files
+        sd.setdefault(k, own[k]) if k in own else None
+    if "_target_Qs.params.0.weight" not in sd:  # a file without target Qs: start them at the online Qs
+        sd.update({"_target_Qs" + k[3:]: v for k, v in sd.items() if k.startswith("_Qs.")})
+    missing = [k for k in own if k not in sd]
+    extra = [k for k in sd if k not in own]
+    if missing:
+        raise CheckpointError(f"missing key '{missing[0]}' ({len(missing)} missing): file does not match the model")
+    if extra:
+        raise CheckpointError(f"unexpected key '{extra[0]}' ({len(extra)} extra): file does not match the model")
+    for k, v in own.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"shape mismatch for '{k}': file has {tuple(sd[k].shape)}, model expects {tuple(v.shape)}")
+    model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own})
+
+
+def load_model(path, tasks="mt30", size=None, dtype=torch.float32, device="cpu") -> WorldModel:
+    """Load an official-format TD-MPC2 checkpoint (either layout, fp16/fp32/quantized) -> eval-mode WorldModel."""
+    sd = to_internal(read_state_dict(path))
+    sd, quantized = dequantize(sd)
+    if quantized:
+        warnings.warn(
+            f"{Path(path).name}: dequantizing the paper's int8 tensors (quantize_per_tensor with scale 1.0: most "
+            "weights were rounded to 0, so this model is degraded; use edge-tdmpc compile --precision int8 for "
+            "calibrated INT8)", stacklevel=2)
+    cfg = infer_config(sd, tasks, size)
+    model = WorldModel(cfg)
+    load_state_into(model, sd)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_model(model: WorldModel, path, dtype=None):
+    """Write {'model': state_dict} in the official newer layout, atomically (tmp file + rename)."""
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu()
+          for k, v in model.state_dict().items()}
+    atomic_save({"model": to_official(sd, model.cfg.num_q)}, path)
+
+
+def atomic_save(obj, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path, chunk=1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,69 @@
+"""`edge-tdmpc` command line: a thin layer over functions users can also import."""
+import importlib
+import sys
+from pathlib import Path
+
+import click
+
+
+class _OneLineErrors(click.Group):
+    """User errors (bad task, bad checkpoint, wrong dims) print one line, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (ValueError, FileNotFoundError) as e:
+            if "EDGE_TDMPC_DEBUG" in __import__("os").environ:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_OneLineErrors)
+@click.version_option(package_name="edge-tdmpc")
+def main():
+    """Distill, quantize, compile and benchmark TD-MPC2 agents for edge robots."""
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tasks", default="mt30", show_default=True, help="task set or task name the file was trained on")
+def inspect(checkpoint, tasks):
+    """Size preset, task set, parameter counts, dtype and bytes on disk of CHECKPOINT."""
+    from edge_tdmpc.inspect import summarize
+    click.echo(summarize(checkpoint, tasks))
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tasks", default="mt30", show_default=True, help="comma-separated task names, or mt30")
+@click.option("--episodes", default=1, show_default=True)
+@click.option("--seed", default=1, show_default=True)
+@click.option("--eval-mode/--stochastic", default=False, show_default=True,
+              help="official evaluate.py acts stochastically; --eval-mode drops the final action noise")
+@click.option("--mpc/--no-mpc", default=True, show_default=True, help="plan with MPPI, or act from the policy prior")
+@click.option("--steps", default=500, show_default=True, help="agent steps per episode (500 = full)")
+def eval_cmd(checkpoint, tasks, episodes, seed, eval_mode, mpc, steps):
+    """Closed-loop episodes of CHECKPOINT on TASKS: per-task return and normalised score."""
+    from edge_tdmpc.evaluate import evaluate
+    evaluate(checkpoint, tasks, episodes=episodes, seed=seed, eval_mode=eval_mode, mpc=mpc, steps=steps,
+             echo=click.echo)
+
+
+def _add_plugin_commands():
+    """Subpackages (bench, compile, distill) contribute commands through their `cli.COMMANDS`."""
+    for sub in ("bench", "compile", "distill"):
+        try:
+            mod = importlib.import_module(f"edge_tdmpc.{sub}.cli")
+        except ModuleNotFoundError as e:
+            if e.name != f"edge_tdmpc.{sub}.cli":
+                raise
+            continue
+        for cmd in mod.COMMANDS:
+            main.add_command(cmd)
+
+
+_add_plugin_commands()
+
+if __name__ == "__main__":
+    main(prog_name=Path(sys.argv[0]).name)

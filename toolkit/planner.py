@@ -1,0 +1,185 @@
+"""MPPI planning in the latent space of the world model (TD-MPC2, Alg. 1).
+
+`plan` is one pure function of (model, obs, task, previous mean, t0, noise): every random draw is an input,
+so every backend (eager, torch.compile, ONNX Runtime, TensorRT) runs the same computation and can be checked
+against this reference on the same noise. `Agent` is the small stateful wrapper the official code calls `act`.
+"""
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from edge_tdmpc.model import WorldModel, two_hot_inv
+from edge_tdmpc.tasks import MT30_DIMS, discount
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    mpc: bool = True            # False: act from the policy prior alone
+    iterations: int = 6
+    num_samples: int = 512
+    num_elites: int = 64
+    num_pi_trajs: int = 24
+    horizon: int = 3
+    min_std: float = 0.05
+    max_std: float = 2.0
+    temperature: float = 0.5
+
+    @classmethod
+    def make(cls, **overrides) -> "PlannerConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"unknown planner setting(s) {sorted(unknown)}: choose from {sorted(names)}")
+        cfg = cls(**{k: v for k, v in overrides.items() if v is not None})
+        if not 0 < cfg.num_elites <= cfg.num_samples - cfg.num_pi_trajs + cfg.num_pi_trajs:
+            raise ValueError(f"num_elites ({cfg.num_elites}) must be in 1..num_samples ({cfg.num_samples})")
+        if cfg.num_pi_trajs >= cfg.num_samples:
+            raise ValueError(f"num_pi_trajs ({cfg.num_pi_trajs}) must be below num_samples ({cfg.num_samples})")
+        return cfg
+
+
+class Noise(NamedTuple):
+    """All randomness of one planning step. Shapes for H horizon, P pi trajs, S samples, A action dim."""
+    pi: torch.Tensor        # [H, P, A]   N(0,1), policy-trajectory sampling
+    sample: torch.Tensor    # [I, H, S-P, A] N(0,1), MPPI candidate sampling per iteration
+    q_idx: torch.Tensor     # [I, 2] long, the 2 Q heads averaged in each iteration
+    q_pi: torch.Tensor      # [I, S, A] N(0,1), the policy sample at the horizon's end in each iteration
+    gumbel: torch.Tensor    # [K] Gumbel(0,1), picks one elite trajectory
+    action: torch.Tensor    # [A] N(0,1), final exploration noise (ignored in eval mode)
+
+    def numpy(self) -> "Noise":
+        return Noise(*(np.asarray(t.cpu()) for t in self))
+
+
+def sample_noise(cfg: PlannerConfig, action_dim: int, num_q: int, generator: torch.Generator | None = None,
+                 device="cpu") -> Noise:
+    H, P, S, I, K = cfg.horizon, cfg.num_pi_trajs, cfg.num_samples, cfg.iterations, cfg.num_elites
+    g = dict(generator=generator, device=device)
+    q_idx = torch.stack([torch.randperm(num_q, **g)[:2] for _ in range(I)])
+    u = torch.rand(K, **g).clamp_min(1e-20)
+    return Noise(
+        pi=torch.randn(H, P, action_dim, **g),
+        sample=torch.randn(I, H, S - P, action_dim, **g),
+        q_idx=q_idx,
+        q_pi=torch.randn(I, S, action_dim, **g),
+        gumbel=-torch.log(-torch.log(u).clamp_min(1e-20)),  # Gumbel(0,1) = -log(Exp(1))
+        action=torch.randn(action_dim, **g),
+    )
+
+
+def estimate_value(model: WorldModel, z, actions, task, gamma, q_idx, q_pi):
+    """G = sum_t gamma^t r(z_t, a_t) + gamma^H Q_avg(z_H, pi(z_H)); actions [H, N, A] -> [N, 1]."""
+    G, disc = 0, 1
+    for t in range(actions.shape[0]):
+        reward = two_hot_inv(model.reward(z, actions[t], task))
+        z = model.next(z, actions[t], task)
+        G = G + disc * reward
+        disc = disc * gamma
+    action, _ = model.pi(z, task, eps=q_pi)  # a sampled (not mean) policy action, as in the official code
+    return G + disc * model.Q(z, action, task, return_type="avg", qidx=q_idx)
+
+
+@torch.no_grad()
+def plan(model: WorldModel, obs, task, prev_mean, t0, noise: Noise, cfg: PlannerConfig, gamma=0.99,
+         eval_mode=False):
+    """One MPPI step -> (action [A] in [-1,1], mean [H, A] for the next warm start, info)."""
+    H, P, S, K = cfg.horizon, cfg.num_pi_trajs, cfg.num_samples, cfg.num_elites
+    A = model.cfg.action_dim
+    mask = model.action_mask(task)
+    mask = torch.ones(A, dtype=obs.dtype, device=obs.device) if mask is None else mask.reshape(-1)
+    z = model.encode(obs.reshape(1, -1), task)
+
+    # 1. trajectories from the policy prior
+    pi_actions = []
+    _z = z.expand(P, -1)
+    for t in range(H):
+        a, _ = model.pi(_z, task, eps=noise.pi[t])
+        pi_actions.append(a)
+        if t < H - 1:
+            _z = model.next(_z, a, task)
+    pi_actions = torch.stack(pi_actions) if P else z.new_zeros(H, 0, A)
+
+    # 2. warm start: previous mean shifted by one step (zeros at t0)
+    keep = 1.0 - torch.as_tensor(t0, dtype=obs.dtype, device=obs.device)
+    mean = torch.cat([prev_mean[1:], prev_mean.new_zeros(1, A)]) * keep
+    std = torch.full((H, A), cfg.max_std, dtype=obs.dtype, device=obs.device)
+    z = z.expand(S, -1)
+
+    # 3. MPPI iterations
+    for i in range(cfg.iterations):
+        sampled = (mean.unsqueeze(1) + std.unsqueeze(1) * noise.sample[i]).clamp(-1, 1)
+        actions = torch.cat([pi_actions, sampled], dim=1) * mask
+        value = estimate_value(model, z, actions, task, gamma, noise.q_idx[i], noise.q_pi[i]).nan_to_num(0).squeeze(1)
+        elite_value, elite_idxs = torch.topk(value, K, dim=0)
+        elite_actions = actions[:, elite_idxs]
+        score = torch.exp(cfg.temperature * (elite_value - elite_value.max()))
+        score = score / score.sum()
+        mean = (score.view(1, K, 1) * elite_actions).sum(1) / (score.sum() + 1e-9)
+        std = ((score.view(1, K, 1) * (elite_actions - mean.unsqueeze(1)) ** 2).sum(1) / (score.sum() + 1e-9)).sqrt()
+        std = std.clamp(cfg.min_std, cfg.max_std) * mask
+        mean = mean * mask
+
+    # 4. pick one elite by a Gumbel-max draw over log(score); explore with std[0] unless evaluating
+    idx = torch.argmax(torch.log(score) + noise.gumbel)
+    action = elite_actions[0, idx]
+    if not eval_mode:
+        action = action + std[0] * noise.action
+    info = dict(elite_value=elite_value, score=score, std=std, value=value.max())
+    return action.clamp(-1, 1), mean, info
+
+
+@torch.no_grad()
+def policy_action(model: WorldModel, obs, task, noise_action, eval_mode=False):
+    """mpc=False: act from the policy prior alone (its mean in eval mode)."""
+    z = model.encode(obs.reshape(1, -1), task)
+    action, mean = model.pi(z, task, eps=noise_action.reshape(1, -1))
+    return (mean if eval_mode else action)[0]
+
+
+class Agent:
+    """Stateful wrapper: draws noise from a torch Generator and keeps the warm-start mean across steps."""
+
+    def __init__(self, model: WorldModel, seed: int = 0, device=None, **planner_overrides):
+        self.model = model
+        self.cfg = PlannerConfig.make(**planner_overrides)
+        p = next(model.parameters())
+        self.device, self.dtype = torch.device(device or p.device), p.dtype
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.prev_mean = torch.zeros(self.cfg.horizon, model.cfg.action_dim, device=self.device, dtype=self.dtype)
+        tasks = model.cfg.tasks
+        self.gammas = [discount(L) for L in model.cfg.episode_lengths] if tasks else [0.99]
+
+    def _obs(self, obs, task):
+        obs = torch.as_tensor(np.asarray(obs, dtype=np.float32) if not torch.is_tensor(obs) else obs)
+        obs = obs.to(self.device, self.dtype).reshape(-1)
+        full = self.model.cfg.obs_dim
+        if obs.numel() != full and self.model.cfg.multitask and task is not None:
+            own = MT30_DIMS.get(self.model.cfg.tasks[task], (None,))[0]
+            if obs.numel() == own:  # the task's own observation: zero-pad like the official multitask env
+                obs = torch.cat([obs, obs.new_zeros(full - own)])
+        if obs.numel() != full:
+            raise ValueError(f"observation has {obs.numel()} entries but the model expects {full}")
+        return obs
+
+    def noise(self) -> Noise:
+        return sample_noise(self.cfg, self.model.cfg.action_dim, self.model.cfg.num_q, self.generator, self.device)
+
+    def _cast(self, noise: Noise) -> Noise:
+        """Noise from any source (numpy, another device or dtype) -> this agent's device and dtype."""
+        out = [torch.as_tensor(t).to(self.device) for t in noise]
+        return Noise(*(t if t.dtype == torch.long else t.to(self.dtype) for t in out))
+
+    @torch.no_grad()
+    def act(self, obs, t0=False, eval_mode=False, task=None, noise: Noise | None = None) -> torch.Tensor:
+        if self.model.cfg.multitask and task is None:
+            raise ValueError("multi-task model: pass task=<index into model.cfg.tasks>")
+        obs = self._obs(obs, task)
+        noise = self._cast(noise if noise is not None else self.noise())
+        if not self.cfg.mpc:
+            return policy_action(self.model, obs, task, noise.action, eval_mode).float().cpu()
+        gamma = self.gammas[task or 0]
+        action, self.prev_mean, _ = plan(self.model, obs, task, self.prev_mean, bool(t0), noise, self.cfg,
+                                         gamma, eval_mode)
+        return action.float().cpu()

@@ -1,0 +1,45 @@
+"""Task sets as plain data: names, dims and episode lengths (no simulator import needed)."""
+import difflib
+
+# (obs_dim, action_dim) per task, in the official MT30 order (task index = position).
+MT30_DIMS = {
+    "walker-stand": (24, 6), "walker-walk": (24, 6), "walker-run": (24, 6), "cheetah-run": (17, 6),
+    "reacher-easy": (6, 2), "reacher-hard": (6, 2), "acrobot-swingup": (6, 1), "pendulum-swingup": (3, 1),
+    "cartpole-balance": (5, 1), "cartpole-balance-sparse": (5, 1), "cartpole-swingup": (5, 1),
+    "cartpole-swingup-sparse": (5, 1), "cup-catch": (8, 2), "finger-spin": (9, 2), "finger-turn-easy": (12, 2),
+    "finger-turn-hard": (12, 2), "fish-swim": (24, 5), "hopper-stand": (15, 4), "hopper-hop": (15, 4),
+    # the 11 custom tasks of TD-MPC2
+    "walker-walk-backwards": (24, 6), "walker-run-backwards": (24, 6), "cheetah-run-backwards": (17, 6),
+    "cheetah-run-front": (17, 6), "cheetah-run-back": (17, 6), "cheetah-jump": (17, 6),
+    "hopper-hop-backwards": (15, 4), "reacher-three-easy": (8, 3), "reacher-three-hard": (8, 3),
+    "cup-spin": (8, 2), "pendulum-spin": (3, 1),
+}
+MT30 = tuple(MT30_DIMS)
+EPISODE_LENGTH = 500  # agent steps per DMC episode (action repeat 2)
+
+TASK_SETS = {"mt30": MT30}
+
+
+def unknown_task(task: str, known=MT30) -> ValueError:
+    close = difflib.get_close_matches(task, known, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "see edge_tdmpc.envs.MT30 for the names"
+    return ValueError(f"unknown task '{task}': {hint}")
+
+
+def resolve_tasks(tasks) -> tuple[str, ...]:
+    """'mt30' or a task name or a list of names -> tuple of task names."""
+    if isinstance(tasks, str):
+        if tasks in TASK_SETS:
+            return TASK_SETS[tasks]
+        tasks = [t for t in tasks.split(",") if t]
+    tasks = tuple(tasks)
+    for t in tasks:
+        if t not in MT30_DIMS:
+            raise unknown_task(t)
+    return tasks
+
+
+def discount(episode_length: int, denom=5, lo=0.95, hi=0.995) -> float:
+    """TD-MPC2's heuristic: longer episodes -> larger discount (500 steps -> 0.99)."""
+    frac = episode_length / denom
+    return min(max((frac - 1) / frac, lo), hi)
