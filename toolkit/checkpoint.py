@@ -123,7 +123,7 @@ def infer_config(sd: dict, tasks="mt30", size=None) -> ModelConfig:
                          if {k: v for k, v in p.items() if k != "latent_dim"} == {
                              k: v for k, v in arch.items() if k != "latent_dim"}), None)
     try:
-        cfg = make_config(tasks, size=size if size in PRESETS else None, num_bins=num_bins, **arch)
+        cfg = make_config(tasks, size=size if size in PRESETS else None, num_bins=num_bins, task_dim=task_dim, **arch)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     if (cfg.obs_dim, cfg.action_dim, len(cfg.tasks)) != (obs_dim, action_dim, n_tasks):

@@ -51,12 +51,12 @@ def eval_cmd(checkpoint, tasks, episodes, seed, eval_mode, mpc, steps):
 
 
 def _add_plugin_commands():
-    """Subpackages (bench, compile, distill) contribute commands through their `cli.COMMANDS`."""
-    for sub in ("bench", "compile", "distill"):
+    """Subpackages contribute commands through `COMMANDS` in their cli modules."""
+    for sub in ("bench.cli", "compile.cli", "distill.cli", "distill.data_cli"):
         try:
-            mod = importlib.import_module(f"edge_tdmpc.{sub}.cli")
+            mod = importlib.import_module(f"edge_tdmpc.{sub}")
         except ModuleNotFoundError as e:
-            if e.name != f"edge_tdmpc.{sub}.cli":
+            if e.name != f"edge_tdmpc.{sub}":
                 raise
             continue
         for cmd in mod.COMMANDS:

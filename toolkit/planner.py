@@ -81,6 +81,12 @@ def estimate_value(model: WorldModel, z, actions, task, gamma, q_idx, q_pi):
     return G + disc * model.Q(z, action, task, return_type="avg", qidx=q_idx)
 
 
+def warm_start(prev_mean, t0):
+    """Previous mean shifted one step ahead, last row 0; all zeros at the first step of an episode."""
+    keep = 1.0 - torch.as_tensor(t0, dtype=prev_mean.dtype, device=prev_mean.device)
+    return torch.cat([prev_mean[1:], torch.zeros_like(prev_mean[:1])]) * keep
+
+
 @torch.no_grad()
 def plan(model: WorldModel, obs, task, prev_mean, t0, noise: Noise, cfg: PlannerConfig, gamma=0.99,
          eval_mode=False):
@@ -101,9 +107,8 @@ def plan(model: WorldModel, obs, task, prev_mean, t0, noise: Noise, cfg: Planner
             _z = model.next(_z, a, task)
     pi_actions = torch.stack(pi_actions) if P else z.new_zeros(H, 0, A)
 
-    # 2. warm start: previous mean shifted by one step (zeros at t0)
-    keep = 1.0 - torch.as_tensor(t0, dtype=obs.dtype, device=obs.device)
-    mean = torch.cat([prev_mean[1:], prev_mean.new_zeros(1, A)]) * keep
+    # 2. warm start from the previous step's plan
+    mean = warm_start(prev_mean, t0)
     std = torch.full((H, A), cfg.max_std, dtype=obs.dtype, device=obs.device)
     z = z.expand(S, -1)
 

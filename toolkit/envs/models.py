@@ -46,7 +46,7 @@ def _capsule(parent, name, length):
 
 
 def _three_links(root):
-    """arm(shoulder) -> hand(wrist) -> finger  becomes  arm0(shoulder0) -> arm1(shoulder1) -> hand(wrist) -> finger."""
+    """arm(shoulder)-hand(wrist)-finger becomes arm0(shoulder0)-arm1(shoulder1)-hand(wrist)-finger."""
     arm0 = root.find("./worldbody/body[@name='arm']")
     arm0.set("name", "arm0")
     arm0.find("geom[@name='arm']").attrib.update(name="arm0", fromto=f"0 0 0 {_THREE_LINK} 0 0")

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real MT30 student from ../shared (skipped when absent) and a tiny random model."""
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CHECKPOINTS = SHARED / "checkpoints"
+PARITY = SHARED / "reference" / "parity"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"needs {path.name} from ../shared beside the repository (not present here)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint_path() -> Path:
+    return _need(CHECKPOINTS / "mt30-1M-distilled-fp16.pt")
+
+
+@pytest.fixture(scope="session")
+def parity_npz():
+    import numpy as np
+    return np.load(_need(PARITY / "official-seed1.npz"))
+
+
+@pytest.fixture(scope="session")
+def student(checkpoint_path):
+    from edge_tdmpc import load_model
+    return load_model(checkpoint_path)
+
+
+def make_tiny_model(tasks="mt30", seed=0):
+    """A small random multitask model with the real architecture (fast to run in tests)."""
+    from edge_tdmpc import WorldModel, make_config
+    torch.manual_seed(seed)
+    cfg = make_config(tasks, size=None, enc_dim=32, mlp_dim=32, latent_dim=16, num_q=2,
+                      task_dim=16 if tasks == "mt30" else 0)
+    model = WorldModel(cfg).eval()
+    # official init zeroes reward/Q output layers; give them values so outputs are not trivially 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model()
