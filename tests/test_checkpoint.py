@@ -50,7 +50,8 @@ def test_random_official_layout_state_dict_loads(tiny_model, tmp_path):
             for s_i, slot in enumerate(slots):
                 if layer.ln is None and slot.startswith("ln"):
                     continue
-                t = layer.ln.weight if slot == "ln.weight" else layer.ln.bias if slot == "ln.bias" else getattr(layer, slot)
+                owner = layer.ln if slot.startswith("ln.") else layer
+                t = getattr(owner, slot.removeprefix("ln."))
                 old[f"{prefix}.params.{4 * layer_i + s_i}"] = t.detach().clone().half()
     torch.save({"model": old}, tmp_path / "older.pt")
     model = load_model(tmp_path / "older.pt")

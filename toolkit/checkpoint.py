@@ -150,7 +150,8 @@ def load_state_into(model: WorldModel, sd: dict):
         raise CheckpointError(f"unexpected key '{extra[0]}' ({len(extra)} extra): file does not match the model")
     for k, v in own.items():
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"shape mismatch for '{k}': file has {tuple(sd[k].shape)}, model expects {tuple(v.shape)}")
+            raise CheckpointError(
+                f"shape mismatch for '{k}': file has {tuple(sd[k].shape)}, model expects {tuple(v.shape)}")
     model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own})
 
 

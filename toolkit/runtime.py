@@ -41,7 +41,8 @@ class Runtime(ABC):
         """Start of an episode: clear the warm-start mean (and reseed the noise when given a seed)."""
 
     @abstractmethod
-    def act(self, obs: np.ndarray, task: int | None, t0: bool, eval_mode=False, noise: Noise | None = None) -> np.ndarray:
+    def act(self, obs: np.ndarray, task: int | None, t0: bool, eval_mode=False,
+            noise: Noise | None = None) -> np.ndarray:
         """Padded observation (or the task's own) -> action in [-1, 1] (padded action dim)."""
 
     def size_bytes(self) -> int:
