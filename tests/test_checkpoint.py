@@ -80,15 +80,25 @@ class _RunsCode:
         return (open, (str(self.marker), "w"))
 
 
-def test_pickle_that_would_run_code_is_refused(tmp_path):
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_pickle_that_would_run_code_is_refused(tmp_path, how):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
-        pickle.dump({"model": {"x": _RunsCode(marker)}}, f)
+    payload = {"model": {"x": _RunsCode(marker), "w": torch.zeros(2)}}
+    if how == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
     with pytest.raises(CheckpointError, match="refused to unpickle") as e:
         load_model(path)
     assert not marker.exists()
     assert "\n" not in str(e.value)
+
+
+def test_not_a_pytorch_file(tmp_path):
+    (tmp_path / "notes.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint file"):
+        load_model(tmp_path / "notes.pt")
 
 
 def test_truncated_checkpoint(checkpoint_path, tmp_path):

@@ -31,12 +31,18 @@ def read_state_dict(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # zip (torch.save) or a raw pickle
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file (neither a torch.save zip nor a pickle)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed| Please|\n|$)", str(e))
+        detail = m.group(1).strip() if m else "unsupported pickle content"
         raise CheckpointError(
-            f"{path}: refused to unpickle (the file holds objects beyond tensors, which could run code); "
-            f"re-save it as {{'model': state_dict}} with trusted code. Detail: {str(e).splitlines()[0]}"
+            f"{path}: refused to unpickle (the file holds objects beyond tensors, which could run code; {detail}); "
+            "re-save it as {'model': state_dict} with trusted code"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
