@@ -22,8 +22,8 @@ TASK_SETS = {"mt30": MT30}
 
 def unknown_task(task: str, known=MT30) -> ValueError:
     close = difflib.get_close_matches(task, known, n=3)
-    hint = f"did you mean {', '.join(close)}?" if close else "see edge_tdmpc.envs.MT30 for the names"
-    return ValueError(f"unknown task '{task}': {hint}")
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return ValueError(f"unknown task '{task}': {hint}the known tasks are edge_tdmpc.envs.MT30")
 
 
 def resolve_tasks(tasks) -> tuple[str, ...]:

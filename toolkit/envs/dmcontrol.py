@@ -5,14 +5,12 @@ steps, summing the rewards; an episode is truncated after EPISODE_LENGTH agent s
 dm_control time limit of every MT30 task). The observation is the dm_control observation dict flattened in
 spec order, as float32.
 """
-import difflib
-
 import gymnasium as gym
 import numpy as np
 from dm_control import suite
 from dm_control.suite.wrappers import action_scale
 
-from ..tasks import EPISODE_LENGTH, MT30, MT30_DIMS
+from ..tasks import EPISODE_LENGTH, MT30, MT30_DIMS, unknown_task
 from .custom import CUSTOM_TASKS
 
 ACTION_REPEAT = 2
@@ -22,9 +20,7 @@ DOMAIN_ALIASES = {"cup": "ball_in_cup"}
 
 def check_task(task: str) -> None:
     if task not in MT30_DIMS:
-        close = difflib.get_close_matches(task, MT30, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "no close match."
-        raise ValueError(f"unknown task {task!r}: {hint} The 30 known tasks are edge_tdmpc.envs.MT30.")
+        raise unknown_task(task)
 
 
 def split_task(task: str) -> tuple[str, str]:
