@@ -1,0 +1,86 @@
+"""`edge-tdmpc bench MODEL ...` (closed-loop benchmark) and `edge-tdmpc bench compare A.json B.json`."""
+import os
+import shlex
+import sys
+
+import click
+
+
+class _DefaultToRun(click.Group):
+    """`bench MODEL ...` means `bench run MODEL ...`; `bench compare ...` stays a subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultToRun)
+def bench():
+    """Closed-loop MT30 benchmark: score, latency, memory and size per runtime x precision.
+
+    \b
+      edge-tdmpc bench MODEL --tasks mt30 --episodes 10 --out runs/bench   (same as `bench run MODEL ...`)
+      edge-tdmpc bench compare runs/a/report.json runs/b/report.json
+    """
+
+
+@bench.command("run")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--tasks", default="mt30", show_default=True, help="mt30 or comma-separated task names")
+@click.option("--episodes", default=10, show_default=True, help="episodes per task (official MT30: 10)")
+@click.option("--runtime", "runtimes", default=None,
+              help="comma-separated: torch, onnxruntime, tensorrt, torch-cuda-graph  [default: torch; for an "
+                   "artifact: torch fp32 and the artifact]")
+@click.option("--precision", "precisions", default=None,
+              help="comma-separated: fp32, fp16, bf16, int8  [default: fp32]")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory")
+@click.option("--mpc/--no-mpc", default=None, help="plan with MPPI (default) or act from the policy prior alone")
+@click.option("--workers", type=int, default=None, help="parallel episode processes  [default: CPU cores]")
+@click.option("--seed", default=1, show_default=True, help="base seed; each (task, episode) derives its own")
+@click.option("--resume", is_flag=True, help="continue a killed run in --out, skipping finished episodes")
+@click.option("--hz", type=float, default=None, help="control rate: report actions that miss its deadline")
+@click.option("--check-actions", default=0, show_default=True,
+              help="replay N recorded observations through every runtime with fp32 eager's noise; report |Δaction|")
+@click.option("--eval-mode/--stochastic", default=False, show_default=True,
+              help="official evaluate.py acts stochastically; --eval-mode drops the final action noise")
+@click.option("--steps", default=500, show_default=True, help="agent steps per episode (500 = full)")
+@click.option("--samples", type=int, default=None, help="planner override: num_samples (512)")
+@click.option("--elites", type=int, default=None, help="planner override: num_elites (64)")
+@click.option("--iterations", type=int, default=None, help="planner override: MPPI iterations (6)")
+@click.option("--horizon", type=int, default=None, help="planner override: horizon (3)")
+@click.option("--warmup", default=3, show_default=True, help="untimed actions per runtime before its episodes")
+@click.option("--device", default="cpu", show_default=True, help="torch device for the runtimes (cpu, cuda)")
+@click.option("--model-tasks", default=None,
+              help="task set MODEL was trained on  [default: mt30, or the benched task for a single-task file]")
+def run_cmd(model, tasks, episodes, runtimes, precisions, out, mpc, workers, seed, resume, hz, check_actions,
+            eval_mode, steps, samples, elites, iterations, horizon, warmup, device, model_tasks):
+    """Run closed-loop episodes of MODEL (checkpoint or compiled artifact directory); write report.json,
+    report.md and plots to OUT."""
+    from edge_tdmpc.bench.harness import run_bench
+    planner = dict(mpc=mpc, num_samples=samples, num_elites=elites, iterations=iterations, horizon=horizon)
+    command = " ".join(["edge-tdmpc", *map(shlex.quote, sys.argv[1:])])
+    rep = run_bench(model, out, tasks=tasks, runtimes=runtimes, precisions=precisions, episodes=episodes, seed=seed,
+                    steps=steps, eval_mode=eval_mode, planner=planner, workers=workers, resume=resume, hz=hz,
+                    check_actions=check_actions, warmup=warmup, device=device, model_tasks=model_tasks,
+                    command=command, echo=click.echo)
+    for s in rep["summary"]:
+        lat = s["latency_ms"]
+        click.echo(f"{s['runtime']}/{s['precision']:<5} score {s['score']:6.2f} over {s['tasks']} task(s)  "
+                   f"latency p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms  peak RSS {s['peak_rss_mib']:.0f} MiB")
+    for c in rep.get("check_actions") or []:
+        click.echo(f"check {c['runtime']}/{c['precision']:<5} max |Δa| {c['max_abs']:.3g}  median {c['median_abs']:.3g}"
+                   f"  (tolerance {c['tolerance']})")
+    click.echo(f"wrote {os.path.join(out, 'report.json')}, report.md, {', '.join(rep['plots'])}")
+
+
+@bench.command("compare")
+@click.argument("a", type=click.Path(exists=True))
+@click.argument("b", type=click.Path(exists=True))
+def compare_cmd(a, b):
+    """Difference of two bench reports (report.json files or their directories): B against A."""
+    from edge_tdmpc.bench.report import compare, load_report
+    click.echo(compare(load_report(a), load_report(b)), nl=False)
+
+
+COMMANDS = [bench]

@@ -1,0 +1,205 @@
+"""`run_bench`: validate everything, check faithfulness, run the episodes, write the reports.
+
+All user errors (unknown runtime or precision, a task the model was not trained on, an unwritable output
+directory, a resume with different settings) are raised as one-line ValueErrors before any episode starts.
+"""
+import copy
+import datetime
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from edge_tdmpc.bench import faithful, report
+from edge_tdmpc.bench.meters import environment
+from edge_tdmpc.bench.runner import EpisodeLog, Job, Settings, atomic_write_text, run_jobs
+from edge_tdmpc.checkpoint import file_sha256, load_model, read_state_dict
+from edge_tdmpc.model import WorldModel
+from edge_tdmpc.planner import PlannerConfig
+from edge_tdmpc.runtime import _PLUGINS, PRECISIONS, RUNTIMES, make_runtime
+from edge_tdmpc.tasks import resolve_tasks
+
+CHECK_FILE = "check.json"
+
+
+def _split(x) -> list[str]:
+    return [s.strip() for s in x.split(",") if s.strip()] if isinstance(x, str) else list(x)
+
+
+def _runtime_class(name: str):
+    if name not in RUNTIMES and name in _PLUGINS:
+        importlib.import_module(_PLUGINS[name])
+    if name not in RUNTIMES:
+        raise ValueError(f"unknown runtime '{name}': choose from {sorted(set(RUNTIMES) | set(_PLUGINS))}")
+    return RUNTIMES[name]
+
+
+def resolve_pairs(runtimes, precisions) -> list[tuple[str, str]]:
+    """runtimes x precisions, keeping the combinations a runtime supports (each precision must have one)."""
+    runtimes, precisions = _split(runtimes), _split(precisions)
+    if not runtimes or not precisions:
+        raise ValueError("pass at least one --runtime and one --precision")
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise ValueError(f"unknown precision '{p}': choose from {list(PRECISIONS)}")
+    classes = {r: _runtime_class(r) for r in runtimes}
+    pairs = [(r, p) for r in runtimes for p in precisions if p in classes[r].precisions]
+    for p in precisions:
+        if not any(q == p for _, q in pairs):
+            offer = {r: list(c.precisions) for r, c in classes.items()}
+            raise ValueError(f"no requested runtime runs precision '{p}' (supported: {offer})")
+    return pairs
+
+
+def _state_sha256(model: WorldModel) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _model_tasks(path: Path, model_tasks, tasks) -> str:
+    """The task set a checkpoint was trained on: given, mt30 for multitask files, or the single task benched."""
+    if model_tasks:
+        return model_tasks
+    if "_task_emb.weight" in read_state_dict(path):
+        return "mt30"
+    if len(tasks) != 1:
+        raise ValueError(f"{path.name} is a single-task checkpoint: bench one task, or name it with --model-tasks")
+    return tasks[0]
+
+
+def open_model(model, tasks=("mt30",), model_tasks=None):
+    """Checkpoint path, compiled artifact directory or in-memory WorldModel ->
+    (fp32 reference model, what workers load, {pair: artifact dir}, model facts)."""
+    if isinstance(model, WorldModel):
+        ref = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+        return ref.eval(), ref, {}, {"kind": "in-memory", "path": None, "sha256": _state_sha256(ref)}
+    path = Path(model)
+    if path.is_dir():
+        try:
+            from edge_tdmpc.compile.artifact import read_manifest
+        except ModuleNotFoundError:
+            raise ValueError(f"{path} is a directory, but this install has no edge_tdmpc.compile to read compiled "
+                             "artifacts; pass a checkpoint file") from None
+        manifest = read_manifest(path)
+        ckpt = Path(manifest["checkpoint"])
+        ckpt = ckpt if ckpt.is_absolute() or ckpt.exists() else path / ckpt
+        sha = file_sha256(ckpt)
+        if manifest.get("checkpoint_sha256") not in (None, sha):
+            raise ValueError(f"{ckpt} is not the checkpoint {path} was compiled from (sha256 differs); "
+                             "recompile the artifact or restore that checkpoint")
+        pair = (manifest["runtime"], manifest["precision"])
+        facts = {"kind": "artifact", "path": str(path), "sha256": sha, "checkpoint": str(ckpt),
+                 "artifact": {pair[0]: pair[1]}, "manifest": manifest}
+        source = (str(ckpt), _model_tasks(ckpt, model_tasks, tasks))
+        return load_model(*source), source, {pair: str(path)}, facts
+    if not path.is_file():
+        raise ValueError(f"model not found: {path} (pass a checkpoint file or a compiled artifact directory)")
+    source = (str(path), _model_tasks(path, model_tasks, tasks))
+    return load_model(*source), source, {}, {"kind": "checkpoint", "path": str(path), "sha256": file_sha256(path)}
+
+
+def _writable(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to output directory {out} ({e.strerror}); choose a writable --out") from None
+    return out
+
+
+def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes=10, seed=1, steps=500,
+              eval_mode=False, planner: PlannerConfig | dict | None = None, workers=None, resume=False, hz=None,
+              check_actions=0, warmup=3, device="cpu", model_tasks=None, progress=True, command=None,
+              echo=print) -> dict:
+    """Closed-loop benchmark of `model` (checkpoint, artifact dir or WorldModel); returns report.json's dict.
+
+    runtimes / precisions: comma-separated or lists (default torch / fp32; for an artifact: fp32 eager and the
+    artifact). planner: PlannerConfig or overrides such as {"mpc": False, "num_samples": 256}. model_tasks: the
+    task set a checkpoint was trained on (default mt30, or the benched task for a single-task file).
+    """
+    # --- validate everything before the first episode ---
+    tasks = resolve_tasks(tasks)
+    if not tasks:
+        raise ValueError("no tasks given: pass --tasks mt30 or comma-separated task names")
+    for name, v, lo in (("episodes", episodes, 1), ("steps", steps, 1), ("warmup", warmup, 0),
+                        ("check-actions", check_actions, 0)):
+        if v < lo:
+            raise ValueError(f"--{name} must be at least {lo}, got {v}")
+    if hz is not None and hz <= 0:
+        raise ValueError(f"--hz must be positive, got {hz}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' asked for, but torch sees no CUDA device; use --device cpu")
+    out = _writable(Path(out))
+    ref_model, source, artifacts, model_facts = open_model(model, tasks, model_tasks)
+    overrides = asdict(planner) if isinstance(planner, PlannerConfig) else dict(planner or {})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if artifacts:  # the planner is baked into a compiled artifact: use its settings, refuse others
+        base = model_facts["manifest"].get("planner") or {}
+        clash = sorted(k for k in overrides if k in base and overrides[k] != base[k])
+        if clash:
+            raise ValueError(f"{model_facts['path']} was compiled with {clash[0]}={base[clash[0]]!r}, not "
+                             f"{overrides[clash[0]]!r}; drop that override or recompile the artifact")
+        overrides = {**base, **overrides}
+    planner = PlannerConfig.make(**overrides)
+    if artifacts and runtimes is None and precisions is None:  # the artifact against the fp32 eager reference
+        pairs = list(dict.fromkeys([report.REFERENCE, *artifacts]))
+        for r, _ in pairs:
+            _runtime_class(r)
+    else:
+        pairs = resolve_pairs(runtimes or "torch", precisions or "fp32")
+    missing = [t for t in tasks if t not in ref_model.cfg.tasks]
+    if missing:
+        raise ValueError(f"task '{missing[0]}' is not in this model's task set ({len(ref_model.cfg.tasks)} tasks: "
+                         f"{', '.join(ref_model.cfg.tasks[:4])}, ...); pick tasks it was trained on")
+    settings = Settings(model_facts["sha256"], seed, steps, eval_mode, planner)
+    log = EpisodeLog(out, settings, resume)
+    sizes = {}
+    for rt_name, prec in pairs:  # builds each runtime once: validates it and fills compile caches for workers
+        rt = make_runtime(rt_name, artifacts.get((rt_name, prec), ref_model), prec, planner, seed, device)
+        sizes[rt_name, prec] = rt.size_bytes()
+        rt.close()
+
+    # --- faithfulness on identical inputs (cached, so a resumed run does not redo it) ---
+    check = None
+    if check_actions:
+        key = {"n": check_actions, "pairs": [list(p) for p in pairs], **settings.identity()}
+        cache = out / CHECK_FILE
+        cached = json.loads(cache.read_text()) if resume and cache.exists() else None
+        if cached and cached.get("key") == key:
+            check = faithful.judge(cached["results"], planner.mpc)
+        else:
+            check = faithful.check_actions(ref_model, pairs, tasks, check_actions, planner, seed, eval_mode,
+                                           artifacts, device)
+            atomic_write_text(cache, json.dumps({"key": key, "results": check}, indent=1))
+
+    # --- episodes ---
+    jobs = [Job(r, p, t, e) for r, p in pairs for t in tasks for e in range(episodes)]
+    workers = workers or os.cpu_count() or 1
+    todo = sum(j.key not in log.records for j in jobs)
+    if todo < len(jobs):
+        echo(f"resuming: {len(jobs) - todo} of {len(jobs)} episodes already in {out / 'episodes.jsonl'}")
+    with tqdm(total=todo * steps, unit="step", desc="bench", disable=not progress, smoothing=0.05) as pbar:
+        run_jobs(jobs, log, source, artifacts, planner, settings, workers, device, warmup, pbar)
+
+    # --- reports ---
+    records = [log.records[j.key] for j in jobs]
+    meta = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "model": model_facts, "environment": environment(),
+        "settings": {"tasks": list(tasks), "episodes": episodes, "seed": seed, "steps": steps,
+                     "eval_mode": eval_mode, "mpc": planner.mpc, "planner": asdict(planner), "hz": hz,
+                     "workers": workers, "warmup": warmup, "device": str(device),
+                     "pairs": [list(p) for p in pairs]},
+    }
+    rep = report.build_report(records, pairs, tasks, sizes, meta, check, hz)
+    return report.write_reports(rep, records, out)

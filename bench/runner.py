@@ -1,0 +1,220 @@
+"""Closed-loop episodes in parallel worker processes, one JSONL line per finished episode.
+
+A job is one (runtime, precision, task, episode). Its env seed and planner-noise seed derive from (base seed,
+task, episode) alone, and every worker runs torch on one thread, so returns do not depend on which worker runs
+a job or how many workers there are. Each finished episode is appended (and fsynced) by the parent process to
+`episodes.jsonl`; a killed run resumes from there (`resume=True`), recomputing nothing.
+"""
+import json
+import multiprocessing as mp
+import os
+import queue
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_tdmpc.bench.meters import MIB, PeakRss, device_memory_peak_mib, device_memory_reset
+from edge_tdmpc.planner import PlannerConfig
+from edge_tdmpc.runtime import make_runtime
+
+EPISODES_FILE, RUN_FILE = "episodes.jsonl", "run.json"
+PROGRESS_EVERY = 10  # steps between progress messages from a worker
+
+
+def pad_obs(obs, obs_dim: int) -> np.ndarray:
+    """A task's own observation -> zero-padded to the model's obs_dim (the official multitask layout)."""
+    obs = np.asarray(obs, dtype=np.float32).reshape(-1)
+    if obs.size > obs_dim:
+        raise ValueError(f"observation has {obs.size} entries but the model takes at most {obs_dim}")
+    if obs.size == obs_dim:
+        return obs
+    out = np.zeros(obs_dim, np.float32)
+    out[: obs.size] = obs
+    return out
+
+
+def episode_seeds(seed: int, task: str, episode: int) -> tuple[int, int]:
+    """(env seed, planner-noise seed) of one episode; crc32 of the name keeps it independent of task order."""
+    env_seed, noise_seed = np.random.SeedSequence([seed, zlib.crc32(task.encode()), episode]).generate_state(2)
+    return int(env_seed), int(noise_seed)
+
+
+@dataclass(frozen=True)
+class Job:
+    runtime: str
+    precision: str
+    task: str
+    episode: int
+
+    @property
+    def key(self) -> tuple:
+        return self.runtime, self.precision, self.task, self.episode
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides an episode's return: a resumed run must match these exactly."""
+    model_sha256: str
+    seed: int = 1
+    steps: int = 500
+    eval_mode: bool = False
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+
+    def identity(self) -> dict:
+        return {**asdict(self), "planner": asdict(self.planner)}
+
+
+def run_episode(runtime, task: str, task_index, env_seed: int, noise_seed: int, steps: int, eval_mode: bool,
+                obs_dim: int, device="cpu", progress=None) -> dict:
+    """One closed-loop episode; agent time (around `act`, incl. host<->device copies) and env time apart."""
+    from edge_tdmpc.envs import make_env
+    env = make_env(task, seed=env_seed)
+    obs, _ = env.reset()
+    runtime.reset(noise_seed)
+    rss = PeakRss()
+    device_memory_reset(device)
+    latency_ns, env_ns, ret, wall, told = [], 0, 0.0, time.perf_counter(), 0
+    for t in range(steps):
+        x = pad_obs(obs, obs_dim)
+        t0 = time.perf_counter_ns()
+        action = runtime.act(x, task_index, t0=t == 0, eval_mode=eval_mode)
+        t1 = time.perf_counter_ns()
+        obs, reward, terminated, truncated, _ = env.step(np.asarray(action, np.float32)[: env.action_dim])
+        env_ns += time.perf_counter_ns() - t1
+        latency_ns.append(t1 - t0)
+        ret += reward
+        rss.sample()
+        if progress is not None and (t + 1) % PROGRESS_EVERY == 0:
+            progress.put(t + 1 - told)
+            told = t + 1
+        if terminated or truncated:
+            break
+    env.close()
+    if progress is not None:
+        progress.put(len(latency_ns) - told)
+    return {
+        "return": float(ret), "steps": len(latency_ns), "env_seed": env_seed, "noise_seed": noise_seed,
+        "latency_ms": [round(ns / 1e6, 4) for ns in latency_ns],
+        "agent_s": sum(latency_ns) / 1e9, "env_s": env_ns / 1e9, "wall_s": time.perf_counter() - wall,
+        "peak_rss_mib": rss.peak_bytes() / MIB, "peak_device_mib": device_memory_peak_mib(device),
+    }
+
+
+# --- worker processes ---------------------------------------------------------------------------------
+_W: dict = {}
+
+
+def _init_worker(source, runtime_models, planner, settings, device, warmup, progress):
+    torch.set_num_threads(1)  # one core per worker; also makes results independent of the worker count
+    from edge_tdmpc.checkpoint import load_model
+    model = load_model(*source) if isinstance(source, tuple) else source  # (checkpoint, its task set)
+    _W.update(model=model, runtime_models=runtime_models, planner=planner, settings=settings, device=device,
+              warmup=warmup, progress=progress, pair=None, runtime=None)
+
+
+def _runtime(runtime: str, precision: str):
+    """The worker keeps one runtime alive (so its memory is measured alone), warmed up outside any episode."""
+    if _W["pair"] != (runtime, precision):
+        if _W["runtime"] is not None:
+            _W["runtime"].close()
+        model = _W["runtime_models"].get((runtime, precision), _W["model"])
+        rt = make_runtime(runtime, model, precision, _W["planner"], seed=0, device=_W["device"])
+        cfg = _W["model"].cfg
+        obs, task = np.zeros(cfg.obs_dim, np.float32), 0 if cfg.multitask else None
+        for i in range(_W["warmup"]):  # first calls pay for allocation / lazy init / compilation
+            rt.act(obs, task, t0=i == 0)
+        _W.update(pair=(runtime, precision), runtime=rt)
+    return _W["runtime"]
+
+
+def _run_job(job: Job) -> dict:
+    model, s = _W["model"], _W["settings"]
+    env_seed, noise_seed = episode_seeds(s.seed, job.task, job.episode)
+    task_index = model.cfg.tasks.index(job.task) if model.cfg.multitask else None
+    rt = _runtime(job.runtime, job.precision)
+    rec = run_episode(rt, job.task, task_index, env_seed, noise_seed, s.steps, s.eval_mode, model.cfg.obs_dim,
+                      _W["device"], _W["progress"])
+    return {**asdict(job), **rec, "worker": os.getpid()}
+
+
+# --- the episode log -----------------------------------------------------------------------------------
+class EpisodeLog:
+    """`episodes.jsonl` plus `run.json` (the settings it was made with) in the output directory."""
+
+    def __init__(self, out: Path, settings: Settings, resume: bool):
+        self.path, self.run_path = out / EPISODES_FILE, out / RUN_FILE
+        self.records = self._load()
+        identity = settings.identity()
+        if self.records and not resume:
+            raise ValueError(f"{out} already holds {len(self.records)} episode(s): pass --resume to continue "
+                             "that run, or choose another --out")
+        if self.run_path.exists() and (resume or self.records):
+            old = json.loads(self.run_path.read_text())
+            diff = [k for k in identity if old.get(k) != identity[k]]
+            if diff:
+                raise ValueError(f"cannot resume {out}: its episodes used different {', '.join(diff)} "
+                                 f"({diff[0]}={old.get(diff[0])!r}, now {identity[diff[0]]!r}); use another --out")
+        atomic_write_text(self.run_path, json.dumps(identity, indent=1))
+
+    def _load(self) -> dict:
+        records = {}
+        if not self.path.exists():
+            return records
+        lines = self.path.read_text().splitlines()
+        good = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn line of a killed run: that episode is simply run again
+            records[Job(rec["runtime"], rec["precision"], rec["task"], rec["episode"]).key] = rec
+            good.append(line)
+        if len(good) != len(lines):
+            atomic_write_text(self.path, "".join(line + "\n" for line in good))
+        return records
+
+    def append(self, rec: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[Job(rec["runtime"], rec["precision"], rec["task"], rec["episode"]).key] = rec
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_jobs(jobs: list[Job], log: EpisodeLog, source, runtime_models: dict, planner: PlannerConfig,
+             settings: Settings, workers: int, device="cpu", warmup=3, pbar=None):
+    """Run the jobs not yet in the log on a spawn pool, appending each episode as it finishes."""
+    todo = [j for j in jobs if j.key not in log.records]
+    if not todo:
+        return
+    ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and any CUDA context
+    progress = ctx.Queue()
+    args = (source, runtime_models, planner, settings, device, warmup, progress)
+    with ctx.Pool(max(1, min(workers, len(todo))), initializer=_init_worker, initargs=args) as pool:
+        pending = [pool.apply_async(_run_job, (job,)) for job in todo]
+        while pending:
+            try:
+                n = progress.get(timeout=0.2)
+                if pbar is not None:
+                    pbar.update(n)
+            except queue.Empty:
+                pass
+            for r in [r for r in pending if r.ready()]:
+                pending.remove(r)
+                rec = r.get()  # re-raises a worker's error here; finished episodes are already on disk
+                log.append(rec)
+                if pbar is not None:
+                    pbar.set_postfix_str(f"{rec['task']} ep{rec['episode']} return {rec['return']:.1f}")

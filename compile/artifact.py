@@ -1,0 +1,310 @@
+"""Compiled artifacts: what `edge-tdmpc compile` writes and every runtime loads.
+
+    DIR/
+      manifest.json      source checkpoint + sha256, precision and per-layer plan, planner settings, target,
+                         I/O shapes, sha256 of every file, verification results and status ("ok" / "failed")
+      plan.onnx          the whole planning step as one graph (one runtime call per control step)
+      networks/*.onnx    encoder, dynamics, reward, pi, Q as separate graphs (batch axis B)
+      verify.npz         planning inputs recorded in real closed-loop episodes + the torch fp32 outputs
+      calibration.json   INT8 activation ranges (int8 / mixed)
+      build_engine.py, verify.py   TensorRT targets: build and verify the engine on the device
+
+The directory is written under a temporary name and renamed into place, so an interrupted compile leaves no
+half artifact; recordings (the slow part) are cached and reused by the next compile of the same model.
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edge_tdmpc.checkpoint import file_sha256
+from edge_tdmpc.compile import export, record, verify
+from edge_tdmpc.compile.precision import model_plan, quantize_int8
+from edge_tdmpc.compile.targets import check_precision, load_target
+from edge_tdmpc.model import WorldModel
+from edge_tdmpc.planner import PlannerConfig
+
+FORMAT = "edge-tdmpc-artifact/1"
+GRAPH = "plan.onnx"
+VERIFY_FILE = "verify.npz"
+VERIFY_TASKS = ("walker-stand", "cheetah-run-backwards", "cartpole-balance", "finger-turn-easy", "hopper-hop")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EDGE_TDMPC_CACHE") or Path.home() / ".cache" / "edge-tdmpc")
+
+
+def state_dict_sha256(model: WorldModel) -> str:
+    """Hash of the weights (names, shapes, fp32 values): the cache key of a model held in memory."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        v = v.detach().cpu()
+        h.update(f"{k}:{tuple(v.shape)}".encode())
+        h.update((v.float() if v.is_floating_point() else v).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --- recordings (cached: the slow, precision-independent part) -----------------------------------------------
+def _tasks(model: WorldModel, wanted, n: int) -> list[str]:
+    own = [t for t in wanted if t in model.cfg.tasks] or list(model.cfg.tasks)
+    return [own[k % len(own)] for k in range(n)]
+
+
+def _recording(model, cfg, model_sha, tasks, steps, seed, kind, step_fn, reference: bool) -> dict:
+    key = _digest([model_sha, asdict(cfg), tasks, steps, seed, kind, reference])[:20]
+    path = cache_root() / "recordings" / f"{kind}-{key}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    rec = record.record(model, cfg, tasks, steps, seed, step_fn)
+    if reference:  # the torch fp32 reference's outputs on every recorded input
+        outs = [record.reference_step(model, row, cfg) for row in record.rows(rec)]
+        rec.update({f"expected_{k}": np.stack([o[k] for o in outs]) for k in outs[0]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **rec)
+    os.replace(tmp, path)
+    return rec
+
+
+# --- compile ---------------------------------------------------------------------------------------------------
+def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | None = None, target="cpu",
+                  out=None, checkpoint=None, calib_episodes=6, calib_steps=8, verify_episodes=2, verify_steps=6,
+                  plan_overrides=None, calib_method="minmax", seed=0, echo=None) -> Path:
+    """Checkpoint/model -> verified artifact directory (see module doc). Returns its path.
+
+    `target` names a device profile (targets/*.json). cpu: an ONNX Runtime artifact, verified here. A
+    Jetson: a deploy bundle (ONNX, calibration, manifest, recorded inputs, build_engine.py) verified here
+    with ONNX Runtime and built into a TensorRT engine on the device; on a machine whose GPU and TensorRT
+    match the target, the engine is built and verified directly.
+    """
+    echo = echo or (lambda *_: None)
+    cfg = planner or PlannerConfig()
+    profile = load_target(target)
+    check_precision(profile, precision)
+    model = model.float().cpu().eval()
+    model_sha = state_dict_sha256(model)
+    layer_plan = model_plan(model, precision, plan_overrides)
+    out = Path(out) if out is not None else cache_root() / "artifacts" / cache_key(model_sha, precision, cfg, target,
+                                                                                    layer_plan, calib_method)
+    from edge_tdmpc.compile.session import OnnxSession
+
+    t_start = time.time()
+    fp32 = export.plan_graph(model, cfg)
+    ref_session = OnnxSession(fp32)
+
+    def step_fn(feed):
+        o = ref_session.run(feed)
+        return o["action"], o.get("mean", np.zeros((cfg.horizon, model.cfg.action_dim), np.float32))
+
+    echo(f"recording {verify_episodes} verification episode(s) x {verify_steps} steps (torch fp32 reference)")
+    ver = _recording(model, cfg, model_sha, _tasks(model, VERIFY_TASKS, verify_episodes), verify_steps,
+                     seed + 1000, "verify", step_fn, reference=True)
+    graph, calib_meta = fp32, None
+    if any(p in ("fp16", "bf16") for p in layer_plan.values()):  # int8 layers are emitted in fp32, then quantized
+        graph = export.plan_graph(model, cfg, layer_plan)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_parent(out)))
+    try:
+        if "int8" in layer_plan.values():
+            tasks = _tasks(model, record.CALIB_TASKS, calib_episodes)
+            echo(f"calibrating int8 on {calib_episodes} closed-loop episode(s) x {calib_steps} steps: "
+                 f"{', '.join(tasks)}")
+            calib = _recording(model, cfg, model_sha, tasks, calib_steps, seed, "calib", step_fn, reference=False)
+            graph, cache = quantize_int8(graph, layer_plan, calib, tmp, calib_method)
+            calib_meta = {"tasks": tasks, "steps": calib_steps, "rows": int(len(calib["obs"])), "method": calib_method,
+                          "file": cache.name, "seed": seed}
+        onnx.save(graph, tmp / GRAPH)
+        (tmp / "networks").mkdir()
+        float_plan = {k: ("fp32" if v == "int8" else v) for k, v in layer_plan.items()}
+        for name, net in export.network_graphs(model, float_plan).items():
+            onnx.save(net, tmp / "networks" / f"{name}.onnx")
+        np.savez(tmp / VERIFY_FILE, **ver)
+
+        echo(f"verifying {GRAPH} on {len(ver['obs'])} recorded steps against the torch fp32 reference")
+        session = OnnxSession(graph)
+        rows = list(record.rows(ver))
+        outputs = [session.run(r) for r in rows]
+        expected = [{k[len("expected_"):]: r[k] for k in r if k.startswith("expected_")} for r in rows]
+        checks = verify.compare(outputs, expected, precision)
+        executed_by = "onnxruntime-cpu" + (" (bf16 emulated: fp32 ops rounded to bf16)" if session.emulated else "")
+        result = {**verify.report(checks), "file": VERIFY_FILE, "rows": len(rows), "executed_by": executed_by,
+                  "tasks": sorted(set(_tasks(model, VERIFY_TASKS, verify_episodes)))}
+        echo(verify.format_checks(checks))
+
+        engine = None
+        if profile["family"] != "cpu":
+            engine = _engine_or_bundle(tmp, profile, precision, echo)
+        manifest = {
+            "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "compile_seconds": None,
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+            "state_dict_sha256": model_sha,
+            "model": {"tasks": list(model.cfg.tasks), "size": model.cfg.size, "obs_dim": model.cfg.obs_dim,
+                      "action_dim": model.cfg.action_dim, "latent_dim": model.cfg.latent_dim, "num_q": model.cfg.num_q},
+            "tasks": list(model.cfg.tasks),
+            "precision": precision, "layer_plan": layer_plan,
+            "runtime": "onnxruntime" if profile["family"] == "cpu" else "tensorrt",
+            "target": profile["name"], "target_family": profile["family"],
+            "planner": asdict(cfg), "opset": export.OPSET, "graph": GRAPH,
+            "inputs": {k: {"dtype": d, "shape": s} for k, (d, s) in export.plan_inputs(model, cfg).items()},
+            "outputs": [o.name for o in graph.graph.output],
+            "calibration": calib_meta, "verification": result, "engine": engine,
+            "status": "ok" if result["ok"] else "failed",
+        }
+        manifest["compile_seconds"] = round(time.time() - t_start, 1)
+        write_manifest(tmp, manifest)
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def cache_key(model_sha, precision, cfg, target, layer_plan, calib_method) -> str:
+    return _digest([FORMAT, model_sha, precision, asdict(cfg), target, layer_plan, calib_method])[:20]
+
+
+def _parent(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent
+
+
+def _install(tmp: Path, out: Path):
+    """Rename the finished directory into place (replacing an older artifact at the same path)."""
+    old = None
+    if out.exists():
+        if not (out / "manifest.json").exists() and any(out.iterdir()):
+            raise ValueError(f"{out} exists and is not an edge-tdmpc artifact: choose another --out")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _engine_or_bundle(tmp: Path, profile: dict, precision: str, echo) -> dict:
+    """Build the TensorRT engine when this machine matches the target; else ship the on-device builder."""
+    here = Path(__file__).resolve().parent
+    shutil.copy(here / "trt.py", tmp / "build_engine.py")
+    shutil.copy(here / "verify.py", tmp / "verify.py")
+    try:
+        from edge_tdmpc.compile import trt
+        info = trt.device_info()
+    except (ValueError, RuntimeError) as e:
+        echo(f"deploy bundle for {profile['name']}: build the engine on the device with `python3 build_engine.py` "
+             f"({str(e).splitlines()[0][:80]})")
+        return {"status": "bundle", "reason": "no TensorRT/GPU on the compiling machine"}
+    cc = (profile.get("gpu") or {}).get("compute_capability")
+    if cc not in (None, "any", info["compute_capability"]):
+        echo(f"deploy bundle: this GPU is sm {info['compute_capability']}, {profile['name']} is sm {cc}")
+        return {"status": "bundle", "reason": f"compiling GPU is sm {info['compute_capability']}, target is sm {cc}"}
+    meta = trt.build_engine(tmp / GRAPH, tmp / "plan.engine", precision, timing_cache=tmp / "timing.cache")
+    echo(f"built plan.engine with TensorRT {meta['tensorrt']} on {meta['gpu']}")
+    return {"status": "built", "file": "plan.engine", **meta}
+
+
+# --- manifest ----------------------------------------------------------------------------------------------------
+def _files(directory: Path) -> dict:
+    skip = {"manifest.json", "plan.engine", "plan.json", "timing.cache"}  # engine files carry their own metadata
+    return {str(p.relative_to(directory)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def write_manifest(directory: Path, manifest: dict):
+    manifest = {**manifest, "files": _files(directory)}
+    manifest["manifest_sha256"] = _digest({k: v for k, v in manifest.items() if k != "manifest_sha256"})
+    tmp = directory / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    os.replace(tmp, directory / "manifest.json")
+
+
+def read_manifest(directory) -> dict:
+    """Read and validate an artifact's manifest: format, its own digest, every file's sha256."""
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a compiled artifact (no manifest.json): run `edge-tdmpc compile` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt manifest ({e}); recompile the artifact") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, this edge-tdmpc reads {FORMAT!r}; recompile")
+    if _digest({k: v for k, v in manifest.items() if k != "manifest_sha256"}) != manifest.get("manifest_sha256"):
+        raise ValueError(f"{path} was edited after compile (its digest does not match): recompile the artifact")
+    for name, info in manifest["files"].items():
+        f = directory / name
+        if not f.is_file():
+            raise ValueError(f"{directory}: {name} is missing; recompile the artifact")
+        if f.stat().st_size != info["bytes"] or file_sha256(f) != info["sha256"]:
+            raise ValueError(f"{directory}: {name} does not match its sha256 in the manifest (tampered or truncated); "
+                             "recompile the artifact")
+    return manifest
+
+
+def check_matches(manifest: dict, precision=None, planner: PlannerConfig | None = None, model=None,
+                  allow_failed=False):
+    """Refuse an artifact compiled for another precision, planner setting or model, or one that failed."""
+    if not allow_failed and manifest["status"] != "ok":
+        bad = [k for k, v in manifest["verification"]["outputs"].items() if not v["ok"]]
+        raise ValueError(f"artifact failed verification ({', '.join(bad)} outside tolerance): see its manifest; "
+                         "recompile with another precision or plan")
+    if precision is not None and precision != manifest["precision"]:
+        raise ValueError(f"artifact is {manifest['precision']}, not {precision}: pass precision="
+                         f"'{manifest['precision']}' or compile another")
+    if planner is not None:
+        built = manifest["planner"]
+        diff = {k: (v, built.get(k)) for k, v in asdict(planner).items() if built.get(k) != v}
+        if diff:
+            raise ValueError("artifact was compiled for other planner settings: " +
+                             ", ".join(f"{k}={b} (asked {a})" for k, (a, b) in diff.items()) +
+                             "; compile it with these settings (the graph's shapes are fixed)")
+    if model is not None and state_dict_sha256(model) != manifest["state_dict_sha256"]:
+        raise ValueError("artifact was compiled from other weights than this model: recompile it")
+
+
+def compile_cached(model: WorldModel, precision="fp32", planner=None, target="cpu", echo=None, **kw) -> Path:
+    """The artifact for (weights, precision, planner, target) from the cache, compiling it on first use."""
+    cfg = planner or PlannerConfig()
+    model = model.float().cpu().eval()
+    key = cache_key(state_dict_sha256(model), precision, cfg, load_target(target)["name"],
+                    model_plan(model, precision, kw.get("plan_overrides")), kw.get("calib_method", "minmax"))
+    out = cache_root() / "artifacts" / key
+    if (out / "manifest.json").exists():
+        try:
+            read_manifest(out)
+            return out
+        except ValueError:
+            pass  # damaged cache entry: compile it again
+    return compile_model(model, precision, cfg, target, out=out, echo=echo, **kw)
+
+
+def load_model_for(manifest: dict):
+    """The source checkpoint an artifact names (for `edge-tdmpc bench ARTIFACT_DIR`), checked against it."""
+    from edge_tdmpc.checkpoint import load_model
+    path = manifest.get("checkpoint")
+    if not path or not Path(path).is_file():
+        raise ValueError(f"artifact names no readable source checkpoint ({path}): pass the checkpoint explicitly")
+    if manifest.get("checkpoint_sha256") and file_sha256(path) != manifest["checkpoint_sha256"]:
+        raise ValueError(f"{path} changed since the artifact was compiled (sha256 differs): recompile")
+    return load_model(path, tasks=manifest["tasks"] if len(manifest["tasks"]) > 1 else manifest["tasks"][0])
+
+
+def artifact_size(directory, manifest=None) -> int:
+    """Bytes of what a runtime executes: plan.onnx (or the engine, when one was built)."""
+    manifest = manifest or read_manifest(directory)
+    engine = Path(directory) / "plan.engine"
+    return engine.stat().st_size if engine.exists() else manifest["files"][manifest["graph"]]["bytes"]
+

@@ -1,0 +1,90 @@
+"""`edge-tdmpc compile` and `edge-tdmpc targets`."""
+from pathlib import Path
+
+import click
+
+from edge_tdmpc.runtime import PRECISIONS
+
+
+@click.command("compile")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--target", default="cpu", show_default=True,
+              help="device profile: cpu, jetson (= orin-nano), orin-nx, agx-orin, xavier-nx, thor, x86-dgpu, ...")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="artifact directory [default: out/<checkpoint>-<precision>-<target>]")
+@click.option("--tasks", default="mt30", show_default=True, help="task set the checkpoint was trained on")
+@click.option("--samples", type=int, default=None, help="MPPI samples (default 512); shapes are fixed per setting")
+@click.option("--iterations", type=int, default=None, help="MPPI iterations (default 6)")
+@click.option("--horizon", type=int, default=None, help="planning horizon (default 3)")
+@click.option("--elites", type=int, default=None, help="MPPI elites (default 64)")
+@click.option("--pi-trajs", type=int, default=None, help="policy-prior trajectories (default 24)")
+@click.option("--calib-episodes", default=6, show_default=True, help="closed-loop episodes for int8 calibration")
+@click.option("--calib-steps", default=8, show_default=True, help="steps per calibration episode")
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
+              show_default=True)
+@click.option("--verify-episodes", default=2, show_default=True, help="recorded episodes checked against fp32")
+@click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON {layer: precision} overriding the per-layer plan (e.g. for --precision mixed)")
+def compile_cmd(checkpoint, precision, target, out, tasks, samples, iterations, horizon, elites, pi_trajs,
+                calib_episodes, calib_steps, calib_method, verify_episodes, plan_file):
+    """Compile CHECKPOINT's whole planning step into a verified artifact (ONNX / TensorRT deploy bundle)."""
+    from edge_tdmpc.checkpoint import load_model
+    from edge_tdmpc.compile.artifact import compile_model, read_manifest
+    from edge_tdmpc.compile.precision import load_plan
+    from edge_tdmpc.compile.targets import load_target
+    from edge_tdmpc.planner import PlannerConfig
+
+    planner = PlannerConfig.make(num_samples=samples, iterations=iterations, horizon=horizon, num_elites=elites,
+                                 num_pi_trajs=pi_trajs)
+    profile = load_target(target)
+    out = Path(out or Path("out") / f"{Path(checkpoint).stem}-{precision}-{profile['name']}")
+    model = load_model(checkpoint, tasks=tasks)
+    overrides = load_plan(plan_file) if plan_file else None
+    path = compile_model(model, precision, planner, profile["name"], out=out, checkpoint=checkpoint,
+                         calib_episodes=calib_episodes, calib_steps=calib_steps, calib_method=calib_method,
+                         verify_episodes=verify_episodes, plan_overrides=overrides, echo=click.echo)
+    m = read_manifest(path)
+    click.echo(summary(m, Path(checkpoint).stat().st_size))
+    click.echo(f"artifact: {path}")
+    if m["status"] != "ok":
+        raise click.ClickException("verification FAILED: the artifact is marked 'failed' and runtimes refuse it")
+
+
+def summary(m: dict, checkpoint_bytes: int | None = None) -> str:
+    """The compile summary table."""
+    graph = m["files"][m["graph"]]["bytes"]
+    engine = m.get("engine") or {}
+    counts = {}
+    for p in m["layer_plan"].values():
+        counts[p] = counts.get(p, 0) + 1
+    ckpt = f"  (checkpoint {checkpoint_bytes / 1e6:.2f} MB)" if checkpoint_bytes else ""
+    rows = [
+        ("target", f"{m['target']} ({m['target_family']}), runtime {m['runtime']}"),
+        ("precision", f"{m['precision']}  layers: " + ", ".join(f"{n} {p}" for p, n in sorted(counts.items()))),
+        ("planner", ", ".join(f"{k}={v}" for k, v in m["planner"].items())),
+        ("plan.onnx", f"{graph / 1e6:.2f} MB{ckpt}"),
+        ("engine", engine.get("status", "-") if not engine.get("bytes") else
+         f"{engine['bytes'] / 1e6:.2f} MB, TensorRT {engine['tensorrt']}, {engine['gpu']}"),
+    ]
+    if m.get("calibration"):
+        c = m["calibration"]
+        rows.append(("calibration", f"{c['rows']} planning steps from {len(c['tasks'])} episodes, {c['method']}"))
+    v = m["verification"]
+    rows.append(("verified", f"{v['rows']} recorded steps, {v['executed_by']}"))
+    for name, o in v["outputs"].items():
+        tol = f"mean <= {o['tol_mean']:.0e}" + (f", max <= {o['tol_max']:.0e}" if o["tol_max"] is not None else "")
+        rows.append((f"  {name}", f"max |d| {o['max_abs']:.2e}  mean |d| {o['mean_abs']:.2e}  ({tol})  "
+                                  f"{'PASS' if o['ok'] else 'FAIL'}"))
+    rows.append(("status", m["status"] + f"  ({m['compile_seconds']} s)"))
+    return "\n".join(f"{k:<12} {v}" for k, v in rows)
+
+
+@click.command("targets")
+def targets_cmd():
+    """List the device profiles `compile --target` knows."""
+    from edge_tdmpc.compile.targets import summary_rows
+    click.echo("\n".join(summary_rows()))
+
+
+COMMANDS = [compile_cmd, targets_cmd]

@@ -1,0 +1,88 @@
+"""Planning inputs recorded from real closed-loop episodes: INT8 calibration data and verification inputs.
+
+A recording is a dict of stacked arrays, one row per control step, keyed by the planning graph's input names
+(obs, task, prev_mean, t0, noise_*), so any row can be fed to any artifact and to the torch reference.
+"""
+import numpy as np
+import torch
+
+from edge_tdmpc.model import WorldModel
+from edge_tdmpc.planner import Noise, PlannerConfig, plan, sample_noise
+from edge_tdmpc.tasks import discount
+
+# one task per domain first: calibration should see every body the model controls
+CALIB_TASKS = ("walker-walk", "cheetah-run", "cartpole-swingup", "reacher-easy", "hopper-stand", "finger-spin",
+               "cup-catch", "fish-swim", "acrobot-swingup", "pendulum-swingup", "reacher-three-easy", "walker-run")
+
+
+def noise_feed(noise: Noise) -> dict[str, np.ndarray]:
+    """Noise (torch tensors or numpy arrays) -> the graph's noise_* inputs."""
+    n = Noise(*(np.asarray(t.detach().cpu() if torch.is_tensor(t) else t) for t in noise))
+    return {"noise_pi": n.pi, "noise_sample": n.sample, "noise_q_idx": n.q_idx.astype(np.int64),
+            "noise_q_pi": n.q_pi, "noise_gumbel": n.gumbel, "noise_action": n.action}
+
+
+def plan_feed(obs, task, prev_mean, t0, noise: Noise) -> dict[str, np.ndarray]:
+    """One planning step's inputs as graph feeds (float32, int64 task)."""
+    return {"obs": np.asarray(obs, np.float32), "task": np.array([task or 0], np.int64),
+            "prev_mean": np.asarray(prev_mean, np.float32), "t0": np.array([float(t0)], np.float32),
+            **noise_feed(noise)}
+
+
+def feed_to_torch(feed: dict) -> tuple:
+    """Graph feeds -> the arguments of `planner.plan` (obs, task, prev_mean, t0, noise)."""
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()}
+    noise = Noise(t["noise_pi"], t["noise_sample"], t["noise_q_idx"].long(), t["noise_q_pi"], t["noise_gumbel"],
+                  t["noise_action"])
+    return t["obs"], int(t["task"][0]), t["prev_mean"], bool(t["t0"][0] > 0.5), noise
+
+
+def reference_step(model: WorldModel, feed: dict, cfg: PlannerConfig) -> dict[str, np.ndarray]:
+    """The torch fp32 reference (`planner.plan`) on one feed -> {action, mean, value, z}."""
+    obs, task, prev_mean, t0, noise = feed_to_torch(feed)
+    task = task if model.cfg.multitask else None
+    gamma = discount(model.cfg.episode_lengths[task or 0]) if model.cfg.episode_lengths else 0.99
+    action, mean, info = plan(model, obs, task, prev_mean, t0, noise, cfg, gamma)
+    with torch.no_grad():
+        z = model.encode(obs.reshape(1, -1), task)[0]
+    return {"action": action.numpy(), "mean": mean.numpy(), "value": info["value"].reshape(1).numpy(),
+            "z": z.numpy()}
+
+
+def record(model: WorldModel, cfg: PlannerConfig, tasks, steps: int, seed: int = 0, step_fn=None) -> dict:
+    """Run one short episode per task with the MPPI planner; return every step's planning inputs, stacked.
+
+    `step_fn(feed) -> (action, mean)` plans one step (default: the torch reference; compile passes its
+    verified fp32 ONNX session, 2-3x faster). Noise is drawn as `planner.Agent` draws it.
+    """
+    from edge_tdmpc.envs import make_env
+    rows = []
+    for k, task in enumerate(tasks):
+        if task not in model.cfg.tasks:
+            raise ValueError(f"task '{task}' is not in this model's task set; pick calibration tasks it was trained on")
+        index = model.cfg.tasks.index(task) if model.cfg.multitask else None
+        env = make_env(task, seed=seed + k, multitask=model.cfg.multitask)
+        obs, _ = env.reset()
+        gen = torch.Generator().manual_seed(seed + k)
+        prev_mean = np.zeros((cfg.horizon, model.cfg.action_dim), np.float32)
+        for t in range(steps):
+            noise = sample_noise(cfg, model.cfg.action_dim, model.cfg.num_q, gen)
+            feed = plan_feed(obs, index, prev_mean, t == 0, noise)
+            rows.append(feed)
+            if step_fn is None:
+                out = reference_step(model, feed, cfg)
+                action, prev_mean = out["action"], out["mean"]
+            else:
+                action, prev_mean = step_fn(feed)
+            obs, _, terminated, truncated, _ = env.step(np.asarray(action)[: env.action_space.shape[0]])
+            if terminated or truncated:
+                break
+        env.close()
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def rows(recording: dict):
+    """Iterate a recording one step (dict of arrays) at a time."""
+    n = len(next(iter(recording.values())))
+    for i in range(n):
+        yield {k: v[i] for k, v in recording.items()}

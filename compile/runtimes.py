@@ -1,0 +1,225 @@
+"""Runtimes over compiled artifacts, behind the bench's interface (`edge_tdmpc.runtime.Runtime`).
+
+    onnxruntime       the artifact's plan.onnx on ONNX Runtime: CPU here, device='cuda' / 'tensorrt' for the
+                      CUDA and TensorRT execution providers of onnxruntime-gpu
+    tensorrt          a TensorRT engine built from plan.onnx, run with execute_async_v3 inside a CUDA graph
+    torch-cuda-graph  `planner.plan` itself on a CUDA GPU, the whole step (noise drawn on the device included)
+                      captured in one CUDA graph: fp32 / fp16 / bf16
+
+`model` is a WorldModel (compiled on first use into the cache, keyed by weights, precision and planner) or
+the path of a compiled artifact. Without `noise`, each step's noise is drawn as `planner.Agent` draws it
+(torch Generator seeded with `seed`), so a seed gives the torch runtime's actions up to precision.
+"""
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_tdmpc.compile import artifact
+from edge_tdmpc.compile.record import plan_feed
+from edge_tdmpc.planner import Noise, PlannerConfig, plan, sample_noise
+from edge_tdmpc.runtime import PRECISIONS, TORCH_DTYPES, Runtime, register_runtime
+from edge_tdmpc.tasks import MT30_DIMS, discount
+
+
+def _numpy(t):
+    return np.asarray(t.detach().cpu() if torch.is_tensor(t) else t)
+
+
+class _ArtifactRuntime(Runtime):
+    """Model-or-artifact resolution, noise drawn like planner.Agent, observation padding, warm-start state."""
+    precisions = PRECISIONS
+    target = "cpu"
+
+    def __init__(self, model, precision="fp32", planner=None, seed=0, device=None):
+        if isinstance(model, (str, Path)):
+            manifest = artifact.read_manifest(model)
+            precision = precision or manifest["precision"]
+            super().__init__(None, precision, planner, seed, device)
+            artifact.check_matches(manifest, precision, planner)
+            self.dir = Path(model)
+            self.planner = PlannerConfig(**manifest["planner"])
+        else:
+            super().__init__(model, precision, planner, seed, device)
+            self._check_available()
+            self.dir = artifact.compile_cached(model, precision, self.planner, target=self.target)
+            manifest = artifact.read_manifest(self.dir)
+            artifact.check_matches(manifest, precision, self.planner)
+        self.manifest = manifest
+        m = manifest["model"]
+        self.tasks, self.obs_dim, self.action_dim, self.num_q = m["tasks"], m["obs_dim"], m["action_dim"], m["num_q"]
+        self.multitask = len(self.tasks) > 1
+        self.reset(seed)
+
+    def _check_available(self):
+        """Raise a one-line ValueError before compiling when this runtime cannot run here."""
+
+    def reset(self, seed=None):
+        self.generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        self.prev_mean = np.zeros((self.planner.horizon, self.action_dim), np.float32)
+
+    def _obs(self, obs, task):
+        obs = _numpy(obs).astype(np.float32).reshape(-1)
+        if obs.size != self.obs_dim and self.multitask and task is not None:
+            own = MT30_DIMS.get(self.tasks[task], (None,))[0]
+            if obs.size == own:  # the task's own observation: zero-pad as the multitask env does
+                obs = np.concatenate([obs, np.zeros(self.obs_dim - own, np.float32)])
+        if obs.size != self.obs_dim:
+            raise ValueError(f"observation has {obs.size} entries but the model expects {self.obs_dim}")
+        return obs
+
+    def feed(self, obs, task, t0, eval_mode=False, noise: Noise | None = None) -> dict:
+        if self.multitask and (task is None or not 0 <= task < len(self.tasks)):
+            raise ValueError(f"multi-task artifact: pass task=<index into its {len(self.tasks)} tasks>, not {task!r}")
+        if noise is None:
+            noise = sample_noise(self.planner, self.action_dim, self.num_q, self.generator)
+        feed = plan_feed(self._obs(obs, task), task, self.prev_mean, t0, noise)
+        if eval_mode:  # action + std[0] * 0 == action: the eval-mode action of the same graph
+            feed["noise_action"] = np.zeros_like(feed["noise_action"])
+        return feed
+
+    def _step(self, out: dict, eval_mode) -> np.ndarray:
+        if not self.planner.mpc:
+            return (out["mean"] if eval_mode else out["action"]).astype(np.float32)
+        self.prev_mean = out["mean"]
+        return out["action"].astype(np.float32)
+
+    def size_bytes(self):
+        return artifact.artifact_size(self.dir, self.manifest)
+
+
+@register_runtime("onnxruntime")
+class OnnxRuntime(_ArtifactRuntime):
+    """plan.onnx on ONNX Runtime: one session call per control step."""
+
+    def __init__(self, model, precision="fp32", planner=None, seed=0, device=None, threads=None):
+        super().__init__(model, precision, planner, seed, device)
+        from edge_tdmpc.compile.session import OnnxSession
+        self.session = OnnxSession(self.dir / self.manifest["graph"], device, threads,
+                                   trt_cache=self.dir / "ort-trt-cache" if device == "tensorrt" else None)
+
+    def act(self, obs, task, t0, eval_mode=False, noise=None):
+        return self._step(self.session.run(self.feed(obs, task, t0, eval_mode, noise)), eval_mode)
+
+
+@register_runtime("tensorrt")
+class TensorRTRuntime(_ArtifactRuntime):
+    """A TensorRT engine of plan.onnx (built on first use, or by build_engine.py on a Jetson), CUDA-graphed."""
+    target = "x86-dgpu"
+
+    def __init__(self, model, precision="fp32", planner=None, seed=0, device=None, cuda_graph=True):
+        super().__init__(model, precision, planner, seed, device)
+        from edge_tdmpc.compile import trt
+        engine = self.dir / "plan.engine"
+        if not engine.exists():  # an artifact compiled elsewhere (a Jetson bundle): build it here
+            trt.build_engine(self.dir / self.manifest["graph"], engine, self.manifest["precision"],
+                             timing_cache=self.dir / "timing.cache")
+        self.engine = trt.Engine(engine, cuda_graph=cuda_graph)
+
+    def _check_available(self):
+        from edge_tdmpc.compile import trt
+        trt._trt()
+
+    def act(self, obs, task, t0, eval_mode=False, noise=None):
+        return self._step(self.engine.run(self.feed(obs, task, t0, eval_mode, noise)), eval_mode)
+
+    def close(self):
+        self.engine.close()
+
+
+@register_runtime("torch-cuda-graph")
+class TorchCudaGraphRuntime(Runtime):
+    """`planner.plan` on a CUDA GPU with the whole step - noise drawn on the device included - in one CUDA graph.
+
+    Replaying the graph costs one launch instead of the ~1300 kernel launches of an eager step, which is what
+    bounds a PyTorch MPPI loop on a GPU (and on Jetson). Noise comes from the device's default generator
+    (Philox, seeded by `seed`): a different stream from the CPU Agent's, so same-seed parity with the torch
+    runtime holds when `noise` is passed (then a second graph reads it from static buffers).
+    """
+    precisions = ("fp32", "fp16", "bf16")
+
+    def __init__(self, model, precision="fp32", planner=None, seed=0, device=None):
+        if isinstance(model, (str, Path)):
+            manifest = artifact.read_manifest(model)
+            planner = planner or PlannerConfig(**manifest["planner"])
+            model = artifact.load_model_for(manifest)
+        super().__init__(model, precision, planner, seed, device)
+        if not torch.cuda.is_available():
+            raise ValueError("torch-cuda-graph needs a CUDA GPU (torch.cuda.is_available() is False): use "
+                             "'onnxruntime' or 'torch' here")
+        self.device = torch.device(device or "cuda")
+        self.dtype = TORCH_DTYPES[precision]
+        m = copy.deepcopy(model).to(self.device, self.dtype).eval()
+        if m.cfg.multitask:  # renormalise the embedding once: nn.Embedding(max_norm) rewrites it in place per lookup
+            with torch.no_grad():
+                torch.embedding_renorm_(m._task_emb.weight, torch.arange(len(m.cfg.tasks), device=self.device),
+                                        m._task_emb.max_norm, 2.0)
+            m._task_emb.max_norm = None
+        self.model, c = m, m.cfg
+        self.gammas = [discount(L) for L in c.episode_lengths] if c.multitask else [0.99]
+        z = lambda *s, dtype=self.dtype: torch.zeros(*s, device=self.device, dtype=dtype)  # noqa: E731
+        H, A = self.planner.horizon, c.action_dim
+        self.obs, self.task, self.t0 = z(c.obs_dim), z(1, dtype=torch.long), z(())
+        self.prev_mean, self.gamma, self.explore = z(H, A), z(()), z(())
+        self.noise_in = Noise(*(z(*t.shape, dtype=t.dtype if t.dtype == torch.long else self.dtype)
+                                for t in sample_noise(self.planner, A, c.num_q)))
+        self.graphs = {}
+        self.reset(seed)
+
+    def _plan(self, draw: bool):
+        cfg, c = self.planner, self.model.cfg
+        if draw:  # capturable draws from the device generator (randperm is not: argsort of uniforms instead)
+            I, H, S, P, K = cfg.iterations, cfg.horizon, cfg.num_samples, cfg.num_pi_trajs, cfg.num_elites
+            A, kw = c.action_dim, dict(device=self.device, dtype=self.dtype)
+            u = torch.rand(K, device=self.device).clamp_min(1e-20)
+            noise = Noise(torch.randn(H, P, A, **kw), torch.randn(I, H, S - P, A, **kw),
+                          torch.rand(I, c.num_q, device=self.device).argsort(1)[:, :2], torch.randn(I, S, A, **kw),
+                          (-torch.log(-torch.log(u).clamp_min(1e-20))).to(self.dtype), torch.randn(A, **kw))
+        else:
+            noise = self.noise_in
+        noise = noise._replace(action=noise.action * self.explore)  # explore = 0: eval mode, exactly
+        task = self.task if c.multitask else None
+        action, mean, _ = plan(self.model, self.obs, task, self.prev_mean, self.t0, noise, cfg, self.gamma)
+        return action, mean
+
+    def _graph(self, draw: bool):
+        if draw not in self.graphs:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):  # warm up outside the graph (allocator, cuBLAS handles)
+                for _ in range(2):
+                    self._plan(draw)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = self._plan(draw)
+            self.graphs[draw] = (graph, outs)
+        return self.graphs[draw]
+
+    def reset(self, seed=None):
+        torch.cuda.manual_seed(self.seed if seed is None else seed)
+        self.prev_mean.zero_()
+
+    @torch.no_grad()
+    def act(self, obs, task, t0, eval_mode=False, noise=None):
+        c = self.model.cfg
+        obs = torch.as_tensor(_numpy(obs), dtype=self.dtype).reshape(-1)
+        if obs.numel() != c.obs_dim and c.multitask and task is not None:
+            obs = torch.cat([obs, obs.new_zeros(c.obs_dim - obs.numel())])
+        self.obs.copy_(obs)
+        if c.multitask:
+            self.task.fill_(int(task))
+        self.t0.fill_(float(bool(t0)))
+        self.gamma.fill_(self.gammas[task or 0])
+        self.explore.fill_(0.0 if eval_mode else 1.0)
+        if noise is not None:
+            for buf, t in zip(self.noise_in, noise):
+                buf.copy_(torch.as_tensor(_numpy(t)))
+        graph, (action, mean) = self._graph(noise is None)
+        graph.replay()
+        self.prev_mean.copy_(mean)
+        return action.float().cpu().numpy()
+
+    def size_bytes(self):
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -1,0 +1,126 @@
+"""Planning-step latency, size, |delta action| and closed-loop score per runtime x precision, in one run.
+
+    python -m edge_tdmpc.compile.speed CHECKPOINT [--precisions fp32,fp16,int8] [--steps 30]
+                                                 [--tasks cartpole-swingup,walker-walk] [--episode-steps 500]
+
+Latency: every runtime plans the same recorded observations with the same noise, interleaved step by step
+with the eager PyTorch reference (so machine load hits all alike); ratios are against that reference in the
+same run. |delta action| is measured on those identical inputs. Closed loop: full episodes through the runtime
+interface, score = return / 10 as in the official evaluation.
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from edge_tdmpc.compile import record
+from edge_tdmpc.planner import PlannerConfig, sample_noise
+from edge_tdmpc.runtime import make_runtime
+
+
+def _runtimes(model, precisions, planner, device=None):
+    out = {("torch", "fp32"): make_runtime("torch", model, "fp32", planner)}
+    for p in precisions:
+        out[("onnxruntime", p)] = make_runtime("onnxruntime", model, p, planner, device=device)
+    return out
+
+
+def latency(model, runtimes: dict, planner: PlannerConfig, steps=30, warmup=3, seed=0) -> dict:
+    """Per runtime: p50/p99 ms of act() and max/mean |action - eager fp32 action| on identical inputs."""
+    tasks = [t for t in ("walker-walk", "cheetah-run", "cartpole-swingup") if t in model.cfg.tasks] or model.cfg.tasks
+    rec = record.record(model, planner, tasks, (steps + warmup) // len(tasks) + 1, seed=seed + 7)
+    rows = list(record.rows(rec))[: steps + warmup]
+    gen = torch.Generator().manual_seed(seed)
+    times = {k: [] for k in runtimes}
+    deltas = {k: [] for k in runtimes}
+    for i, row in enumerate(rows):
+        noise = sample_noise(planner, model.cfg.action_dim, model.cfg.num_q, gen)
+        task = int(row["task"][0]) if model.cfg.multitask else None
+        ref = None
+        for key, rt in runtimes.items():
+            rt.reset()
+            t = time.perf_counter()
+            a = rt.act(row["obs"], task, True, noise=noise)
+            dt = time.perf_counter() - t
+            if i >= warmup:
+                times[key].append(dt * 1e3)
+            ref = a if ref is None else ref
+            deltas[key].append(float(np.abs(np.asarray(a) - ref).max()))
+    base = np.median(times[("torch", "fp32")])
+    return {key: {"p50_ms": float(np.median(v)), "p99_ms": float(np.percentile(v, 99)),
+                  "speedup": float(base / np.median(v)), "max_daction": max(deltas[key]),
+                  "mean_daction": float(np.mean(deltas[key])), "bytes": runtimes[key].size_bytes()}
+            for key, v in times.items()}
+
+
+def closed_loop(model, rt, tasks, steps=500, seed=1) -> dict:
+    """One episode per task through the runtime interface (stochastic act, as the official evaluation)."""
+    from edge_tdmpc.envs import make_env
+    scores = {}
+    for task in tasks:
+        env = make_env(task, seed=seed, multitask=model.cfg.multitask)
+        index = model.cfg.tasks.index(task) if model.cfg.multitask else None
+        rt.reset(seed)
+        obs, _ = env.reset()
+        ret = 0.0
+        for t in range(steps):
+            obs, reward, terminated, truncated, _ = env.step(rt.act(obs, index, t == 0))
+            ret += reward
+            if terminated or truncated:
+                break
+        scores[task] = ret / 10
+    return scores
+
+
+def markdown(lat: dict, scores: dict | None = None, tasks=()) -> str:
+    head = "| runtime | precision | p50 ms | p99 ms | vs eager | size MB | max \\|Δa\\| | mean \\|Δa\\| |"
+    head += "".join(f" {t} |" for t in tasks) + (" mean score |" if tasks else "")
+    lines = [head, "|" + "---|" * (8 + len(tasks) + bool(tasks))]
+    for (name, prec), r in lat.items():
+        row = (f"| {name} | {prec} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['speedup']:.2f}x | "
+               f"{r['bytes'] / 1e6:.2f} | {r['max_daction']:.2e} | {r['mean_daction']:.2e} |")
+        if tasks:
+            s = (scores or {}).get(f"{name}/{prec}", {})
+            row += "".join(f" {s[t]:.1f} |" if t in s else " - |" for t in tasks)
+            row += f" {np.mean(list(s.values())):.1f} |" if s else " - |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    from edge_tdmpc.checkpoint import load_model
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--precisions", default="fp32,fp16,bf16,int8,mixed")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--tasks", default="", help="closed-loop tasks (comma-separated); none: latency only")
+    ap.add_argument("--episode-steps", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (ONNX Runtime: its default)")
+    ap.add_argument("--json", default=None, help="write all numbers here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.checkpoint)
+    planner = PlannerConfig()
+    rts = _runtimes(model, [p for p in args.precisions.split(",") if p], planner)
+    lat = latency(model, rts, planner, args.steps)
+    print(markdown(lat), flush=True)
+    tasks = [t for t in args.tasks.split(",") if t]
+    scores = {}
+    for (name, prec), rt in rts.items():
+        if tasks:
+            scores[f"{name}/{prec}"] = closed_loop(model, rt, tasks, args.episode_steps)
+            print(f"{name}/{prec}: " + ", ".join(f"{t} {s:.1f}" for t, s in scores[f"{name}/{prec}"].items()),
+                  flush=True)
+    if tasks:
+        print(markdown(lat, scores, tasks))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"latency": {f"{k[0]}/{k[1]}": v for k, v in lat.items()}, "scores": scores,
+                       "torch_threads": torch.get_num_threads(), "episode_steps": args.episode_steps}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

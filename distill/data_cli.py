@@ -1,0 +1,57 @@
+"""`edge-tdmpc data convert|collect|info`: write and inspect offline datasets for distillation."""
+import click
+
+_out = click.option("--out", required=True, type=click.Path(file_okay=False),
+                    help="dataset directory (created, or appended to)")
+
+@click.group("data")
+def data():
+    """Offline datasets: convert the official files, collect from a teacher, inspect."""
+
+
+@data.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
+@_out
+@click.option("--tasks", default="mt30", show_default=True,
+              help="names of the files' task ids: mt30, mt80, or a comma-separated list")
+@click.option("--trust-pickle", is_flag=True,
+              help="allow unpickling the files (they are pickled TensorDicts; only for files you trust)")
+@click.option("--obs-dim", type=int, default=None, help="pad observations to this size [file's]")
+@click.option("--action-dim", type=int, default=None, help="pad actions to this size [file's]")
+@click.option("--shard-rows", default=1 << 21, show_default=True, help="rows per shard (bounds RAM in use)")
+def convert(sources, out, tasks, trust_pickle, obs_dim, action_dim, shard_rows):
+    """Official TD-MPC2 dataset files (SOURCES: .pt files or directories of them) -> our format in --out.
+
+    Streams one file at a time, memory-mapped, in shard-sized chunks; rerun the same command to resume."""
+    from edge_tdmpc.distill.convert import convert as run
+    run(sources, out, tasks=tasks, trust_pickle=trust_pickle, obs_dim=obs_dim, action_dim=action_dim,
+        shard_rows=shard_rows, echo=click.echo)
+
+
+@data.command()
+@click.option("--teacher", required=True, type=click.Path(exists=True, dir_okay=False), help="checkpoint")
+@click.option("--teacher-tasks", default="mt30", show_default=True, help="the teacher's task set")
+@click.option("--tasks", required=True, help="comma-separated task names to collect on, or mt30")
+@click.option("--episodes", default=10, show_default=True, help="episodes per task")
+@_out
+@click.option("--mpc/--no-mpc", default=True, show_default=True, help="MPPI planning, or the policy prior")
+@click.option("--noise-std", default=0.0, show_default=True, help="extra Gaussian noise on actions")
+@click.option("--steps", default=500, show_default=True, help="agent steps per episode (500 = full)")
+@click.option("--workers", default=1, show_default=True, help="worker processes (0: this process)")
+@click.option("--seed", default=0, show_default=True)
+def collect(teacher, teacher_tasks, tasks, episodes, out, mpc, noise_std, steps, workers, seed):
+    """Roll TEACHER out on --tasks and write the episodes to --out; rerun the same command to resume."""
+    from edge_tdmpc.distill.collect import collect as run
+    run(teacher, tasks, episodes, out, mpc=mpc, noise_std=noise_std, steps=steps, workers=workers, seed=seed,
+        teacher_tasks=teacher_tasks, echo=click.echo)
+
+
+@data.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+def info(directory):
+    """Episodes, transitions, dims, size on disk and episodes per task of a dataset DIRECTORY."""
+    from edge_tdmpc.distill.data import summarize
+    click.echo(summarize(directory))
+
+
+COMMANDS = [data]

@@ -1,0 +1,371 @@
+"""`edge-tdmpc demo`: the whole pipeline at small scale on a CPU, ending in one honest report.
+
+    teacher (trained here by `train`, or given) -> data (`data collect`) -> a distilled student and a
+    from-scratch baseline on the same data and budget (`distill`, d_coef 0.4 vs 0) -> compile (ONNX) ->
+    closed-loop bench of teacher / student / baseline per runtime and precision -> report.md + plots.
+
+Every stage writes into its own folder of OUT and is skipped when already complete, so rerunning the same
+command resumes. Budgets are chosen for a 2-core CPU: the full demo targets <= 15 minutes, --quick (CI) about
+two. At these budgets the teacher is weak; the report says what was measured, nothing more.
+"""
+import importlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEMO_TASKS = ("cartpole-balance", "cartpole-swingup")
+
+
+@dataclass(frozen=True)
+class Budget:
+    teacher_steps: int = 6_000           # environment steps of online training
+    teacher_seed_steps: int = 1_000
+    teacher_dims: tuple = (("enc_dim", 128), ("mlp_dim", 128), ("latent_dim", 64), ("num_q", 2), ("task_dim", 16))
+    student_dims: tuple = (("enc_dim", 64), ("mlp_dim", 64), ("latent_dim", 32), ("num_q", 2), ("task_dim", 16))
+    episodes: int = 4                    # collected per task
+    episode_steps: int = 500
+    noise_std: float = 0.1               # exploration noise on collected actions
+    distill_steps: int = 2_000
+    batch_size: int = 256
+    eval_episodes: int = 2               # per task, per model x runtime x precision
+    eval_steps: int = 500
+    plan_eval: bool = True               # also bench MPPI planning (fp32, torch) besides the policy prior
+    planner: tuple = (("iterations", 4), ("num_samples", 256), ("num_elites", 32), ("num_pi_trajs", 12))
+
+
+QUICK = Budget(teacher_steps=600, teacher_seed_steps=200, episodes=1, episode_steps=100, distill_steps=60,
+               batch_size=64, eval_episodes=1, eval_steps=50, plan_eval=False)
+
+
+def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=print, budget: Budget | None = None):
+    """Run (or resume) the demo in `out` -> path of report.md."""
+    from edge_tdmpc.distill.collect import collect
+    from edge_tdmpc.distill.online import train
+    from edge_tdmpc.distill.trainer import distill
+    from edge_tdmpc.tasks import resolve_tasks
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    b = budget or (QUICK if quick else Budget())
+    tasks = resolve_tasks(tasks or ",".join(DEMO_TASKS))
+    task_list = ",".join(tasks)
+    times = _load_json(out / "timings.json")
+
+    def stage(name, fn):
+        if name in times:
+            echo(f"[demo] {name}: done before ({times[name]:.0f} s), skipped")
+            return
+        echo(f"[demo] {name} ...")
+        t = time.perf_counter()
+        fn()
+        times[name] = time.perf_counter() - t
+        _write_json(out / "timings.json", times)
+
+    # 1. teacher
+    if teacher is None:
+        teacher = out / "teacher" / "model.pt"
+        stage("teacher", lambda: train(
+            task_list, out / "teacher", size=None, steps=b.teacher_steps, seed=seed, dims=dict(b.teacher_dims),
+            seed_steps=b.teacher_seed_steps, episode_steps=b.episode_steps, batch_size=b.batch_size,
+            save_every=max(b.teacher_steps // 4, 1), log_every=100, eval_every=max(b.teacher_steps // 3, 1),
+            resume=(out / "teacher" / "checkpoints").is_dir(), progress=True, echo=echo))
+    teacher = Path(teacher)
+
+    # 2. data from the teacher (policy prior + noise: cheap on a CPU)
+    stage("data", lambda: collect(teacher, task_list, b.episodes, out / "data", mpc=False, noise_std=b.noise_std,
+                                  steps=b.episode_steps, workers=workers, seed=seed, teacher_tasks=task_list,
+                                  echo=echo))
+
+    # 3. distilled student and from-scratch baseline: same data, same steps, same seed
+    common = dict(student_size=None, student_dims=dict(b.student_dims), steps=b.distill_steps,
+                  batch_size=b.batch_size, seed=seed, save_every=max(b.distill_steps // 4, 1),
+                  log_every=max(b.distill_steps // 20, 1), echo=echo)
+    for name, d_coef in (("student", 0.4), ("baseline", 0.0)):
+        stage(name, lambda name=name, d_coef=d_coef: distill(
+            out / "data", out / name, teacher=teacher, d_coef=d_coef,
+            resume=(out / name / "checkpoints").is_dir(), **common))
+
+    # 4-5. compile + bench
+    models = {"teacher": teacher, "student": out / "student" / "student.pt", "baseline": out / "baseline" /
+              "student.pt"}
+    stage("bench", lambda: _write_json(out / "bench.json", bench(models, tasks, b, seed, echo)))
+
+    # 6. report
+    report = write_report(out, tasks, b, models, times, quick)
+    echo(f"[demo] total {sum(times.values()) / 60:.1f} min of stages")
+    return report
+
+
+# --- bench: closed-loop episodes per model x runtime x precision -----------------------------------------------
+def _runtimes():
+    """(runtime, precision) pairs available here: torch always; ONNX Runtime when the compile module is."""
+    pairs = [("torch", "fp32"), ("torch", "fp16"), ("torch", "bf16")]
+    note = ""
+    try:
+        importlib.import_module("edge_tdmpc.compile.runtimes")
+        pairs += [("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+    except ImportError as e:
+        note = f"compile unavailable ({e}); ONNX rows skipped"
+    if torch.cuda.is_available():
+        pairs += [("tensorrt", "fp16")]
+    return pairs, note
+
+
+def bench(models: dict, tasks, b: Budget, seed=1, echo=print) -> dict:
+    """Returns, per-act latency and weight bytes of each model on each available runtime/precision."""
+    from edge_tdmpc import load_model
+    from edge_tdmpc.planner import PlannerConfig
+    from edge_tdmpc.runtime import make_runtime
+
+    pairs, note = _runtimes()
+    task_list = ",".join(tasks)
+    rows = []
+    for name, path in models.items():
+        model = load_model(path, tasks=task_list)
+        modes = [("policy", PlannerConfig.make(mpc=False))]
+        if b.plan_eval:
+            modes.append(("mppi", PlannerConfig.make(**dict(b.planner))))
+        for mode, planner in modes:
+            for rt_name, precision in pairs:
+                if mode == "mppi" and (rt_name, precision) != ("torch", "fp32"):
+                    continue  # planning on a CPU is the expensive part: fp32 eager only
+                try:
+                    rt = make_runtime(rt_name, model, precision, planner, seed=seed)
+                except (ValueError, ImportError, RuntimeError) as e:
+                    rows.append(dict(model=name, mode=mode, runtime=rt_name, precision=precision,
+                                     error=str(e).splitlines()[0][:160]))
+                    continue
+                row = dict(model=name, mode=mode, runtime=rt_name, precision=precision, returns={},
+                           bytes=rt.size_bytes())
+                lat = []
+                for i, task in enumerate(tasks):
+                    rets = []
+                    for ep in range(b.eval_episodes):
+                        ret, ms = _episode(rt, model, task, i, seed * 1000 + ep, b.eval_steps)
+                        rets.append(ret)
+                        lat += ms
+                    row["returns"][task] = float(np.mean(rets))
+                rt.close()
+                row["mean_return"] = float(np.mean(list(row["returns"].values())))
+                row["act_ms_p50"] = float(np.percentile(lat, 50))
+                row["act_ms_p99"] = float(np.percentile(lat, 99))
+                rows.append(row)
+                echo(f"[bench] {name:<8} {mode:<6} {rt_name:<11} {precision:<5} mean return "
+                     f"{row['mean_return']:7.1f}  act p50 {row['act_ms_p50']:.2f} ms")
+    return dict(rows=rows, note=note, pairs=pairs)
+
+
+def _episode(rt, model, task, task_index, seed, steps):
+    from edge_tdmpc.envs import make_env
+    env = make_env(task, seed=seed)
+    rt.reset(seed)
+    obs, _ = env.reset()
+    ret, ms = 0.0, []
+    for t in range(steps):
+        padded = np.zeros(model.cfg.obs_dim, np.float32)
+        padded[: len(obs)] = obs
+        t0 = time.perf_counter()
+        action = rt.act(padded, task_index if model.cfg.multitask else None, t == 0, eval_mode=True)
+        ms.append((time.perf_counter() - t0) * 1e3)
+        obs, reward, terminated, truncated, _ = env.step(np.asarray(action)[: env.action_dim])
+        ret += reward
+        if terminated or truncated:
+            break
+    env.close()
+    return ret, ms[3:] or ms  # the first acts warm up caches
+
+
+# --- report -------------------------------------------------------------------------------------------------
+def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: bool) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bench_rows = _load_json(out / "bench.json")
+    metrics = {k: _rows(out / k / "metrics.jsonl") for k in ("teacher", "student", "baseline")}
+    data_info = _data_summary(out / "data")
+
+    # plot 1: student vs baseline training curves (total loss, and reward error against the teacher)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, color in (("student", "tab:blue"), ("baseline", "tab:orange")):
+        rows = [r for r in metrics[name] if r.get("kind") == "train"]
+        if rows:
+            steps = [r["step"] for r in rows]
+            axes[0].plot(steps, [r["total_loss"] for r in rows], color=color, label=name)
+            if "distill_reward_loss" in rows[0]:
+                axes[1].plot(steps, [r["distill_reward_loss"] for r in rows], color=color, label=name)
+    axes[0].set(title="training loss", xlabel="update")
+    axes[1].set(title="MSE to the teacher's reward", xlabel="update", yscale="log")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=110)
+    plt.close(fig)
+
+    # plot 2: closed-loop mean return per model and runtime/precision
+    ok = [r for r in bench_rows.get("rows", []) if "mean_return" in r]
+    if ok:
+        labels = sorted({f"{r['mode']} {r['runtime']} {r['precision']}" for r in ok})
+        names = list(models)
+        fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels)), 3.8))
+        w = 0.8 / len(names)
+        for j, name in enumerate(names):
+            vals = [next((r["mean_return"] for r in ok if r["model"] == name and
+                          f"{r['mode']} {r['runtime']} {r['precision']}" == lab), np.nan) for lab in labels]
+            ax.bar(np.arange(len(labels)) + j * w, vals, w, label=name)
+        ax.set_xticks(np.arange(len(labels)) + w * (len(names) - 1) / 2, labels, rotation=20, ha="right")
+        ax.set(ylabel=f"mean return ({b.eval_steps} steps)", title="closed loop")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "returns.png", dpi=110)
+        plt.close(fig)
+
+    lines = ["# edge-tdmpc demo report", ""]
+    lines += [f"{'Quick (CI) form: tiny budgets, numbers are smoke-level only.' if quick else 'Full demo.'} "
+              f"Tasks: {', '.join(tasks)}. Machine: {_machine()}.", ""]
+    lines += ["## What ran", "", "| stage | wall time | what |", "|---|---|---|"]
+    what = {
+        "teacher": f"online TD-MPC2 (`edge-tdmpc train`), {b.teacher_steps} env steps, policy-prior acting, "
+                   f"dims {dict(b.teacher_dims)}",
+        "data": f"`edge-tdmpc data collect`: {b.episodes} episode(s) x {b.episode_steps} steps per task from the "
+                f"teacher's policy prior + N(0, {b.noise_std}) noise",
+        "student": f"`edge-tdmpc distill --d-coef 0.4 --distill reward`, {b.distill_steps} updates, batch "
+                   f"{b.batch_size}, dims {dict(b.student_dims)}",
+        "baseline": "same, `--d-coef 0` (from scratch), same data, steps and seed",
+        "bench": f"{b.eval_episodes} episode(s) x {b.eval_steps} steps per task, eval-mode actions, per model "
+                 "x runtime x precision",
+    }
+    for k, v in times.items():
+        lines.append(f"| {k} | {v:.0f} s | {what.get(k, '')} |")
+    lines += ["", f"Total: {sum(times.values()) / 60:.1f} min.", ""]
+
+    lines += ["## Teacher and data", ""]
+    ev = [r for r in metrics["teacher"] if r.get("kind") == "eval"]
+    if ev:
+        lines.append("Teacher eval during training (eval-mode policy prior, full episodes, return):")
+        lines.append("")
+        lines.append("| env steps | " + " | ".join(tasks) + " |")
+        lines.append("|---|" + "---|" * len(tasks))
+        for r in ev:
+            lines.append(f"| {r['step']} | " + " | ".join(f"{r.get(t, float('nan')):.1f}" for t in tasks) + " |")
+        lines.append("")
+    elif not (out / "teacher").exists():
+        lines += [f"Teacher given: `{models['teacher']}`.", ""]
+    if data_info:
+        lines += [f"Data: {data_info}", ""]
+
+    lines += ["## Distillation", "", "Same data, steps, batch and seed; only d_coef differs. Final training rows:",
+              "", "| run | total loss | reward loss | value loss | MSE to teacher reward |", "|---|---|---|---|---|"]
+    for name in ("student", "baseline"):
+        rows = [r for r in metrics[name] if r.get("kind") == "train"]
+        if rows:
+            r = rows[-1]
+            err = r.get("distill_reward_loss", float("nan"))
+            lines.append(f"| {name} (d_coef {0.4 if name == 'student' else 0}) | {r['total_loss']:.4f} | "
+                         f"{r['reward_loss']:.4f} | {r['value_loss']:.4f} | {err:.5f} |")
+    lines += ["", "The total loss of the student includes 0.4 x its distillation term; the last column is measured "
+              "for both (the baseline's at zero weight).", "", "![training](training.png)", ""]
+
+    lines += ["## Closed loop (bench)", ""]
+    if bench_rows.get("note"):
+        lines += [f"Note: {bench_rows['note']}", ""]
+    lines += ["| model | acting | runtime | precision | " + " | ".join(tasks) +
+              " | mean return | act p50 ms | act p99 ms | weights |",
+              "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
+    for r in bench_rows.get("rows", []):
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['mode']} | {r['runtime']} | {r['precision']} | " +
+                         " | ".join("-" for _ in tasks) + f" | unavailable: {r['error']} | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['mode']} | {r['runtime']} | {r['precision']} | " +
+                     " | ".join(f"{r['returns'][t]:.1f}" for t in tasks) +
+                     f" | {r['mean_return']:.1f} | {r['act_ms_p50']:.2f} | {r['act_ms_p99']:.2f} | "
+                     f"{r['bytes'] / 1024:.0f} KiB |")
+    lines += ["", f"Returns over {b.eval_steps}-step episodes (a full DMC episode is 500 steps, return <= 500 "
+              f"here per 500 steps x reward <= 1); {b.eval_episodes} episode(s) per task and row, so single rows "
+              "vary a lot. Latency is per act call on this machine, shared with other work.", "",
+              "![returns](returns.png)" if ok else "", ""]
+    lines += ["## Reading it honestly", "", _verdict(bench_rows, metrics, quick), ""]
+    path = out / "report.md"
+    _write_text(path, "\n".join(lines))
+    return path
+
+
+def _verdict(bench_rows, metrics, quick) -> str:
+    ok = {(r["model"], r["mode"], r["runtime"], r["precision"]): r["mean_return"]
+          for r in bench_rows.get("rows", []) if "mean_return" in r}
+    key = ("policy", "torch", "fp32")
+    parts = []
+    if all((m, *key) in ok for m in ("teacher", "student", "baseline")):
+        t, s, b = (ok[(m, *key)] for m in ("teacher", "student", "baseline"))
+        parts.append(f"Policy prior, fp32: teacher {t:.1f}, distilled student {s:.1f}, from-scratch baseline "
+                     f"{b:.1f} mean return. The student {'beats' if s > b else 'does not beat'} the baseline "
+                     "in this run (one seed, few episodes: not a significant comparison).")
+    if quick:
+        parts.append("This is the --quick form: budgets are far too small to learn; it checks the pipeline runs.")
+    else:
+        parts.append("At a few thousand environment steps the teacher is far from converged TD-MPC2 "
+                     "performance; the distillation comparison is only as informative as the teacher.")
+    return " ".join(parts)
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def _data_summary(root: Path) -> str:
+    try:
+        from edge_tdmpc.distill.data import EpisodeDataset
+        ds = EpisodeDataset(root)
+    except (ValueError, ImportError):
+        return ""
+    table = ds.episode_table()
+    rets = {}
+    for i in range(ds.num_episodes):
+        rets.setdefault(ds.tasks[table["task"][i]], []).append(float(ds.episode(i)["reward"].sum()))
+    per = ", ".join(f"{t} {np.mean(r):.1f}" for t, r in rets.items())
+    return f"{ds.num_episodes} episodes, {ds.num_transitions} transitions; mean collected return per task: {per}."
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def _load_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_json(path: Path, obj):
+    from edge_tdmpc.distill.teacher import write_json
+    write_json(path, obj)
+
+
+def _write_text(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+

@@ -1,0 +1,371 @@
+"""Compile: ONNX export of the networks and of the whole planning step, precisions, artifacts, runtimes.
+
+Tolerances (vs the torch fp32 reference on the same noise): fp32 1e-5 on the tiny model (reordered sums only);
+fp16 / bf16 / int8 through the per-precision verification tolerances of edge_tdmpc.compile.verify.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_tiny_model
+
+from edge_tdmpc import WorldModel, make_config, save_model
+from edge_tdmpc.compile import artifact, export, precision, record, trt
+from edge_tdmpc.compile.session import OnnxSession
+from edge_tdmpc.compile.targets import check_precision, load_target
+from edge_tdmpc.planner import PlannerConfig, plan, policy_action, sample_noise
+from edge_tdmpc.runtime import make_runtime
+
+SMALL = PlannerConfig(num_samples=64, num_elites=8, num_pi_trajs=4, iterations=3)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private compile cache for this module (never the user's ~/.cache)."""
+    old = os.environ.get("EDGE_TDMPC_CACHE")
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["EDGE_TDMPC_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("EDGE_TDMPC_CACHE", None)
+    else:
+        os.environ["EDGE_TDMPC_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model()
+
+
+def _feed(model, cfg, seed, task=3, t0=False):
+    g = torch.Generator().manual_seed(seed)
+    noise = sample_noise(cfg, model.cfg.action_dim, model.cfg.num_q, g)
+    obs = torch.randn(model.cfg.obs_dim, generator=g)
+    prev = torch.rand(cfg.horizon, model.cfg.action_dim, generator=g) * 2 - 1
+    return record.plan_feed(obs.numpy(), task if model.cfg.multitask else None, prev.numpy(), t0, noise)
+
+
+def _close(out, ref, atol):
+    for k in ref:
+        np.testing.assert_allclose(out[k], ref[k], atol=atol, rtol=0, err_msg=k)
+
+
+# --- export ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task,t0", [(0, True), (3, False), (7, False), (29, True)])
+def test_plan_graph_matches_plan_fp32(model, task, t0):
+    session = OnnxSession(export.plan_graph(model, SMALL))
+    feed = _feed(model, SMALL, seed=task, task=task, t0=t0)
+    _close(session.run(feed), record.reference_step(model, feed, SMALL), atol=1e-5)
+
+
+def test_plan_graph_eval_mode_is_zero_action_noise(model):
+    session = OnnxSession(export.plan_graph(model, SMALL))
+    feed = _feed(model, SMALL, seed=1)
+    obs, task, prev, t0, noise = record.feed_to_torch(feed)
+    a_eval, _, _ = plan(model, obs, task, prev, t0, noise, SMALL, 0.99, eval_mode=True)
+    out = session.run({**feed, "noise_action": np.zeros_like(feed["noise_action"])})
+    np.testing.assert_allclose(out["action"], a_eval.numpy(), atol=1e-5)
+
+
+def test_plan_graph_gathers_q_heads_and_single_task():
+    """num_q > 2 takes the q_idx input; a single-task model has no task input."""
+    torch.manual_seed(0)
+    for cfg_model in (make_config("mt30", size=None, enc_dim=32, mlp_dim=32, latent_dim=16, num_q=5, task_dim=16),
+                      make_config("cheetah-run", size=None, enc_dim=32, mlp_dim=32, latent_dim=16, num_q=2)):
+        m = WorldModel(cfg_model).eval()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        session = OnnxSession(export.plan_graph(m, SMALL))
+        assert ("noise_q_idx" in session.inputs) == (m.cfg.num_q > 2)
+        assert ("task" in session.inputs) == m.cfg.multitask
+        feed = _feed(m, SMALL, seed=2)
+        _close(session.run(feed), record.reference_step(m, feed, SMALL), atol=1e-5)
+
+
+def test_policy_graph_for_mpc_false(model):
+    cfg = PlannerConfig(mpc=False)
+    session = OnnxSession(export.plan_graph(model, cfg))
+    feed = _feed(model, cfg, seed=4)
+    obs, task, _, _, noise = record.feed_to_torch(feed)
+    out = session.run(feed)
+    np.testing.assert_allclose(out["action"], policy_action(model, obs, task, noise.action).numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["mean"], policy_action(model, obs, task, noise.action, True).numpy(), atol=1e-5)
+
+
+def test_network_graphs_match_the_model(model):
+    graphs = export.network_graphs(model)
+    g = torch.Generator().manual_seed(0)
+    B, c = 5, model.cfg
+    obs, task = torch.randn(B, c.obs_dim, generator=g), torch.tensor([0, 3, 7, 12, 29])
+    z = model.encode(obs, task).detach()
+    a, eps = torch.rand(B, c.action_dim, generator=g) * 2 - 1, torch.randn(B, c.action_dim, generator=g)
+    feeds = {"obs": obs.numpy(), "z": z.numpy(), "a": a.numpy(), "eps": eps.numpy(), "task": task.numpy()}
+    with torch.no_grad():
+        action, mean = model.pi(z, task, eps)
+        ref = {"encoder": {"z": z}, "dynamics": {"next_z": model.next(z, a, task)},
+               "reward": {"logits": model.reward(z, a, task)}, "pi": {"action": action, "mean": mean},
+               "Q": {"logits": model.Q(z, a, task)}}
+    for name, proto in graphs.items():
+        onnx.checker.check_model(proto)
+        out = OnnxSession(proto).run(feeds)
+        _close(out, {k: v.numpy() for k, v in ref[name].items()}, atol=1e-5)
+
+
+def test_task_embedding_is_folded_not_concatenated(model):
+    proto = export.plan_graph(model, SMALL)
+    assert not any(n.op_type == "Concat" and "encoder" in n.name for n in proto.graph.node)
+    names = {t.name for t in proto.graph.initializer}
+    assert "dynamics.0.b" in names and "dynamics.0.W_z" in names and "dynamics.0.W_a" in names
+    table = next(t for t in proto.graph.initializer if t.name == "dynamics.0.b")
+    assert list(table.dims) == [len(model.cfg.tasks), model.cfg.mlp_dim]  # one folded bias row per task
+
+
+def test_real_student_plan_graph_matches(student):
+    cfg = PlannerConfig()
+    session = OnnxSession(export.plan_graph(student, cfg))
+    feed = _feed(student, cfg, seed=0, task=10, t0=True)
+    out, ref = session.run(feed), record.reference_step(student, feed, cfg)
+    np.testing.assert_allclose(out["z"], ref["z"], atol=1e-5)
+    np.testing.assert_allclose(out["value"], ref["value"], rtol=1e-3)
+    assert np.abs(out["action"] - ref["action"]).mean() < 1e-2
+
+
+# --- precisions ----------------------------------------------------------------------------------------------
+def _types(proto):
+    return {onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer if t.dims}
+
+
+@pytest.mark.parametrize("prec,atol", [("fp16", 5e-3), ("bf16", 5e-2)])
+def test_half_precision_graphs_are_real_and_close(model, prec, atol):
+    proto = export.plan_graph(model, SMALL, precision.model_plan(model, prec))
+    assert {"FLOAT16" if prec == "fp16" else "BFLOAT16"} <= _types(proto)
+    assert any(n.op_type == "MatMul" for n in proto.graph.node)
+    session = OnnxSession(proto)
+    assert session.emulated == (prec == "bf16")  # the CPU provider has no bf16 kernels
+    feed = _feed(model, SMALL, seed=5)
+    out, ref = session.run(feed), record.reference_step(model, feed, SMALL)
+    assert 0 < np.abs(out["z"] - ref["z"]).max() < atol  # rounded, but close
+
+
+def test_bf16_emulation_rounds_every_tensor():
+    x = np.linspace(-3, 3, 64, dtype=np.float32).reshape(8, 8)
+    w = np.linspace(0.1, 1.7, 64, dtype=np.float32).reshape(8, 8)
+    g = export.Graph()
+    g.input("x", "fp32", [8, 8])
+    g.output("y", g.op("MatMul", g.cast("x", "bf16"), g.const(w, "bf16", key="w")), [8, 8])
+    y = OnnxSession(g.model()).run({"x": x})["y"]
+    ref = (torch.from_numpy(x).bfloat16().float() @ torch.from_numpy(w).bfloat16().float()).bfloat16().float()
+    np.testing.assert_array_equal(y, ref.numpy())
+
+
+def test_precision_plans():
+    layers = export.layer_names(make_tiny_model())
+    assert set(precision.precision_plan("fp16", layers).values()) == {"fp16"}
+    mixed = precision.precision_plan("mixed", layers)
+    assert {"int8", "fp16", "fp32"} <= set(mixed.values())
+    assert precision.precision_plan("int8", layers, {"Q.2": "fp32"})["Q.2"] == "fp32"
+    with pytest.raises(ValueError, match="unknown layer"):
+        precision.precision_plan("int8", layers, {"decoder.0": "fp32"})
+    with pytest.raises(ValueError, match="unknown precision"):
+        precision.precision_plan("fp8", layers)
+
+
+# --- artifacts --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fp32_artifact(model, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "fp32"
+    return artifact.compile_model(model, "fp32", SMALL, out=out, verify_episodes=2, verify_steps=3)
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(model, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "int8"
+    return artifact.compile_model(model, "int8", SMALL, out=out, calib_episodes=3, calib_steps=3,
+                                  verify_episodes=2, verify_steps=3)
+
+
+def test_fp32_artifact_is_verified(fp32_artifact):
+    m = artifact.read_manifest(fp32_artifact)
+    assert m["status"] == "ok" and m["precision"] == "fp32" and m["runtime"] == "onnxruntime"
+    assert m["verification"]["rows"] == 6 and m["verification"]["outputs"]["z"]["max_abs"] < 1e-5
+    assert set(m["files"]) >= {"plan.onnx", "verify.npz", "networks/Q.onnx", "networks/encoder.onnx"}
+    with np.load(fp32_artifact / "verify.npz") as data:  # real closed-loop inputs + reference outputs
+        assert {"obs", "noise_sample", "expected_action", "expected_z"} <= set(data.files)
+        assert np.abs(data["obs"]).sum() > 0
+
+
+def test_int8_is_calibrated_on_recorded_episodes(int8_artifact, model):
+    m = artifact.read_manifest(int8_artifact)
+    assert m["status"] == "ok"
+    calib = m["calibration"]
+    assert calib["rows"] == 9 and len(calib["tasks"]) == 3 and all(t in model.cfg.tasks for t in calib["tasks"])
+    ranges = json.loads((int8_artifact / calib["file"]).read_text())
+    assert ranges  # activation ranges of the calibrated tensors
+    proto = onnx.load(int8_artifact / "plan.onnx")
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
+    w8 = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert w8, "weights stored as int8"
+    scales = {t.name: t for t in proto.graph.initializer}
+    w = w8[0]
+    scale = scales[w.name.replace("_quantized", "_scale")]
+    assert list(scale.dims) == [w.dims[1]]  # per output channel
+    assert m["verification"]["outputs"]["action"]["mean_abs"] > 0  # really quantized: not bit-exact
+
+
+def test_tampered_or_edited_artifact_is_refused(fp32_artifact, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(fp32_artifact, bad)
+    artifact.read_manifest(bad)
+    data = bytearray((bad / "plan.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "plan.onnx").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="plan.onnx does not match its sha256"):
+        artifact.read_manifest(bad)
+    shutil.copy(fp32_artifact / "plan.onnx", bad / "plan.onnx")
+    m = json.loads((bad / "manifest.json").read_text())
+    m["precision"] = "int8"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="edited after compile"):
+        artifact.read_manifest(bad)
+    with pytest.raises(ValueError, match="no manifest.json"):
+        artifact.read_manifest(tmp_path)
+
+
+def test_mismatched_or_failed_artifact_is_refused(fp32_artifact, model):
+    with pytest.raises(ValueError, match="artifact is fp32, not fp16"):
+        make_runtime("onnxruntime", fp32_artifact, "fp16", SMALL)
+    with pytest.raises(ValueError, match="num_samples=64 \\(asked 512\\)"):
+        make_runtime("onnxruntime", fp32_artifact, "fp32", PlannerConfig())
+    m = artifact.read_manifest(fp32_artifact)
+    with pytest.raises(ValueError, match="other weights"):
+        artifact.check_matches(m, model=make_tiny_model(seed=1))
+    failed = {**m, "status": "failed"}
+    failed["verification"] = {**m["verification"], "outputs": {"z": {"ok": False}}}
+    with pytest.raises(ValueError, match="failed verification \\(z outside tolerance\\)"):
+        artifact.check_matches(failed)
+
+
+def test_artifact_runtime_matches_torch_runtime_on_same_seed(fp32_artifact, model):
+    rt = make_runtime("onnxruntime", fp32_artifact, "fp32", SMALL, seed=3)
+    ref = make_runtime("torch", model, "fp32", SMALL, seed=3)
+    obs = np.linspace(-1, 1, 17, dtype=np.float32)  # cheetah-run's own 17 entries: padded to 24
+    for t in range(4):
+        a, b = rt.act(obs * t, 3, t == 0), ref.act(obs * t, 3, t == 0)
+        assert a.shape == (6,) and np.abs(a - b).max() < 1e-5
+    assert rt.size_bytes() == artifact.read_manifest(fp32_artifact)["files"]["plan.onnx"]["bytes"]
+    rt.reset(3)
+    ref.reset(3)
+    np.testing.assert_allclose(rt.act(obs, 3, True, eval_mode=True), ref.act(obs, 3, True, eval_mode=True), atol=1e-5)
+    with pytest.raises(ValueError, match="pass task"):
+        rt.act(obs, None, True)
+
+
+def test_runtime_compiles_on_the_fly_into_a_keyed_cache(model, cache):
+    rt = make_runtime("onnxruntime", model, "fp16", SMALL, seed=0)
+    again = make_runtime("onnxruntime", model, "fp16", SMALL, seed=0)
+    assert rt.dir == again.dir and rt.dir.parent == cache / "artifacts"
+    other = make_runtime("onnxruntime", model, "fp32", SMALL, seed=0)
+    assert other.dir != rt.dir
+    obs = np.zeros(24, np.float32)
+    assert np.abs(rt.act(obs, 0, True) - other.act(obs, 0, True)).max() < 0.1
+
+
+# --- targets and CLI -----------------------------------------------------------------------------------------------
+def test_targets():
+    assert load_target("jetson")["name"] == "orin-nano"
+    assert load_target("agx-orin")["gpu"]["compute_capability"] == "8.7"
+    assert {load_target(n)["family"] for n in ("cpu", "thor", "x86-dgpu")} == {"cpu", "jetson", "dgpu"}
+    with pytest.raises(ValueError, match="did you mean orin-nano"):
+        load_target("orin-nan")
+    with pytest.raises(ValueError, match="does not support bf16"):
+        check_precision(load_target("xavier-nx"), "bf16")
+
+
+def test_cli_compile_cpu_and_jetson_bundle(model, cache, tmp_path):
+    from edge_tdmpc.cli import main
+    ckpt = tmp_path / "tiny.pt"
+    save_model(model, ckpt)
+    runner = CliRunner()
+    small = ["--samples", "64", "--elites", "8", "--pi-trajs", "4", "--iterations", "3", "--verify-episodes", "1"]
+    res = runner.invoke(main, ["compile", str(ckpt), "--out", str(tmp_path / "cpu"), *small])
+    assert res.exit_code == 0, res.output
+    assert "status       ok" in res.output and "PASS" in res.output
+    res = runner.invoke(main, ["compile", str(ckpt), "--precision", "fp16", "--target", "jetson",
+                               "--out", str(tmp_path / "jetson"), *small])
+    assert res.exit_code == 0, res.output
+    m = artifact.read_manifest(tmp_path / "jetson")
+    assert m["target"] == "orin-nano" and m["runtime"] == "tensorrt" and m["engine"]["status"] == "bundle"
+    assert m["checkpoint_sha256"] == artifact.file_sha256(ckpt)
+    assert {"build_engine.py", "verify.py", "plan.onnx", "verify.npz"} <= set(m["files"])
+    res = runner.invoke(main, ["compile", str(ckpt), "--precision", "bf16", "--target", "xavier-nx", *small])
+    assert res.exit_code == 2 and "does not support bf16" in res.output
+    res = runner.invoke(main, ["targets"])
+    assert res.exit_code == 0 and "orin-nano" in res.output and "thor" in res.output
+
+
+def test_bundle_builder_needs_no_torch(tmp_path):
+    """build_engine.py (= trt.py) must import on a robot with numpy only: no torch, no edge_tdmpc."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['edge_tdmpc'] = None; "
+            f"sys.argv = ['build_engine.py', '--help']; exec(open({str(ROOT / 'compile' / 'trt.py')!r}).read())")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "Build (and verify) the TensorRT engine" in res.stdout, res.stderr
+
+
+def test_engine_from_another_gpu_or_tensorrt_is_refused():
+    built = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7"}
+    trt.check_compatible(built, dict(built))
+    with pytest.raises(ValueError, match="built by TensorRT 10.3.0 but this is TensorRT 10.13"):
+        trt.check_compatible(built, {**built, "tensorrt": "10.13"})
+    with pytest.raises(ValueError, match="compute capability 8.7 .* this GPU is 9.0"):
+        trt.check_compatible(built, {**built, "compute_capability": "9.0", "gpu": "H100"})
+
+
+# --- GPU (skipped here with a reason) ----------------------------------------------------------------------------
+def _has_tensorrt():
+    try:
+        import tensorrt  # noqa: F401
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not _has_tensorrt(), reason="needs tensorrt and a CUDA GPU (not installable in this workplace)")
+@pytest.mark.parametrize("prec", ["fp32", "fp16", "int8"])
+def test_tensorrt_engine_builds_matches_and_round_trips(prec, model, cache, tmp_path):
+    art = artifact.compile_model(model, prec, SMALL, target="x86-dgpu", out=tmp_path / prec, calib_episodes=2,
+                                 calib_steps=3, verify_episodes=1, verify_steps=3)
+    m = artifact.read_manifest(art)
+    assert m["engine"]["status"] == "built"
+    engine = trt.Engine(art / "plan.engine")  # deserialized from the file: the serialization round trip
+    ok, table = trt.verify_engine(engine, art, m)
+    assert ok, table
+    graphed = trt.Engine(art / "plan.engine", cuda_graph=True)
+    with np.load(art / "verify.npz") as data:
+        feed = {k: data[k][0] for k in graphed.inputs}
+    np.testing.assert_allclose(graphed.run(feed)["action"], engine.run(feed)["action"], atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("prec,atol", [("fp32", 1e-4), ("fp16", 5e-2), ("bf16", 0.5)])
+def test_torch_cuda_graph_matches_plan(prec, atol, model):
+    rt = make_runtime("torch-cuda-graph", model, prec, SMALL, seed=0)
+    feed = _feed(model, SMALL, seed=6, t0=True)
+    obs, task, _, _, noise = record.feed_to_torch(feed)
+    ref = record.reference_step(model, feed, SMALL)
+    a = rt.act(obs.numpy(), task, True, noise=noise)
+    assert np.abs(a - ref["action"]).mean() < atol
+    b = rt.act(obs.numpy(), task, True)  # noise drawn on the device, inside the graph
+    assert b.shape == a.shape and np.all(np.abs(b) <= 1)

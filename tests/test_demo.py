@@ -1,0 +1,77 @@
+"""The demo end to end: --quick in the default run (CI), the full budget under -m slow; online `train` basics."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edge_tdmpc import load_model
+from edge_tdmpc.distill.demo import QUICK, demo
+from edge_tdmpc.distill.online import Replay, train
+
+TASKS = "cartpole-balance,cartpole-swingup"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_replay_slices_stay_inside_episodes():
+    r = Replay(obs_dim=2, action_dim=1, horizon=3, batch_size=500, seed=0)
+    for e, T in enumerate([3, 10, 5]):  # obs encode (episode, t)
+        obs = np.stack([np.full(T + 1, e), np.arange(T + 1)], 1)
+        r.add(obs, np.zeros((T, 1)), np.arange(T), task=e % 2)
+    b = r.sample()
+    ep, t = b.obs[..., 0], b.obs[..., 1]
+    assert (ep == ep[0]).all()                                     # one episode per slice
+    assert (t[1:] - t[:-1] == 1).all() and (t[-1] <= torch.tensor([3, 10, 5])[ep[0].long()]).all()
+    assert set(ep[0].long().tolist()) == {0, 1, 2}
+    assert torch.equal(b.reward[..., 0], t[:-1])                   # reward[t] follows obs[t]
+    state = r.state_dict()
+    again = Replay(2, 1, 3, 500, seed=9)
+    again.load_state_dict(state)
+    assert torch.equal(again.sample().obs, r.sample().obs)
+
+
+def test_online_train_resumes_and_writes_model_and_replay(tmp_path):
+    kw = dict(size=None, steps=300, seed_steps=100, episode_steps=50, batch_size=32, save_every=100, log_every=50,
+              dims=dict(enc_dim=32, mlp_dim=32, latent_dim=16, num_q=2, task_dim=8), progress=False)
+    full = train(TASKS, tmp_path / "full", **kw)
+    assert full["env_steps"] == 300 and full["updates"] == 100 + 200
+    train(TASKS, tmp_path / "part", **{**kw, "steps": 150})
+    with pytest.raises(ValueError, match="--resume"):
+        train(TASKS, tmp_path / "part", **kw)
+    train(TASKS, tmp_path / "part", resume=True, **kw)
+    a, b = (load_model(tmp_path / d / "model.pt", tasks=TASKS).state_dict() for d in ("full", "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from edge_tdmpc.distill.data import EpisodeDataset
+    ds = EpisodeDataset(tmp_path / "full" / "replay")
+    assert ds.num_transitions == 300 and ds.tasks == tuple(TASKS.split(","))
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "episode" for r in rows) == 6
+
+
+def test_quick_demo_runs_end_to_end(tmp_path):
+    report = demo(tmp_path, quick=True, workers=0, echo=lambda *a: None)
+    text = report.read_text()
+    for name in ("teacher", "student", "baseline"):
+        assert f"| {name} | policy | torch | fp32 |" in text
+    assert (tmp_path / "training.png").is_file() and (tmp_path / "returns.png").is_file()
+    student = load_model(tmp_path / "student" / "student.pt", tasks=TASKS)
+    assert student.cfg.mlp_dim == dict(QUICK.student_dims)["mlp_dim"]
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert all(np.isfinite(r["mean_return"]) for r in bench["rows"] if "mean_return" in r)
+    # a rerun resumes: every stage is skipped
+    msgs = []
+    demo(tmp_path, quick=True, workers=0, echo=msgs.append)
+    assert sum("skipped" in m for m in msgs) == 5
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path):
+    report = demo(tmp_path, workers=2, echo=print)
+    assert "distilled student" in report.read_text()
