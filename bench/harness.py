@@ -89,6 +89,9 @@ def open_model(model, tasks=("mt30",), model_tasks=None):
             raise ValueError(f"{path} is a directory, but this install has no edge_tdmpc.compile to read compiled "
                              "artifacts; pass a checkpoint file") from None
         manifest = read_manifest(path)
+        if not manifest.get("checkpoint"):
+            raise ValueError(f"{path} names no source checkpoint (compiled from a model in memory); compile it from "
+                             "a checkpoint file to bench it against fp32 eager")
         ckpt = Path(manifest["checkpoint"])
         ckpt = ckpt if ckpt.is_absolute() or ckpt.exists() else path / ckpt
         sha = file_sha256(ckpt)

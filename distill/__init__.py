@@ -1,0 +1,14 @@
+"""Distillation: train a compact TD-MPC2 student (TD-MPC-Opt) or a from-scratch one, online or offline.
+
+    from edge_tdmpc.distill import distill, train
+    train("cartpole-balance,cartpole-swingup", "runs/teacher", size=None, dims=dict(mlp_dim=128))   # online
+    distill("data/", "runs/student", teacher="runs/teacher/model.pt", d_coef=0.4)                     # offline
+
+Data (episode format, sampler, convert, collect) lives in `edge_tdmpc.distill.data` and friends.
+"""
+from edge_tdmpc.distill.losses import DISTILL_TERMS
+from edge_tdmpc.distill.online import train
+from edge_tdmpc.distill.teacher import LabelCache, Teacher
+from edge_tdmpc.distill.trainer import TrainConfig, Trainer, distill
+
+__all__ = ["DISTILL_TERMS", "LabelCache", "Teacher", "TrainConfig", "Trainer", "distill", "train"]

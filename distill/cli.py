@@ -68,10 +68,14 @@ def _threads(n):
               help="precompute the teacher's targets here once; later runs reuse them (no teacher forward)")
 @click.option("--teacher-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
               show_default=True)
+@click.option("--eval-tasks", default=None, help="tasks of the periodic eval [those the data covers]")
+@click.option("--eval-episodes", default=1, show_default=True)
+@click.option("--eval-mpc/--eval-policy", default=False, show_default=True,
+              help="periodic eval by MPPI planning or the policy prior (cheap)")
 @common
 def distill(teacher, teacher_tasks, data, student_size, student_dims, d_coef, terms, batch_size, steps, out,
-            resume, label_cache, teacher_precision, seed, save_every, log_every, eval_every, eval_steps, logger,
-            threads, device, progress):
+            resume, label_cache, teacher_precision, eval_tasks, eval_episodes, eval_mpc, seed, save_every,
+            log_every, eval_every, eval_steps, logger, threads, device, progress):
     """Distill TEACHER into a small student on --data (TD-MPC-Opt); writes OUT/student.pt and metrics.jsonl.
 
     Data-parallel: torchrun --nproc_per_node N -m edge_tdmpc.cli distill ..."""
@@ -80,6 +84,7 @@ def distill(teacher, teacher_tasks, data, student_size, student_dims, d_coef, te
     summary = run(data, out, teacher=teacher, student_size=_size(student_size), steps=steps, resume=resume,
                   teacher_precision=teacher_precision, teacher_tasks=teacher_tasks, label_cache=label_cache,
                   save_every=save_every, log_every=log_every, eval_every=eval_every, eval_steps=eval_steps,
+                  eval_tasks=eval_tasks, eval_episodes=eval_episodes, eval_mpc=eval_mpc,
                   student_dims=parse_dims(student_dims), device=device, logger=logger, progress=progress,
                   echo=click.echo, d_coef=d_coef, distill=terms, batch_size=batch_size, seed=seed)
     if summary["rank"] == 0:

@@ -88,8 +88,9 @@ def collect(teacher, tasks, episodes: int, out_dir, mpc=True, noise_std=0.0, ste
     done = set()
     if (out_dir / INDEX).exists():
         ds = EpisodeDataset(out_dir)
-        old = ds.meta.get("collect")
-        if ds.num_episodes and old != record:
+        old = ds.meta.get("collect") or {}
+        same = {**old, "teacher": None} == {**record, "teacher": None}  # the teacher by content, not by name
+        if ds.num_episodes and not same:
             raise ValueError(f"{out_dir} already holds episodes collected with other settings or another "
                              f"teacher ({old}); choose another --out to collect with these")
         table = ds.episode_table()

@@ -16,7 +16,7 @@ Memory: a batch reads only its own rows, so a 40 GB dataset trains in a few GB o
 with np.load(mmap_mode="r") (header, shapes, direct array access), but batches are read with positional reads
 (os.preadv) by default: pages of a memory map stay mapped once touched and count in RSS, and on recent kernels
 one fault maps a whole large folio, so a single batch of 256 random slices maps hundreds of MB. io="mmap"
-reads through the maps instead: ~3x faster per batch on this CPU, but RSS grows towards the dataset's size
+reads through the maps instead: 2-3x faster per batch on this CPU, but RSS grows towards the dataset's size
 (reclaimable page cache, released by `release()`); use it when the data fits in RAM.
 """
 import errno
@@ -208,7 +208,8 @@ def _allow_open_files(n: int):
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < n:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
+        n = n if hard == resource.RLIM_INFINITY else min(n, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
 
 
 def _open_shard(path) -> int:
@@ -352,8 +353,9 @@ class EpisodeDataset:
                      torch.from_numpy(self._task[e].copy()), torch.from_numpy(index.copy()))
 
     def _read_span(self, s: int, lo: int, hi: int) -> dict:
-        out = dict(obs=np.empty((hi - lo, self.obs_dim), np.float32),
-                   action=np.empty((hi - lo, self.action_dim), np.float32), reward=np.empty(hi - lo, np.float32))
+        n = hi - lo
+        out = dict(obs=np.empty((n, self.obs_dim), np.float32),
+                   action=np.empty((n, self.action_dim), np.float32), reward=np.empty(n, np.float32))
         for field, arr in out.items():
             self._read(s, field, lo, arr)
         return out

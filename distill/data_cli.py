@@ -20,9 +20,10 @@ def data():
 @click.option("--action-dim", type=int, default=None, help="pad actions to this size [file's]")
 @click.option("--shard-rows", default=1 << 21, show_default=True, help="rows per shard (bounds RAM in use)")
 def convert(sources, out, tasks, trust_pickle, obs_dim, action_dim, shard_rows):
-    """Official TD-MPC2 dataset files (SOURCES: .pt files or directories of them) -> our format in --out.
+    """Convert official TD-MPC2 dataset files (.pt files or directories).
 
-    Streams one file at a time, memory-mapped, in shard-sized chunks; rerun the same command to resume."""
+    Streams one file at a time, memory-mapped, in shard-sized chunks into --out; rerun the same command to
+    resume. The files are pickled TensorDicts: --trust-pickle is required to unpickle them."""
     from edge_tdmpc.distill.convert import convert as run
     run(sources, out, tasks=tasks, trust_pickle=trust_pickle, obs_dim=obs_dim, action_dim=action_dim,
         shard_rows=shard_rows, echo=click.echo)
@@ -40,7 +41,11 @@ def convert(sources, out, tasks, trust_pickle, obs_dim, action_dim, shard_rows):
 @click.option("--workers", default=1, show_default=True, help="worker processes (0: this process)")
 @click.option("--seed", default=0, show_default=True)
 def collect(teacher, teacher_tasks, tasks, episodes, out, mpc, noise_std, steps, workers, seed):
-    """Roll TEACHER out on --tasks and write the episodes to --out; rerun the same command to resume."""
+    """Collect episodes by rolling a teacher checkpoint out on tasks.
+
+    Planning (--mpc) or the policy prior (--no-mpc), acting stochastically plus --noise-std Gaussian noise;
+    one seed per (task, episode), so the data does not depend on --workers. Rerun the same command to
+    resume or to add episodes."""
     from edge_tdmpc.distill.collect import collect as run
     run(teacher, tasks, episodes, out, mpc=mpc, noise_std=noise_std, steps=steps, workers=workers, seed=seed,
         teacher_tasks=teacher_tasks, echo=click.echo)
@@ -49,7 +54,7 @@ def collect(teacher, teacher_tasks, tasks, episodes, out, mpc, noise_std, steps,
 @data.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 def info(directory):
-    """Episodes, transitions, dims, size on disk and episodes per task of a dataset DIRECTORY."""
+    """Size, dims and episodes per task of a dataset DIRECTORY."""
     from edge_tdmpc.distill.data import summarize
     click.echo(summarize(directory))
 

@@ -635,7 +635,13 @@ def distill(data, out, teacher=None, student_size: int | None = 1, steps: int = 
     trainer = Trainer(student, cfg, teacher=teach, labels=labels, rank=rank, world_size=world)
     eval_fn = None
     if eval_every:
-        eval_tasks = [t for t in (eval_tasks or tasks)]
+        if isinstance(eval_tasks, str):
+            eval_tasks = eval_tasks.split(",")
+        present = sorted(set(dataset.episode_table()["task"].tolist()))
+        eval_tasks = list(eval_tasks or [tasks[i] for i in present])  # default: the tasks the data covers
+        unknown = [t for t in eval_tasks if t not in tasks]
+        if unknown:
+            raise ValueError(f"eval task {unknown[0]!r} is not in the data's task set")
 
         def eval_fn(model):
             cpu = copy.deepcopy(model).cpu().float().eval()

@@ -137,7 +137,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_runs, tmp_path):
     assert "resuming:" in res.output
     resumed = json.loads((out / "report.json").read_text())
     uninterrupted, _ = tiny_runs[1]  # same model weights (seed 0), settings and seeds, never killed
-    assert _returns(resumed) == pytest.approx(_returns(uninterrupted), abs=1e-4)
+    assert _returns(resumed) == _returns(uninterrupted)
 
 
 def test_out_dir_with_results_needs_resume_and_same_settings(tiny_runs):
@@ -213,7 +213,7 @@ def test_low_precision_policy_actions_close_to_fp32(student):
     for p in ("fp16", "bf16"):
         assert by[p]["tolerance"] == TOLERANCE["policy"][p]
         assert 0 < by[p]["median_abs"] <= by[p]["tolerance"], by[p]
-    assert by["fp16"]["median_abs"] < by["bf16"]["median_abs"]  # 10 vs 7 mantissa bits
+    assert by["fp16"]["mean_abs"] < by["bf16"]["mean_abs"]  # 10 vs 7 mantissa bits
 
 
 @pytest.mark.slow

@@ -316,9 +316,11 @@ def test_cli_compile_cpu_and_jetson_bundle(model, cache, tmp_path):
 
 def test_bundle_builder_needs_no_torch(tmp_path):
     """build_engine.py (= trt.py) must import on a robot with numpy only: no torch, no edge_tdmpc."""
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['edge_tdmpc'] = None; "
-            f"sys.argv = ['build_engine.py', '--help']; exec(open({str(ROOT / 'compile' / 'trt.py')!r}).read())")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    import shutil
+    script = shutil.copy(ROOT / "compile" / "trt.py", tmp_path / "build_engine.py")
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.modules['edge_tdmpc'] = None; "
+            f"sys.argv = ['build_engine.py', '--help']; runpy.run_path({str(script)!r}, run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert res.returncode == 0 and "Build (and verify) the TensorRT engine" in res.stdout, res.stderr
 
 

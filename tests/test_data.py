@@ -324,8 +324,8 @@ def test_collect_resumes_and_matches_in_process(tmp_path):
 def test_collect_with_a_single_task_teacher(tmp_path):
     teacher = tmp_path / "single.pt"
     save_model(make_tiny_model("cartpole-balance"), teacher)
-    collect(teacher, "cartpole-balance", 1, tmp_path / "out", steps=5, workers=0, teacher_tasks="cartpole-balance",
-            progress=False)
+    collect(teacher, "cartpole-balance", 1, tmp_path / "out", steps=5, workers=0,
+            teacher_tasks="cartpole-balance", progress=False)
     ds = EpisodeDataset(tmp_path / "out")
     assert ds.tasks == ("cartpole-balance",) and (ds.obs_dim, ds.action_dim, ds.num_transitions) == (5, 1, 5)
     with pytest.raises(ValueError, match="not in the teacher's task set"):
@@ -395,8 +395,9 @@ def test_convert_streams_a_big_file_in_bounded_memory(tmp_path):
     size = (tmp_path / "chunk_0.pt").stat().st_size / 2**20
     growth = {}
     for drop in (0, 1):
-        out = subprocess.run([sys.executable, "-c", CONVERT_PROBE, str(tmp_path / "chunk_0.pt"),
-                              str(tmp_path / f"out{drop}"), str(drop)], capture_output=True, text=True, check=True)
+        args = [sys.executable, "-c", CONVERT_PROBE, str(tmp_path / "chunk_0.pt"),
+                str(tmp_path / f"out{drop}"), str(drop)]
+        out = subprocess.run(args, capture_output=True, text=True, check=True)
         growth[drop] = float(out.stdout.strip().splitlines()[-1])
     assert EpisodeDataset(tmp_path / "out1").num_transitions == 2000 * 500
     # without giving pages back, the mapped file piles up in RSS; with it, a few 16 MB chunks are resident

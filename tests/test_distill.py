@@ -375,3 +375,21 @@ def test_distill_cli_writes_a_loadable_student(tmp_path, dataset, teacher_path):
     r = CliRunner().invoke(main, ["distill", "--teacher", str(teacher_path), "--data", str(dataset.root),
                                   "--steps", "6", "--out", str(out), "--distill", "reward,vibes"])
     assert r.exit_code == 2 and "unknown distillation term" in r.output
+
+
+def test_collect_then_distill_then_resume(tmp_path, teacher_path):
+    """The user's path without the official dataset: teacher rollouts -> distill -> resume a longer run."""
+    from edge_tdmpc.distill.collect import collect
+    from edge_tdmpc.distill.trainer import distill
+    tasks = ",".join(TASKS)
+    collect(teacher_path, tasks, 2, tmp_path / "data", mpc=False, noise_std=0.1, steps=20, workers=0,
+            teacher_tasks=tasks, progress=False, echo=lambda *a: None)
+    kw = dict(teacher=teacher_path, student_size=None, student_dims=DIMS, batch_size=16, save_every=4, log_every=4,
+              progress=False, eval_every=4, eval_steps=5, echo=lambda *a: None)
+    distill(tmp_path / "data", tmp_path / "run", steps=4, **kw)
+    summary = distill(tmp_path / "data", tmp_path / "run", steps=8, resume=True, **kw)
+    assert summary["steps"] == 8
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8] and set(TASKS) <= set(evals[0])
+    assert (tmp_path / "run" / "eval.csv").read_text().startswith("kind,step,")
