@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import queue
 import time
+import traceback
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,13 +90,13 @@ def run_episode(runtime, task: str, task_index, env_seed: int, noise_seed: int, 
         ret += reward
         rss.sample()
         if progress is not None and (t + 1) % PROGRESS_EVERY == 0:
-            progress.put(t + 1 - told)
+            progress(t + 1 - told)
             told = t + 1
         if terminated or truncated:
             break
     env.close()
     if progress is not None:
-        progress.put(len(latency_ns) - told)
+        progress(len(latency_ns) - told)
     return {
         "return": float(ret), "steps": len(latency_ns), "env_seed": env_seed, "noise_seed": noise_seed,
         "latency_ms": [round(ns / 1e6, 4) for ns in latency_ns],
@@ -108,12 +109,12 @@ def run_episode(runtime, task: str, task_index, env_seed: int, noise_seed: int, 
 _W: dict = {}
 
 
-def _init_worker(source, runtime_models, planner, settings, device, warmup, progress):
+def _init_worker(source, runtime_models, planner, settings, device, warmup):
     torch.set_num_threads(1)  # one core per worker; also makes results independent of the worker count
     from edge_tdmpc.checkpoint import load_model
     model = load_model(*source) if isinstance(source, tuple) else source  # (checkpoint, its task set)
     _W.update(model=model, runtime_models=runtime_models, planner=planner, settings=settings, device=device,
-              warmup=warmup, progress=progress, pair=None, runtime=None)
+              warmup=warmup, pair=None, runtime=None)
 
 
 def _runtime(runtime: str, precision: str):
@@ -131,14 +132,24 @@ def _runtime(runtime: str, precision: str):
     return _W["runtime"]
 
 
-def _run_job(job: Job) -> dict:
+def _run_job(job: Job, progress=None) -> dict:
     model, s = _W["model"], _W["settings"]
     env_seed, noise_seed = episode_seeds(s.seed, job.task, job.episode)
     task_index = model.cfg.tasks.index(job.task) if model.cfg.multitask else None
     rt = _runtime(job.runtime, job.precision)
     rec = run_episode(rt, job.task, task_index, env_seed, noise_seed, s.steps, s.eval_mode, model.cfg.obs_dim,
-                      _W["device"], _W["progress"])
+                      _W["device"], progress)
     return {**asdict(job), **rec, "worker": os.getpid()}
+
+
+def _worker(init_args, jobs, results):
+    """Worker loop: take jobs until None; report ("steps", n), ("done", record) or ("error", traceback)."""
+    try:
+        _init_worker(*init_args)
+        while (job := jobs.get()) is not None:
+            results.put(("done", _run_job(job, lambda n: results.put(("steps", n)))))
+    except Exception:
+        results.put(("error", traceback.format_exc()))
 
 
 # --- the episode log -----------------------------------------------------------------------------------
@@ -196,25 +207,46 @@ def atomic_write_text(path: Path, text: str):
 
 def run_jobs(jobs: list[Job], log: EpisodeLog, source, runtime_models: dict, planner: PlannerConfig,
              settings: Settings, workers: int, device="cpu", warmup=3, pbar=None):
-    """Run the jobs not yet in the log on a spawn pool, appending each episode as it finishes."""
+    """Run the jobs not yet in the log on `workers` spawned processes, appending each episode as it finishes.
+
+    Own processes rather than a multiprocessing.Pool: a worker that dies (OOM kill, a failing initializer)
+    stops the run with an error instead of being respawned forever.
+    """
     todo = [j for j in jobs if j.key not in log.records]
     if not todo:
         return
     ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and any CUDA context
-    progress = ctx.Queue()
-    args = (source, runtime_models, planner, settings, device, warmup, progress)
-    with ctx.Pool(max(1, min(workers, len(todo))), initializer=_init_worker, initargs=args) as pool:
-        pending = [pool.apply_async(_run_job, (job,)) for job in todo]
-        while pending:
+    job_q, results = ctx.Queue(), ctx.Queue()
+    n = max(1, min(workers, len(todo)))
+    for job in [*todo, *[None] * n]:
+        job_q.put(job)
+    init = (source, runtime_models, planner, settings, device, warmup)
+    procs = [ctx.Process(target=_worker, args=(init, job_q, results), daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        left = len(todo)
+        while left:
             try:
-                n = progress.get(timeout=0.2)
-                if pbar is not None:
-                    pbar.update(n)
+                kind, payload = results.get(timeout=1.0)
             except queue.Empty:
-                pass
-            for r in [r for r in pending if r.ready()]:
-                pending.remove(r)
-                rec = r.get()  # re-raises a worker's error here; finished episodes are already on disk
-                log.append(rec)
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"bench worker {dead[0].pid} died (exit code {dead[0].exitcode}, e.g. killed "
+                                       "for memory); finished episodes are saved: rerun with --resume") from None
+                continue
+            if kind == "error":
+                raise RuntimeError(f"bench worker failed (finished episodes are saved; fix and --resume):\n{payload}")
+            if kind == "steps":
                 if pbar is not None:
-                    pbar.set_postfix_str(f"{rec['task']} ep{rec['episode']} return {rec['return']:.1f}")
+                    pbar.update(payload)
+                continue
+            log.append(payload)
+            left -= 1
+            if pbar is not None:
+                pbar.set_postfix_str(f"{payload['task']} ep{payload['episode']} return {payload['return']:.1f}")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()

@@ -82,7 +82,7 @@ def _recording(model, cfg, model_sha, tasks, steps, seed, kind, step_fn, referen
 # --- compile ---------------------------------------------------------------------------------------------------
 def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | None = None, target="cpu",
                   out=None, checkpoint=None, calib_episodes=6, calib_steps=8, verify_episodes=2, verify_steps=6,
-                  plan_overrides=None, calib_method="minmax", seed=0, echo=None) -> Path:
+                  plan_overrides=None, seed=0, echo=None) -> Path:
     """Checkpoint/model -> verified artifact directory (see module doc). Returns its path.
 
     `target` names a device profile (targets/*.json). cpu: an ONNX Runtime artifact, verified here. A
@@ -98,7 +98,7 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     model_sha = state_dict_sha256(model)
     layer_plan = model_plan(model, precision, plan_overrides)
     out = Path(out) if out is not None else cache_root() / "artifacts" / cache_key(model_sha, precision, cfg, target,
-                                                                                    layer_plan, calib_method)
+                                                                                    layer_plan)
     from edge_tdmpc.compile.session import OnnxSession
 
     t_start = time.time()
@@ -122,8 +122,8 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
             echo(f"calibrating int8 on {calib_episodes} closed-loop episode(s) x {calib_steps} steps: "
                  f"{', '.join(tasks)}")
             calib = _recording(model, cfg, model_sha, tasks, calib_steps, seed, "calib", step_fn, reference=False)
-            graph, cache = quantize_int8(graph, layer_plan, calib, tmp, calib_method)
-            calib_meta = {"tasks": tasks, "steps": calib_steps, "rows": int(len(calib["obs"])), "method": calib_method,
+            graph, cache = quantize_int8(graph, layer_plan, calib, tmp)
+            calib_meta = {"tasks": tasks, "steps": calib_steps, "rows": int(len(calib["obs"])), "method": "absmax",
                           "file": cache.name, "seed": seed}
         onnx.save(graph, tmp / GRAPH)
         (tmp / "networks").mkdir()
@@ -172,8 +172,8 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     return out
 
 
-def cache_key(model_sha, precision, cfg, target, layer_plan, calib_method) -> str:
-    return _digest([FORMAT, model_sha, precision, asdict(cfg), target, layer_plan, calib_method])[:20]
+def cache_key(model_sha, precision, cfg, target, layer_plan) -> str:
+    return _digest([FORMAT, model_sha, precision, asdict(cfg), target, layer_plan])[:20]
 
 
 def _parent(out: Path) -> Path:
@@ -280,7 +280,7 @@ def compile_cached(model: WorldModel, precision="fp32", planner=None, target="cp
     cfg = planner or PlannerConfig()
     model = model.float().cpu().eval()
     key = cache_key(state_dict_sha256(model), precision, cfg, load_target(target)["name"],
-                    model_plan(model, precision, kw.get("plan_overrides")), kw.get("calib_method", "minmax"))
+                    model_plan(model, precision, kw.get("plan_overrides")))
     out = cache_root() / "artifacts" / key
     if (out / "manifest.json").exists():
         try:

@@ -21,13 +21,11 @@ from edge_tdmpc.runtime import PRECISIONS
 @click.option("--pi-trajs", type=int, default=None, help="policy-prior trajectories (default 24)")
 @click.option("--calib-episodes", default=6, show_default=True, help="closed-loop episodes for int8 calibration")
 @click.option("--calib-steps", default=8, show_default=True, help="steps per calibration episode")
-@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
-              show_default=True)
 @click.option("--verify-episodes", default=2, show_default=True, help="recorded episodes checked against fp32")
 @click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON {layer: precision} overriding the per-layer plan (e.g. for --precision mixed)")
 def compile_cmd(checkpoint, precision, target, out, tasks, samples, iterations, horizon, elites, pi_trajs,
-                calib_episodes, calib_steps, calib_method, verify_episodes, plan_file):
+                calib_episodes, calib_steps, verify_episodes, plan_file):
     """Compile CHECKPOINT's whole planning step into a verified artifact (ONNX / TensorRT deploy bundle)."""
     from edge_tdmpc.checkpoint import load_model
     from edge_tdmpc.compile.artifact import compile_model, read_manifest
@@ -42,7 +40,7 @@ def compile_cmd(checkpoint, precision, target, out, tasks, samples, iterations, 
     model = load_model(checkpoint, tasks=tasks)
     overrides = load_plan(plan_file) if plan_file else None
     path = compile_model(model, precision, planner, profile["name"], out=out, checkpoint=checkpoint,
-                         calib_episodes=calib_episodes, calib_steps=calib_steps, calib_method=calib_method,
+                         calib_episodes=calib_episodes, calib_steps=calib_steps,
                          verify_episodes=verify_episodes, plan_overrides=overrides, echo=click.echo)
     m = read_manifest(path)
     click.echo(summary(m, Path(checkpoint).stat().st_size))

@@ -4,14 +4,13 @@ A precision plan maps each layer ('encoder.0', ..., 'Q.2', see `export.layer_nam
 fp16/bf16 layers are emitted in that type (weights, matmuls, LayerNorm, Mish): what TensorRT's strongly typed
 mode and ONNX Runtime's CUDA EP execute. The two-hot decode, the policy's tanh/exp and the MPPI statistics
 stay fp32: they are a few hundred values per candidate, and exp(log_std) or a softmax over 101 bins in fp16 is
-where accuracy goes. INT8 layers get QuantizeLinear/DequantizeLinear pairs on their MatMuls (ONNX Runtime's
-quantize_static, QDQ format: symmetric per-tensor activations calibrated on real closed-loop planning inputs,
-symmetric per-channel weights) - the explicit-quantization form TensorRT builds INT8 kernels from.
+where accuracy goes. INT8 layers get QuantizeLinear/DequantizeLinear pairs on their MatMuls (symmetric
+per-tensor activations calibrated on real closed-loop planning inputs, symmetric per-channel int8 weights):
+the explicit-quantization (QDQ) form TensorRT builds INT8 kernels from and ONNX Runtime fuses on CPU.
 """
 import json
-import logging
+import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,11 @@ from edge_tdmpc.compile.export import layer_names
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")
 
-# Measured on the MT30 1M student (docs/results/compile-cpu.md): quantizing the layers whose input is the
-# raw observation or whose output is decoded (logits, latents through SimNorm) costs most of INT8's error.
-INT8_KEEP_FP32 = ("encoder.0",)
-MIXED = {"int8": ("dynamics.1", "reward.1", "Q.1", "pi.1"), "fp32": ("encoder.0", "encoder.1")}
+# The encoder runs once per step on one row: int8 there saves nothing and costs the most (it sees raw
+# observations of 30 tasks at different scales through one per-tensor scale; measured, docs/results).
+INT8_KEEP_FP32 = ("encoder.0", "encoder.1")
+# mixed: int8 for the hidden 384x384 matmuls (half the FLOPs), fp16 elsewhere, the encoder in fp32
+MIXED = {"int8": ("dynamics.1", "reward.1", "Q.1", "pi.1"), "fp32": INT8_KEEP_FP32}
 
 
 def precision_plan(precision: str, layers: list[str], overrides: dict | None = None) -> dict[str, str]:
@@ -102,66 +102,109 @@ def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # --- INT8 -----------------------------------------------------------------------------------------------
-def int8_nodes(model: onnx.ModelProto, plan: dict[str, str]) -> list[str]:
+def int8_nodes(model: onnx.ModelProto, plan: dict[str, str]) -> list[onnx.NodeProto]:
     """MatMul nodes of the layers the plan puts in int8 (found by the layer key in the node's scope)."""
     int8 = {n for n, p in plan.items() if p == "int8"}
     out = []
     for node in model.graph.node:
-        if node.op_type != "MatMul":
-            continue
-        m = re.search(r"(?:^|/)(encoder|dynamics|reward|pi|Q\d+)\.(\d+)/", node.name)
-        if m and f"{'Q' if m.group(1).startswith('Q') else m.group(1)}.{m.group(2)}" in int8:
-            out.append(node.name)
+        m = re.search(r"(?:^|/)(encoder|dynamics|reward|pi|Q\d+)\.(\d+)/MatMul", node.name)
+        if node.op_type == "MatMul" and m and f"{'Q' if m.group(1)[0] == 'Q' else m.group(1)}.{m.group(2)}" in int8:
+            out.append(node)
     return out
 
 
-class _Reader:
-    """onnxruntime.quantization CalibrationDataReader over recorded planning inputs."""
+def calibrate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], recording: dict,
+              percentile: float | None = None) -> dict[str, float]:
+    """Range of every int8 MatMul's activation input over the recorded planning steps.
 
-    def __init__(self, recording: dict, names: list[str]):
-        self.rows = [{k: recording[k][i] for k in names} for i in range(len(recording["obs"]))]
-        self._it = iter(self.rows)
-
-    def get_next(self):
-        return next(self._it, None)
-
-    def rewind(self):
-        self._it = iter(self.rows)
+    absmax (percentile None): max |x|. Otherwise the largest per-step `percentile` of |x| (a TopK in the
+    graph: one scalar per tensor and step leaves the session, so calibration memory stays flat).
+    """
+    from edge_tdmpc.compile.session import OnnxSession
+    probe = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in probe.graph.value_info}
+    tensors = sorted({n.input[0] for n in nodes})
+    for k, t in enumerate(tensors):
+        name = f"calib/range_{k}"
+        flat = [helper.make_node("Abs", [t], [name + "/abs"])]
+        if percentile is None:
+            flat.append(helper.make_node("ReduceMax", [name + "/abs"], [name], keepdims=0))
+        else:
+            n = int(np.prod(shapes[t]))
+            top = max(1, int(round(n * (1 - percentile / 100))))
+            probe.graph.initializer.extend([onnx.numpy_helper.from_array(np.array([-1], np.int64), name + "/flat"),
+                                            onnx.numpy_helper.from_array(np.array([top], np.int64), name + "/k")])
+            flat += [helper.make_node("Reshape", [name + "/abs", name + "/flat"], [name + "/v"]),
+                     helper.make_node("TopK", [name + "/v", name + "/k"], [name + "/top", name + "/idx"]),
+                     helper.make_node("ReduceMin", [name + "/top"], [name], keepdims=0)]
+        probe.graph.node.extend(flat)
+        probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, []))
+    session = OnnxSession(probe)
+    ranges = dict.fromkeys(tensors, 0.0)
+    for i in range(len(recording["obs"])):
+        out = session.run({k: v[i] for k, v in recording.items()})
+        for k, t in enumerate(tensors):
+            ranges[t] = max(ranges[t], float(out[f"calib/range_{k}"]))
+    return ranges
 
 
 def quantize_int8(model: onnx.ModelProto, plan: dict[str, str], recording: dict, out_dir: Path,
-                  method: str = "minmax") -> tuple[onnx.ModelProto, Path]:
-    """Static INT8 (QDQ) on the plan's int8 layers, calibrated on `recording` -> (model, calibration cache)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    nodes = int8_nodes(model, plan)
+                  percentile: float | None = None) -> tuple[onnx.ModelProto, Path]:
+    """Explicit INT8 on the plan's int8 layers -> (model with Q/DQ, calibration file with the ranges).
+
+    Each int8 MatMul gets its own QuantizeLinear/DequantizeLinear pair on the activation (symmetric, zero
+    point 0, scale = max|x| / 127 over real closed-loop planning steps) and reads its weight through one
+    per-output-channel DequantizeLinear of an int8 initializer. Pairs are per MatMul on purpose: ONNX Runtime's
+    quantize_static puts one pair on a tensor and hands the dequantized copy to every consumer, so an int8
+    policy layer would also feed rounded latents to fp32 layers and to the `z` output (measured: 4e-3).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = int8_nodes(out, plan)
     if not nodes:
         raise ValueError("the precision plan puts no layer in int8: nothing to quantize")
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
-    if method not in methods:
-        raise ValueError(f"unknown calibration method '{method}': choose from {sorted(methods)}")
+    ranges = calibrate(model, nodes, recording, percentile)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    zero = onnx.numpy_helper.from_array(np.zeros((), np.int8), "int8_zero")
+    g.initializer.append(zero)
+    dq_weights, new_nodes = {}, {}
+    for node in nodes:
+        x, w = node.input[0], node.input[1]
+        if w not in dq_weights:  # per output channel: W [in, out] -> int8, scale [out]
+            W = onnx.numpy_helper.to_array(inits[w]).astype(np.float32)
+            scale = np.maximum(np.abs(W).max(0), 1e-12) / 127.0
+            q = np.clip(np.round(W / scale), -127, 127).astype(np.int8)
+            g.initializer.extend([onnx.numpy_helper.from_array(q, f"{w}.int8"),
+                                  onnx.numpy_helper.from_array(scale.astype(np.float32), f"{w}.scale"),
+                                  onnx.numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{w}.zero")])
+            dq_weights[w] = f"{w}.dequantized"
+            new_nodes.setdefault(node.name, []).append(helper.make_node(
+                "DequantizeLinear", [f"{w}.int8", f"{w}.scale", f"{w}.zero"], [dq_weights[w]], axis=1,
+                name=f"{w}/DequantizeLinear"))
+        s = f"{node.name}/x_scale"
+        g.initializer.append(onnx.numpy_helper.from_array(np.array(max(ranges[x], 1e-12) / 127.0, np.float32), s))
+        q, dq = f"{node.name}/x_q", f"{node.name}/x_dq"
+        new_nodes.setdefault(node.name, []).extend([
+            helper.make_node("QuantizeLinear", [x, s, zero.name], [q], name=f"{node.name}/QuantizeLinear"),
+            helper.make_node("DequantizeLinear", [q, s, zero.name], [dq], name=f"{node.name}/DequantizeLinear")])
+        node.input[0], node.input[1] = dq, dq_weights[w]
+    nodes_out = []
+    for node in g.node:
+        nodes_out.extend(new_nodes.get(node.name, []))
+        nodes_out.append(node)
+    del g.node[:]
+    g.node.extend(nodes_out)
+    used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name in used]  # the fp32 copies of quantized weights go
+    del g.initializer[:]
+    g.initializer.extend(keep)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / "calibration.json"
-    cache.unlink(missing_ok=True)  # ranges belong to this graph and recording: never reuse stale ones
-    names = [i.name for i in model.graph.input]
-    with tempfile.TemporaryDirectory(prefix="edge-tdmpc-int8.") as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        onnx.save(model, src)
-        level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)  # quantize_static warns about pre-processing at WARNING
-        try:
-            quantize_static(
-                str(src), str(dst), _Reader(recording, names), quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"], calibrate_method=methods[method],
-                calibration_cache_path=str(cache),
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,  # TensorRT: zero point 0
-                               "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # W [in, out]: per output
-                               # Q/DQ on matmul inputs only: outputs feed bias + LayerNorm in fp32, and
-                               # a dedicated pair per consumer keeps e.g. policy actions exact elsewhere
-                               "OpTypesToExcludeOutputQuantization": ["MatMul"], "DedicatedQDQPair": True})
-        finally:
-            logging.getLogger().setLevel(level)
-        out = onnx.load(dst)
+    tmp = cache.with_suffix(".tmp")
+    method = "absmax" if percentile is None else f"percentile {percentile}"
+    tmp.write_text(json.dumps({"method": f"{method} of |x| (symmetric, per-tensor activations; per-channel weights)",
+                               "rows": int(len(recording["obs"])), "absmax": ranges}, indent=1))
+    os.replace(tmp, cache)
     return out, cache

@@ -1,4 +1,5 @@
 """ONNX Runtime sessions over the planning graph: one code path for the CPU, CUDA and TensorRT providers."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ class OnnxSession:
 
     device: 'cpu' (default), 'cuda' or 'tensorrt' (ONNX Runtime's TensorRT provider, engine cache in
     `trt_cache`). A bf16 graph on the CPU provider, which has no bf16 kernels, runs emulated (`emulate_bf16`).
+    threads: intra-op threads (default: $EDGE_TDMPC_ORT_THREADS, else ONNX Runtime's choice, one per core).
     """
 
     def __init__(self, model, device: str | None = None, threads: int | None = None, trt_cache: Path | None = None):
@@ -39,6 +41,7 @@ class OnnxSession:
             proto = emulate_bf16(proto)
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        threads = threads or int(os.environ.get("EDGE_TDMPC_ORT_THREADS", 0))
         if threads:
             so.intra_op_num_threads = threads
         providers = PROVIDERS[device]

@@ -1,7 +1,7 @@
 """Planning-step latency, size, |delta action| and closed-loop score per runtime x precision, in one run.
 
     python -m edge_tdmpc.compile.speed CHECKPOINT [--precisions fp32,fp16,int8] [--steps 30]
-                                                 [--tasks cartpole-swingup,walker-walk] [--episode-steps 500]
+                                                 [--tasks cartpole-swingup,walker-walk] [--threads 1]
 
 Latency: every runtime plans the same recorded observations with the same noise, interleaved step by step
 with the eager PyTorch reference (so machine load hits all alike); ratios are against that reference in the
@@ -10,6 +10,7 @@ interface, score = return / 10 as in the official evaluation.
 """
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -93,33 +94,40 @@ def main(argv=None):
     from edge_tdmpc.checkpoint import load_model
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
-    ap.add_argument("--precisions", default="fp32,fp16,bf16,int8,mixed")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--precisions", default="fp32,fp16,bf16,int8,mixed", help="onnxruntime precisions")
+    ap.add_argument("--steps", type=int, default=30, help="timed planning steps (0: no latency table)")
     ap.add_argument("--tasks", default="", help="closed-loop tasks (comma-separated); none: latency only")
     ap.add_argument("--episode-steps", type=int, default=500)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (ONNX Runtime: its default)")
+    ap.add_argument("--eager-closed-loop", action="store_true", help="also run the eager reference closed loop")
+    ap.add_argument("--seed", type=int, default=1, help="closed-loop episode seed")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads for torch and ONNX Runtime")
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["EDGE_TDMPC_ORT_THREADS"] = str(args.threads)
     model = load_model(args.checkpoint)
     planner = PlannerConfig()
     rts = _runtimes(model, [p for p in args.precisions.split(",") if p], planner)
-    lat = latency(model, rts, planner, args.steps)
-    print(markdown(lat), flush=True)
+    result = {"torch_threads": torch.get_num_threads(), "episode_steps": args.episode_steps, "seed": args.seed}
+    if args.steps:
+        lat = latency(model, rts, planner, args.steps)
+        result["latency"] = {f"{k[0]}/{k[1]}": v for k, v in lat.items()}
+        print(markdown(lat), flush=True)
     tasks = [t for t in args.tasks.split(",") if t]
-    scores = {}
-    for (name, prec), rt in rts.items():
-        if tasks:
-            scores[f"{name}/{prec}"] = closed_loop(model, rt, tasks, args.episode_steps)
-            print(f"{name}/{prec}: " + ", ".join(f"{t} {s:.1f}" for t, s in scores[f"{name}/{prec}"].items()),
-                  flush=True)
     if tasks:
-        print(markdown(lat, scores, tasks))
+        result["scores"] = {}
+        for (name, prec), rt in rts.items():
+            if name == "torch" and not args.eager_closed_loop:
+                continue
+            t = time.time()
+            scores = closed_loop(model, rt, tasks, args.episode_steps, args.seed)
+            result["scores"][f"{name}/{prec}"] = scores
+            print(f"{name}/{prec}: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()) +
+                  f"  ({time.time() - t:.0f} s)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"latency": {f"{k[0]}/{k[1]}": v for k, v in lat.items()}, "scores": scores,
-                       "torch_threads": torch.get_num_threads(), "episode_steps": args.episode_steps}, f, indent=1)
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ def train(tasks, size, dims, steps, out, mpc, seed_steps, episode_steps, utd, ba
         raise ValueError("train runs on the CPU with metrics.jsonl/.csv only (no --logger/--device yet)")
     s = run(tasks, out, size=_size(size), steps=steps, seed=seed, dims=parse_dims(dims), mpc=mpc,
             seed_steps=seed_steps, episode_steps=episode_steps, utd=utd, batch_size=batch_size,
-            save_every=save_every, log_every=log_every, eval_every=eval_every, resume=resume, progress=progress,
+            save_every=save_every, log_every=log_every, eval_every=eval_every, eval_steps=eval_steps, resume=resume,
+            progress=progress,
             echo=click.echo)
     click.echo(f"model: {s['model']} ({s['env_steps']} env steps, {s['updates']} updates); "
                f"its episodes: {out}/replay (usable with `edge-tdmpc distill --data`)")
@@ -129,11 +130,13 @@ def train(tasks, size, dims, steps, out, mpc, seed_steps, episode_steps, utd, ba
 @click.option("--tasks", default=None, help="comma-separated tasks [the demo's easy set]")
 @click.option("--workers", default=2, show_default=True, help="collection worker processes")
 @click.option("--seed", default=1, show_default=True)
-def demo(out, quick, teacher, tasks, workers, seed):
+@click.option("--threads", default=1, show_default=True, help="torch threads (the demo's models are small)")
+def demo(out, quick, teacher, tasks, workers, seed, threads):
     """The whole pipeline at small scale on CPU: teacher -> data -> distilled student and from-scratch
     baseline -> compile -> bench -> OUT/report.md. Rerun to resume."""
     from edge_tdmpc.distill.demo import demo as run
-    report = run(out, quick=quick, teacher=teacher, tasks=tasks, workers=workers, seed=seed, echo=click.echo)
+    report = run(out, quick=quick, teacher=teacher, tasks=tasks, workers=workers, seed=seed, echo=click.echo,
+                 threads=threads)
     click.echo(f"report: {report}")
 
 

@@ -38,14 +38,23 @@ class Budget:
     eval_steps: int = 500
     plan_eval: bool = True               # also bench MPPI planning (fp32, torch) besides the policy prior
     planner: tuple = (("iterations", 4), ("num_samples", 256), ("num_elites", 32), ("num_pi_trajs", 12))
+    runtimes: tuple = (("torch", "fp32"), ("torch", "fp16"), ("torch", "bf16"), ("onnxruntime", "fp32"),
+                       ("onnxruntime", "int8"))
 
 
 QUICK = Budget(teacher_steps=600, teacher_seed_steps=200, episodes=1, episode_steps=100, distill_steps=60,
-               batch_size=64, eval_episodes=1, eval_steps=50, plan_eval=False)
+               batch_size=64, eval_episodes=1, eval_steps=50, plan_eval=False,
+               runtimes=(("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")))
 
 
-def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=print, budget: Budget | None = None):
-    """Run (or resume) the demo in `out` -> path of report.md."""
+def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=print, budget: Budget | None = None,
+         progress=True, threads: int | None = 1):
+    """Run (or resume) the demo in `out` -> path of report.md.
+
+    `threads`: torch threads for training and bench. The demo's models are small (128-wide layers), where one
+    thread beats OpenMP's fork/join overhead (and, on a shared machine, its spin-waiting) - measured here."""
+    if threads:
+        torch.set_num_threads(threads)
     from edge_tdmpc.distill.collect import collect
     from edge_tdmpc.distill.online import train
     from edge_tdmpc.distill.trainer import distill
@@ -75,18 +84,19 @@ def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=pri
             task_list, out / "teacher", size=None, steps=b.teacher_steps, seed=seed, dims=dict(b.teacher_dims),
             seed_steps=b.teacher_seed_steps, episode_steps=b.episode_steps, batch_size=b.batch_size,
             save_every=max(b.teacher_steps // 4, 1), log_every=100, eval_every=max(b.teacher_steps // 3, 1),
-            resume=(out / "teacher" / "checkpoints").is_dir(), progress=True, echo=echo))
+            eval_steps=b.eval_steps, resume=(out / "teacher" / "checkpoints").is_dir(), progress=progress,
+            echo=echo))
     teacher = Path(teacher)
 
     # 2. data from the teacher (policy prior + noise: cheap on a CPU)
     stage("data", lambda: collect(teacher, task_list, b.episodes, out / "data", mpc=False, noise_std=b.noise_std,
                                   steps=b.episode_steps, workers=workers, seed=seed, teacher_tasks=task_list,
-                                  echo=echo))
+                                  progress=progress, echo=echo))
 
     # 3. distilled student and from-scratch baseline: same data, same steps, same seed
     common = dict(student_size=None, student_dims=dict(b.student_dims), steps=b.distill_steps,
                   batch_size=b.batch_size, seed=seed, save_every=max(b.distill_steps // 4, 1),
-                  log_every=max(b.distill_steps // 20, 1), echo=echo)
+                  log_every=max(b.distill_steps // 20, 1), progress=progress, echo=echo)
     for name, d_coef in (("student", 0.4), ("baseline", 0.0)):
         stage(name, lambda name=name, d_coef=d_coef: distill(
             out / "data", out / name, teacher=teacher, d_coef=d_coef,
@@ -104,17 +114,17 @@ def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=pri
 
 
 # --- bench: closed-loop episodes per model x runtime x precision -----------------------------------------------
-def _runtimes():
-    """(runtime, precision) pairs available here: torch always; ONNX Runtime when the compile module is."""
-    pairs = [("torch", "fp32"), ("torch", "fp16"), ("torch", "bf16")]
-    note = ""
+def _runtimes(wanted):
+    """The wanted (runtime, precision) pairs available here: ONNX Runtime needs the compile module; TensorRT
+    (fp16) is added when a GPU is present."""
+    pairs, note = list(wanted), ""
     try:
         importlib.import_module("edge_tdmpc.compile.runtimes")
-        pairs += [("onnxruntime", "fp32"), ("onnxruntime", "int8")]
     except ImportError as e:
         note = f"compile unavailable ({e}); ONNX rows skipped"
-    if torch.cuda.is_available():
-        pairs += [("tensorrt", "fp16")]
+        pairs = [p for p in pairs if p[0] != "onnxruntime"]
+    if torch.cuda.is_available() and not note:
+        pairs.append(("tensorrt", "fp16"))
     return pairs, note
 
 
@@ -124,7 +134,7 @@ def bench(models: dict, tasks, b: Budget, seed=1, echo=print) -> dict:
     from edge_tdmpc.planner import PlannerConfig
     from edge_tdmpc.runtime import make_runtime
 
-    pairs, note = _runtimes()
+    pairs, note = _runtimes(b.runtimes)
     task_list = ",".join(tasks)
     rows = []
     for name, path in models.items():
@@ -136,23 +146,24 @@ def bench(models: dict, tasks, b: Budget, seed=1, echo=print) -> dict:
             for rt_name, precision in pairs:
                 if mode == "mppi" and (rt_name, precision) != ("torch", "fp32"):
                     continue  # planning on a CPU is the expensive part: fp32 eager only
-                try:
+                row = dict(model=name, mode=mode, runtime=rt_name, precision=precision, returns={})
+                try:  # another subpackage's runtime failing is a row of the report, not the end of the demo
                     rt = make_runtime(rt_name, model, precision, planner, seed=seed)
-                except (ValueError, ImportError, RuntimeError) as e:
-                    rows.append(dict(model=name, mode=mode, runtime=rt_name, precision=precision,
-                                     error=str(e).splitlines()[0][:160]))
+                    row["bytes"] = rt.size_bytes()
+                    lat = []
+                    for i, task in enumerate(tasks):
+                        rets = []
+                        for ep in range(b.eval_episodes):
+                            ret, ms = _episode(rt, model, task, i, seed * 1000 + ep, b.eval_steps)
+                            rets.append(ret)
+                            lat += ms
+                        row["returns"][task] = float(np.mean(rets))
+                    rt.close()
+                except Exception as e:  # noqa: BLE001
+                    msg = " ".join(str(e).split())[:100]
+                    rows.append(dict(row, error=f"{type(e).__name__}: {msg}"))
+                    echo(f"[bench] {name} {mode} {rt_name} {precision}: failed ({type(e).__name__})")
                     continue
-                row = dict(model=name, mode=mode, runtime=rt_name, precision=precision, returns={},
-                           bytes=rt.size_bytes())
-                lat = []
-                for i, task in enumerate(tasks):
-                    rets = []
-                    for ep in range(b.eval_episodes):
-                        ret, ms = _episode(rt, model, task, i, seed * 1000 + ep, b.eval_steps)
-                        rets.append(ret)
-                        lat += ms
-                    row["returns"][task] = float(np.mean(rets))
-                rt.close()
                 row["mean_return"] = float(np.mean(list(row["returns"].values())))
                 row["act_ms_p50"] = float(np.percentile(lat, 50))
                 row["act_ms_p99"] = float(np.percentile(lat, 99))
@@ -288,9 +299,10 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
                      " | ".join(f"{r['returns'][t]:.1f}" for t in tasks) +
                      f" | {r['mean_return']:.1f} | {r['act_ms_p50']:.2f} | {r['act_ms_p99']:.2f} | "
                      f"{r['bytes'] / 1024:.0f} KiB |")
-    lines += ["", f"Returns over {b.eval_steps}-step episodes (a full DMC episode is 500 steps, return <= 500 "
-              f"here per 500 steps x reward <= 1); {b.eval_episodes} episode(s) per task and row, so single rows "
-              "vary a lot. Latency is per act call on this machine, shared with other work.", "",
+    lines += ["", f"Returns over {b.eval_steps}-step episodes (at most {2 * b.eval_steps}: each action is held "
+              f"for 2 physics steps of reward <= 1; a full episode is 500 steps); {b.eval_episodes} episode(s) per "
+              "task and row, so single rows vary a lot. Latency is per act call (policy prior: one encode + pi; "
+              "mppi: a whole planning step), on this machine.", "",
               "![returns](returns.png)" if ok else "", ""]
     lines += ["## Reading it honestly", "", _verdict(bench_rows, metrics, quick), ""]
     path = out / "report.md"

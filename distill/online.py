@@ -110,8 +110,8 @@ def run_episode(model, task, task_index, seed, steps, random_actions=False, mpc=
 def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1, dims: dict | None = None,
           mpc=False, seed_steps: int | None = None, episode_steps: int = 500, utd: float = 1.0,
           batch_size: int = 256, save_every: int = 10_000, log_every: int = 500, eval_every: int = 0,
-          eval_episodes: int = 1, resume=False, progress=True, echo=print, planner: dict | None = None,
-          **train_overrides) -> dict:
+          eval_episodes: int = 1, eval_steps: int = 500, resume=False, progress=True, echo=print,
+          planner: dict | None = None, **train_overrides) -> dict:
     """Online TD-MPC2 on `tasks` for `steps` environment steps -> out/model.pt (official layout), metrics."""
     tasks = resolve_tasks(tasks)
     if steps < 1 or episode_steps < 4 or utd <= 0:
@@ -185,7 +185,7 @@ def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1,
                                    **{k: v / n for k, v in sums.items()}, "updates_per_s": n / dt})
                         sums, n, t_log = {}, 0, time.perf_counter()
             if eval_every and (env_steps // eval_every) > ((env_steps - T) // eval_every):
-                returns = evaluate_online(model, tasks, eval_episodes, seed, mpc, planner)
+                returns = evaluate_online(model, tasks, eval_episodes, seed, mpc, planner, eval_steps)
                 log.write({"kind": "eval", "step": env_steps, **returns,
                            "mean_return": float(np.mean(list(returns.values())))})
                 pbar.set_postfix(eval=f"{np.mean(list(returns.values())):.0f}")

@@ -148,6 +148,8 @@ def _interleaved(variants: dict, updates: int, warmup: int) -> dict:
 
 def run(batch_size=256, student_size=1, teacher_sizes=(5, 1), updates=20, warmup=3, tasks="mt30", seed=0,
         echo=print) -> list[dict]:
+    """Per setting (no teacher, then each teacher size): the eager reference and our trainer's variants,
+    interleaved; ratios are against the reference of the same setting."""
     from edge_tdmpc.config import make_config
     from edge_tdmpc.distill.data import EpisodeDataset, SliceSampler
     from edge_tdmpc.distill.teacher import LabelCache, Teacher
@@ -156,35 +158,41 @@ def run(batch_size=256, student_size=1, teacher_sizes=(5, 1), updates=20, warmup
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ds = EpisodeDataset(synthetic_dataset(Path(tmp) / "data", tasks))
-        cfg = TrainConfig.make(batch_size=batch_size, seed=seed)
-        for t_size in teacher_sizes:
-            torch.manual_seed(seed + 1)
-            teacher = WorldModel(make_config(ds.tasks, t_size)).eval().requires_grad_(False)
-            variants = {}
-            # the straightforward implementation: live fp32 teacher forward every update
-            ref = Reference(build_student(ds.tasks, student_size, seed), cfg, teacher)
-            s = SliceSampler(ds, batch_size=batch_size, seed=seed)
-            variants["eager reference (live teacher)"] = lambda ref=ref, s=s: reference_update(ref, s.sample())
-            tr = Trainer(build_student(ds.tasks, student_size, seed), cfg, teacher=Teacher(teacher, ds.tasks))
-            s2 = SliceSampler(ds, batch_size=batch_size, seed=seed)
-            variants["trainer (live teacher)"] = lambda tr=tr, s=s2: tr.update(s.sample())
-            tr_bf = Trainer(build_student(ds.tasks, student_size, seed), cfg,
-                            teacher=Teacher(copy.deepcopy(teacher), ds.tasks, precision="bf16"))
-            s_bf = SliceSampler(ds, batch_size=batch_size, seed=seed)
-            variants["trainer (live bf16 teacher)"] = lambda tr=tr_bf, s=s_bf: tr.update(s.sample())
-            cache = LabelCache.build(Teacher(teacher, ds.tasks), ds, Path(tmp) / f"labels{t_size}", ("reward",),
-                                     progress=False)
-            tr3 = Trainer(build_student(ds.tasks, student_size, seed), cfg, labels=cache)
-            s3 = SliceSampler(ds, batch_size=batch_size, seed=seed)
-            variants["trainer (label cache)"] = lambda tr=tr3, s=s3: tr.update(s.sample())
+        sampler = lambda: SliceSampler(ds, batch_size=batch_size, seed=seed)  # noqa: E731
+        student = lambda: build_student(ds.tasks, student_size, seed)  # noqa: E731
+
+        def step(update, obj, s):
+            return lambda: update(obj, s.sample())
+
+        ref_update, tr_update = reference_update, Trainer.update
+        settings = {"none (from scratch)": None, **{f"{t}M": t for t in teacher_sizes}}
+        for label, t_size in settings.items():
+            if t_size is None:
+                cfg = TrainConfig.make(batch_size=batch_size, seed=seed, d_coef=0)
+                variants = {"eager reference": step(ref_update, Reference(student(), cfg), sampler()),
+                            "trainer": step(tr_update, Trainer(student(), cfg), sampler())}
+            else:
+                cfg = TrainConfig.make(batch_size=batch_size, seed=seed)
+                torch.manual_seed(seed + 1)
+                teacher = WorldModel(make_config(ds.tasks, t_size)).eval().requires_grad_(False)
+                cache = LabelCache.build(Teacher(teacher, ds.tasks), ds, Path(tmp) / f"labels{t_size}", ("reward",),
+                                         progress=False)
+                bf16 = Teacher(copy.deepcopy(teacher), ds.tasks, precision="bf16")
+                variants = {
+                    # the straightforward implementation: a live fp32 teacher forward every update
+                    "eager reference, live teacher": step(ref_update, Reference(student(), cfg, teacher), sampler()),
+                    "trainer, live teacher": step(tr_update, Trainer(student(), cfg, Teacher(teacher, ds.tasks)),
+                                                  sampler()),
+                    "trainer, live bf16 teacher": step(tr_update, Trainer(student(), cfg, bf16), sampler()),
+                    "trainer, label cache": step(tr_update, Trainer(student(), cfg, labels=cache), sampler()),
+                }
             base = None
             for name, sec in _interleaved(variants, updates, warmup).items():
                 ups = 1 / sec
                 base = base or ups
-                row = dict(teacher=f"{t_size}M", variant=name, updates_per_s=ups, vs_reference=ups / base,
-                           batch_size=batch_size, student=f"{student_size}M", threads=torch.get_num_threads())
-                rows.append(row)
-                echo(f"teacher {t_size}M  {name:<32} {ups:6.2f} updates/s  x{ups / base:.2f}")
+                rows.append(dict(teacher=label, variant=name, updates_per_s=ups, vs_reference=ups / base,
+                                 batch_size=batch_size, student=f"{student_size}M", threads=torch.get_num_threads()))
+                echo(f"teacher {label:<20} {name:<32} {ups:6.2f} updates/s  x{ups / base:.2f}")
     return rows
 
 

@@ -227,7 +227,20 @@ def test_low_precision_planning_actions_close_to_fp32(student):
         assert by[p]["ok"], by[p]
 
 
-def test_artifact_directory(tmp_path):
+def test_compiled_artifact_directory(tmp_path, monkeypatch):
+    """`bench ARTIFACT_DIR`: the artifact's runtime against fp32 eager on its source checkpoint."""
     artifact = pytest.importorskip("edge_tdmpc.compile.artifact", reason="compile issue not merged yet")
-    assert hasattr(artifact, "read_manifest")
-    pytest.skip("building an artifact needs the compile API; covered once edge_tdmpc.compile lands")
+    monkeypatch.setenv("EDGE_TDMPC_CACHE", str(tmp_path / "cache"))
+    model, ckpt = make_tiny_model(), tmp_path / "tiny.pt"
+    save_model(model, ckpt)
+    art = artifact.compile_model(model, "fp32", PlannerConfig.make(**SMALL), "cpu", out=tmp_path / "art",
+                                 checkpoint=ckpt)
+    rep = run_bench(art, tmp_path / "out", tasks="pendulum-spin", episodes=1, steps=8, workers=1, check_actions=3,
+                    progress=False, echo=lambda *_: None)
+    _check_report(rep, [("torch", "fp32"), ("onnxruntime", "fp32")], ["pendulum-spin"], 1)
+    assert rep["model"]["kind"] == "artifact" and rep["settings"]["planner"]["num_samples"] == 64
+    ort = {c["runtime"]: c for c in rep["check_actions"]}["onnxruntime"]
+    assert ort["ok"] and ort["max_abs"] < 1e-4
+    assert rep["summary"][1]["size_bytes"] == artifact.artifact_size(art)
+    with pytest.raises(ValueError, match="compiled with num_samples=64"):
+        run_bench(art, tmp_path / "out2", tasks="pendulum-spin", planner=dict(num_samples=128), progress=False)

@@ -56,7 +56,7 @@ def test_online_train_resumes_and_writes_model_and_replay(tmp_path):
 
 
 def test_quick_demo_runs_end_to_end(tmp_path):
-    report = demo(tmp_path, quick=True, workers=0, echo=lambda *a: None)
+    report = demo(tmp_path, quick=True, workers=0, echo=lambda *a: None, progress=False)
     text = report.read_text()
     for name in ("teacher", "student", "baseline"):
         assert f"| {name} | policy | torch | fp32 |" in text
@@ -67,7 +67,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert all(np.isfinite(r["mean_return"]) for r in bench["rows"] if "mean_return" in r)
     # a rerun resumes: every stage is skipped
     msgs = []
-    demo(tmp_path, quick=True, workers=0, echo=msgs.append)
+    demo(tmp_path, quick=True, workers=0, echo=msgs.append, progress=False)
     assert sum("skipped" in m for m in msgs) == 5
 
 
