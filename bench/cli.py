@@ -28,7 +28,8 @@ def bench():
 @bench.command("run")
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--tasks", default="mt30", show_default=True, help="mt30 or comma-separated task names")
-@click.option("--episodes", default=10, show_default=True, help="episodes per task (official MT30: 10)")
+@click.option("--episodes", default=10, show_default=True,
+              help="episodes per task (official MT30: 10; 0 with --check-actions: the check alone)")
 @click.option("--runtime", "runtimes", default=None,
               help="comma-separated: torch, onnxruntime, tensorrt, torch-cuda-graph  [default: torch; for an "
                    "artifact: torch fp32 and the artifact]")

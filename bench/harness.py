@@ -134,10 +134,12 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
     tasks = resolve_tasks(tasks)
     if not tasks:
         raise ValueError("no tasks given: pass --tasks mt30 or comma-separated task names")
-    for name, v, lo in (("episodes", episodes, 1), ("steps", steps, 1), ("warmup", warmup, 0),
+    for name, v, lo in (("episodes", episodes, 0), ("steps", steps, 1), ("warmup", warmup, 0),
                         ("check-actions", check_actions, 0)):
         if v < lo:
             raise ValueError(f"--{name} must be at least {lo}, got {v}")
+    if not episodes and not check_actions:
+        raise ValueError("--episodes 0 runs no episodes: give --check-actions N for a faithfulness check alone")
     if hz is not None and hz <= 0:
         raise ValueError(f"--hz must be positive, got {hz}")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -164,7 +166,10 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
     if missing:
         raise ValueError(f"task '{missing[0]}' is not in this model's task set ({len(ref_model.cfg.tasks)} tasks: "
                          f"{', '.join(ref_model.cfg.tasks[:4])}, ...); pick tasks it was trained on")
-    settings = Settings(model_facts["sha256"], seed, steps, eval_mode, planner)
+    identity = model_facts["sha256"]
+    if artifacts:  # a recompiled artifact is another model as far as resuming goes
+        identity += "+" + str(model_facts["manifest"].get("manifest_sha256"))
+    settings = Settings(identity, seed, steps, eval_mode, planner)
     log = EpisodeLog(out, settings, resume)
     sizes = {}
     for rt_name, prec in pairs:  # builds each runtime once: validates it and fills compile caches for workers
@@ -191,7 +196,7 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
     todo = sum(j.key not in log.records for j in jobs)
     if todo < len(jobs):
         echo(f"resuming: {len(jobs) - todo} of {len(jobs)} episodes already in {out / 'episodes.jsonl'}")
-    with tqdm(total=todo * steps, unit="step", desc="bench", disable=not progress, smoothing=0.05) as pbar:
+    with tqdm(total=todo * steps, unit="step", desc="bench", disable=not progress or not todo, smoothing=0.05) as pbar:
         run_jobs(jobs, log, source, artifacts, planner, settings, workers, device, warmup, pbar)
 
     # --- reports ---

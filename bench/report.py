@@ -43,9 +43,10 @@ def build_report(records: list[dict], pairs, tasks, sizes: dict, meta: dict, che
             if not recs:
                 continue
             returns = [r["return"] for r in recs]
+            loads = [r["load_avg"] for r in recs if r.get("load_avg") is not None]
             rows.append({"runtime": pair[0], "precision": pair[1], "task": task, "episodes": len(recs),
                          "returns": returns, "score": float(np.mean(returns)) / 10,
-                         **_stats(recs, hz, sizes.get(pair))})
+                         **_stats(recs, hz, sizes.get(pair)), "load_avg": float(np.mean(loads)) if loads else None})
     ref = REFERENCE if REFERENCE in pairs else next((p for p in pairs if p[1] == "fp32"), None)
     checks = {(c["runtime"], c["precision"]): c for c in check or []}
     summary = {}
@@ -105,14 +106,42 @@ def render_markdown(report: dict) -> str:
     w(f"- protocol: {protocol}; {'eval-mode' if st['eval_mode'] else 'stochastic (official evaluate.py)'} "
       f"actions; {st['steps']} steps per episode; {st['episodes']} episode(s) per task; seed {st['seed']}; "
       f"{st['workers']} worker(s) x 1 torch thread; {st['warmup']} warm-up action(s) excluded\n")
+    loads = [r["load_avg"] for r in report["rows"] if r.get("load_avg") is not None]
+    if loads:
+        w(f"- machine load: mean 1-min load average {np.mean(loads):.1f} over the episodes on "
+          f"{env['cores_logical']} cores (above the core count, other processes shared the CPU and inflate "
+          "latencies)\n")
     w(f"- created: {report['created']}\n\n")
+    if report["summary"]:
+        w(_summary_md(report))
+    if report.get("check_actions"):
+        w("## Faithfulness: same observations and noise as fp32 eager\n\n")
+        w("Per step, max over action dims of |a - a_fp32|; the tolerance bounds the median (top-k/argmax "
+          "choices inside MPPI can flip on last-bit differences, which the max shows).\n\n")
+        w(_table(["runtime", "precision", "steps", r"max \|Δa\|", r"median \|Δa\|", r"mean \|Δa\|", "tolerance",
+                  "ok", "act ms (median)"],
+                 [[c["runtime"], c["precision"], c["n"], _f(c["max_abs"], ".2g"), _f(c["median_abs"], ".2g"),
+                   _f(c["mean_abs"], ".2g"), _f(c["tolerance"], "g"), {True: "yes", False: "NO"}.get(c["ok"], "–"),
+                   _f(c["act_ms_median"], ".1f")] for c in report["check_actions"]]) + "\n")
+    if report["rows"]:
+        w("## Per task\n\n")
+        w(_table(["task", "runtime", "precision", "score", "returns", "p50 ms", "p99 ms", "max ms", "env ms/step",
+                  "peak RSS MiB"],
+                 [[r["task"], r["runtime"], r["precision"], _f(r["score"]),
+                   ", ".join(f"{x:.1f}" for x in r["returns"]), _f(r["latency_ms"]["p50"], ".1f"),
+                   _f(r["latency_ms"]["p99"], ".1f"), _f(r["latency_ms"]["max"], ".1f"), _f(r["env_step_ms"], ".2f"),
+                   _f(r["peak_rss_mib"], ".0f")] for r in report["rows"]]))
+    if report.get("plots"):
+        w("\n" + "".join(f"![{Path(p).stem}]({p})\n" for p in report["plots"]))
+    return out.getvalue()
 
-    w("## Summary per runtime x precision\n\n")
-    w("Score = mean over tasks of (mean return / 10). Latency: wall clock around `act` per action.")
-    if report["summary"] and report["summary"][0].get("reference"):
-        w(f" Δ against {report['summary'][0]['reference']} (latency as a ratio, < 1 is faster).")
-    w("\n\n")
-    hz = st.get("hz")
+
+def _summary_md(report: dict) -> str:
+    env, hz = report["environment"], report["settings"].get("hz")
+    text = "## Summary per runtime x precision\n\n"
+    text += "Score = mean over tasks of (mean return / 10). Latency: wall clock around `act` per action."
+    if report["summary"][0].get("reference"):
+        text += f" Δ against {report['summary'][0]['reference']} (latency as a ratio, < 1 is faster)."
     header = ["runtime", "precision", "tasks", "score", "Δ score", "p50 ms", "p99 ms", "max ms", "p50 ratio",
               *([f"missed @ {hz:g} Hz"] if hz else []), "env ms/step", "steps/s", "peak RSS MiB",
               *(["peak GPU MiB"] if env.get("gpu") else []), "size MiB"]
@@ -125,27 +154,7 @@ def render_markdown(report: dict) -> str:
                      *([f"{s['deadline']['rate']:.1%}"] if hz else []), _f(s["env_step_ms"], ".2f"),
                      _f(s["throughput_steps_per_s"], ".1f"), _f(s["peak_rss_mib"], ".0f"),
                      *([_f(s["peak_device_mib"], ".0f")] if env.get("gpu") else []), _f(s["size_mib"], ".2f")])
-    w(_table(header, rows) + "\n")
-
-    if report.get("check_actions"):
-        w("## Faithfulness: same observations and noise as fp32 eager\n\n")
-        w("Per step, max over action dims of |a - a_fp32|; the tolerance bounds the median (top-k/argmax "
-          "choices inside MPPI can flip on last-bit differences, which the max shows).\n\n")
-        w(_table(["runtime", "precision", "steps", r"max \|Δa\|", r"median \|Δa\|", r"mean \|Δa\|", "tolerance", "ok",
-                  "act ms (median)"],
-                 [[c["runtime"], c["precision"], c["n"], _f(c["max_abs"], ".2g"), _f(c["median_abs"], ".2g"),
-                   _f(c["mean_abs"], ".2g"), _f(c["tolerance"], "g"), {True: "yes", False: "NO"}.get(c["ok"], "–"),
-                   _f(c["act_ms_median"], ".1f")] for c in report["check_actions"]]) + "\n")
-
-    w("## Per task\n\n")
-    w(_table(["task", "runtime", "precision", "score", "returns", "p50 ms", "p99 ms", "max ms", "env ms/step",
-              "peak RSS MiB"],
-             [[r["task"], r["runtime"], r["precision"], _f(r["score"]), ", ".join(f"{x:.1f}" for x in r["returns"]),
-               _f(r["latency_ms"]["p50"], ".1f"), _f(r["latency_ms"]["p99"], ".1f"), _f(r["latency_ms"]["max"], ".1f"),
-               _f(r["env_step_ms"], ".2f"), _f(r["peak_rss_mib"], ".0f")] for r in report["rows"]]))
-    if report.get("plots"):
-        w("\n" + "".join(f"![{Path(p).stem}]({p})\n" for p in report["plots"]))
-    return out.getvalue()
+    return text + "\n\n" + _table(header, rows) + "\n"
 
 
 # --- plots --------------------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ def run_episode(runtime, task: str, task_index, env_seed: int, noise_seed: int, 
         "latency_ms": [round(ns / 1e6, 4) for ns in latency_ns],
         "agent_s": sum(latency_ns) / 1e9, "env_s": env_ns / 1e9, "wall_s": time.perf_counter() - wall,
         "peak_rss_mib": rss.peak_bytes() / MIB, "peak_device_mib": device_memory_peak_mib(device),
+        "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # was the CPU shared?
     }
 
 

@@ -82,7 +82,7 @@ def _recording(model, cfg, model_sha, tasks, steps, seed, kind, step_fn, referen
 # --- compile ---------------------------------------------------------------------------------------------------
 def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | None = None, target="cpu",
                   out=None, checkpoint=None, calib_episodes=6, calib_steps=8, verify_episodes=2, verify_steps=6,
-                  plan_overrides=None, seed=0, echo=None) -> Path:
+                  plan_overrides=None, calib_percentile=99.99, seed=0, echo=None) -> Path:
     """Checkpoint/model -> verified artifact directory (see module doc). Returns its path.
 
     `target` names a device profile (targets/*.json). cpu: an ONNX Runtime artifact, verified here. A
@@ -97,8 +97,8 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     model = model.float().cpu().eval()
     model_sha = state_dict_sha256(model)
     layer_plan = model_plan(model, precision, plan_overrides)
-    out = Path(out) if out is not None else cache_root() / "artifacts" / cache_key(model_sha, precision, cfg, target,
-                                                                                    layer_plan)
+    key = cache_key(model_sha, precision, cfg, target, layer_plan, calib_percentile)
+    out = Path(out) if out is not None else cache_root() / "artifacts" / key
     from edge_tdmpc.compile.session import OnnxSession
 
     t_start = time.time()
@@ -122,9 +122,10 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
             echo(f"calibrating int8 on {calib_episodes} closed-loop episode(s) x {calib_steps} steps: "
                  f"{', '.join(tasks)}")
             calib = _recording(model, cfg, model_sha, tasks, calib_steps, seed, "calib", step_fn, reference=False)
-            graph, cache = quantize_int8(graph, layer_plan, calib, tmp)
-            calib_meta = {"tasks": tasks, "steps": calib_steps, "rows": int(len(calib["obs"])), "method": "absmax",
-                          "file": cache.name, "seed": seed}
+            pct = calib_percentile if calib_percentile and calib_percentile < 100 else None
+            graph, cache = quantize_int8(graph, layer_plan, calib, tmp, pct)
+            calib_meta = {"tasks": tasks, "steps": calib_steps, "rows": int(len(calib["obs"])), "file": cache.name,
+                          "method": "absmax" if pct is None else f"percentile {pct} of |x|", "seed": seed}
         onnx.save(graph, tmp / GRAPH)
         (tmp / "networks").mkdir()
         float_plan = {k: ("fp32" if v == "int8" else v) for k, v in layer_plan.items()}
@@ -145,7 +146,7 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
 
         engine = None
         if profile["family"] != "cpu":
-            engine = _engine_or_bundle(tmp, profile, precision, echo)
+            engine = _engine_or_bundle(tmp, profile, precision, rows, expected, echo)
         manifest = {
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "compile_seconds": None,
             "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
@@ -161,7 +162,7 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
             "inputs": {k: {"dtype": d, "shape": s} for k, (d, s) in export.plan_inputs(model, cfg).items()},
             "outputs": [o.name for o in graph.graph.output],
             "calibration": calib_meta, "verification": result, "engine": engine,
-            "status": "ok" if result["ok"] else "failed",
+            "status": "ok" if result["ok"] and (engine or {}).get("verification", {}).get("ok", True) else "failed",
         }
         manifest["compile_seconds"] = round(time.time() - t_start, 1)
         write_manifest(tmp, manifest)
@@ -172,8 +173,9 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     return out
 
 
-def cache_key(model_sha, precision, cfg, target, layer_plan) -> str:
-    return _digest([FORMAT, model_sha, precision, asdict(cfg), target, layer_plan])[:20]
+def cache_key(model_sha, precision, cfg, target, layer_plan, calib_percentile=99.99) -> str:
+    calib = calib_percentile if "int8" in layer_plan.values() else None
+    return _digest([FORMAT, model_sha, precision, asdict(cfg), target, layer_plan, calib])[:20]
 
 
 def _parent(out: Path) -> Path:
@@ -194,8 +196,8 @@ def _install(tmp: Path, out: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _engine_or_bundle(tmp: Path, profile: dict, precision: str, echo) -> dict:
-    """Build the TensorRT engine when this machine matches the target; else ship the on-device builder."""
+def _engine_or_bundle(tmp: Path, profile: dict, precision: str, rows, expected, echo) -> dict:
+    """Build and verify the TensorRT engine when this machine matches the target; else ship the builder."""
     here = Path(__file__).resolve().parent
     shutil.copy(here / "trt.py", tmp / "build_engine.py")
     shutil.copy(here / "verify.py", tmp / "verify.py")
@@ -211,8 +213,12 @@ def _engine_or_bundle(tmp: Path, profile: dict, precision: str, echo) -> dict:
         echo(f"deploy bundle: this GPU is sm {info['compute_capability']}, {profile['name']} is sm {cc}")
         return {"status": "bundle", "reason": f"compiling GPU is sm {info['compute_capability']}, target is sm {cc}"}
     meta = trt.build_engine(tmp / GRAPH, tmp / "plan.engine", precision, timing_cache=tmp / "timing.cache")
-    echo(f"built plan.engine with TensorRT {meta['tensorrt']} on {meta['gpu']}")
-    return {"status": "built", "file": "plan.engine", **meta}
+    echo(f"built plan.engine with TensorRT {meta['tensorrt']} on {meta['gpu']}; verifying it")
+    engine = trt.Engine(tmp / "plan.engine")  # deserialized from the file: serialization round trip included
+    checks = verify.compare([engine.run(r) for r in rows], expected, precision)
+    engine.close()
+    echo(verify.format_checks(checks))
+    return {"status": "built", "file": "plan.engine", **meta, "verification": verify.report(checks)}
 
 
 # --- manifest ----------------------------------------------------------------------------------------------------
@@ -280,7 +286,7 @@ def compile_cached(model: WorldModel, precision="fp32", planner=None, target="cp
     cfg = planner or PlannerConfig()
     model = model.float().cpu().eval()
     key = cache_key(state_dict_sha256(model), precision, cfg, load_target(target)["name"],
-                    model_plan(model, precision, kw.get("plan_overrides")))
+                    model_plan(model, precision, kw.get("plan_overrides")), kw.get("calib_percentile", 99.99))
     out = cache_root() / "artifacts" / key
     if (out / "manifest.json").exists():
         try:

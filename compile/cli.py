@@ -21,11 +21,13 @@ from edge_tdmpc.runtime import PRECISIONS
 @click.option("--pi-trajs", type=int, default=None, help="policy-prior trajectories (default 24)")
 @click.option("--calib-episodes", default=6, show_default=True, help="closed-loop episodes for int8 calibration")
 @click.option("--calib-steps", default=8, show_default=True, help="steps per calibration episode")
+@click.option("--calib-percentile", default=99.99, show_default=True,
+              help="int8 activation range: this percentile of |x| per step (100: the max)")
 @click.option("--verify-episodes", default=2, show_default=True, help="recorded episodes checked against fp32")
 @click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON {layer: precision} overriding the per-layer plan (e.g. for --precision mixed)")
 def compile_cmd(checkpoint, precision, target, out, tasks, samples, iterations, horizon, elites, pi_trajs,
-                calib_episodes, calib_steps, verify_episodes, plan_file):
+                calib_episodes, calib_steps, calib_percentile, verify_episodes, plan_file):
     """Compile CHECKPOINT's whole planning step into a verified artifact (ONNX / TensorRT deploy bundle)."""
     from edge_tdmpc.checkpoint import load_model
     from edge_tdmpc.compile.artifact import compile_model, read_manifest
@@ -40,7 +42,7 @@ def compile_cmd(checkpoint, precision, target, out, tasks, samples, iterations, 
     model = load_model(checkpoint, tasks=tasks)
     overrides = load_plan(plan_file) if plan_file else None
     path = compile_model(model, precision, planner, profile["name"], out=out, checkpoint=checkpoint,
-                         calib_episodes=calib_episodes, calib_steps=calib_steps,
+                         calib_episodes=calib_episodes, calib_steps=calib_steps, calib_percentile=calib_percentile,
                          verify_episodes=verify_episodes, plan_overrides=overrides, echo=click.echo)
     m = read_manifest(path)
     click.echo(summary(m, Path(checkpoint).stat().st_size))
@@ -72,8 +74,9 @@ def summary(m: dict, checkpoint_bytes: int | None = None) -> str:
     rows.append(("verified", f"{v['rows']} recorded steps, {v['executed_by']}"))
     for name, o in v["outputs"].items():
         tol = f"mean <= {o['tol_mean']:.0e}" + (f", max <= {o['tol_max']:.0e}" if o["tol_max"] is not None else "")
-        rows.append((f"  {name}", f"max |d| {o['max_abs']:.2e}  mean |d| {o['mean_abs']:.2e}  ({tol})  "
-                                  f"{'PASS' if o['ok'] else 'FAIL'}"))
+        label = f"  {name}" + (" (rel)" if name == "value" else "")
+        rows.append((label, f"max |d| {o['max_abs']:.2e}  mean |d| {o['mean_abs']:.2e}  ({tol})  "
+                            f"{'PASS' if o['ok'] else 'FAIL'}"))
     rows.append(("status", m["status"] + f"  ({m['compile_seconds']} s)"))
     return "\n".join(f"{k:<12} {v}" for k, v in rows)
 

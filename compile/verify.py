@@ -1,7 +1,8 @@
 """Verification, Polygraphy-style: the same recorded inputs through the artifact and the fp32 reference.
 
 Per output: max and mean |delta| over the recorded steps, checked against per-precision tolerances on the
-mean (what a controller feels) and, for the latent, on the max. MPPI is a discrete selection (top-k elites,
+mean (what a controller feels) and, for the latent, on the max. Values (discounted returns, ~0.1 to ~500 across
+tasks) are compared relative to max(|reference|, 1). MPPI is a discrete selection (top-k elites,
 a Gumbel-max pick): a 1e-6 change can swap two near-equal candidates and move one step's action a lot, so
 actions and plan means are judged by their mean error, not their worst step. A failing artifact is written
 with status "failed", and runtimes refuse it.
@@ -12,15 +13,18 @@ import numpy as np
 
 OUTPUTS = ("action", "mean", "value", "z")
 
-# precision -> output -> (max mean |delta|, max max |delta| or None). Measured margins on the MT30 1M student
-# (docs/results/compile-cpu.md): fp32 differs from torch by reordered sums only (z ~5e-7); fp16 rounds every
-# activation (z ~1e-3); bf16 keeps 8 mantissa bits (z ~2e-2); int8 per-tensor activations (z ~5e-2).
+# precision -> output -> (bound on mean |delta|, bound on max |delta| or None), set from the MT30 1M student
+# (docs/results/compile-cpu.md) with margin: fp32 differs from torch by reordered sums (z 5e-7, value 1e-6
+# relative, action 2e-3); fp16 rounds every activation (z 6e-4, value 5e-5, action 1e-2); bf16 keeps 8 mantissa
+# bits (z 8e-3, value 3e-3, action 0.3); int8/mixed keep the encoder in fp32 (z exact) and move values by ~1%
+# (action 0.3-0.6). For int8 the action bound is only a sanity check: two unrelated MPPI plans differ by ~0.8.
+# A broken graph fails on z or value: those are far outside (tens of percent).
 TOLERANCES = {
-    "fp32": {"action": (1e-2, None), "mean": (1e-2, None), "value": (1e-2, None), "z": (1e-5, 1e-4)},
-    "fp16": {"action": (5e-2, None), "mean": (5e-2, None), "value": (5e-2, None), "z": (2e-3, 1e-2)},
-    "bf16": {"action": (0.5, None), "mean": (0.3, None), "value": (0.5, None), "z": (2e-2, 1e-1)},
-    "int8": {"action": (0.5, None), "mean": (0.3, None), "value": (1.0, None), "z": (3e-2, 1.5e-1)},
-    "mixed": {"action": (0.5, None), "mean": (0.3, None), "value": (1.0, None), "z": (3e-2, 1.5e-1)},
+    "fp32": {"action": (1e-2, None), "mean": (1e-2, None), "value": (1e-4, None), "z": (1e-5, 1e-4)},
+    "fp16": {"action": (0.1, None), "mean": (0.1, None), "value": (1e-3, None), "z": (2e-3, 1e-2)},
+    "bf16": {"action": (0.5, None), "mean": (0.4, None), "value": (1e-2, None), "z": (2e-2, 1e-1)},
+    "int8": {"action": (0.8, None), "mean": (0.6, None), "value": (3e-2, None), "z": (1e-5, 1e-4)},
+    "mixed": {"action": (0.8, None), "mean": (0.6, None), "value": (3e-2, None), "z": (1e-5, 1e-4)},
 }
 
 
@@ -38,7 +42,8 @@ class Check:
 
     def row(self) -> str:
         tol = f"mean <= {self.tol_mean:.0e}" + (f", max <= {self.tol_max:.0e}" if self.tol_max is not None else "")
-        return f"{self.output:<7} max |d| {self.max_abs:9.2e}  mean |d| {self.mean_abs:9.2e}  ({tol})  " + \
+        name = "value*" if self.output == "value" else self.output
+        return f"{name:<7} max |d| {self.max_abs:9.2e}  mean |d| {self.mean_abs:9.2e}  ({tol})  " + \
             ("PASS" if self.ok else "FAIL")
 
 
@@ -49,8 +54,12 @@ def compare(outputs: list[dict], expected: list[dict], precision: str, tolerance
     for name in OUTPUTS:
         if name not in expected[0] or name not in outputs[0]:
             continue
-        d = np.concatenate([np.abs(np.asarray(o[name], np.float64) - np.asarray(e[name], np.float64)).ravel()
-                            for o, e in zip(outputs, expected)])
+        d = []
+        for o, e in zip(outputs, expected):
+            ref = np.asarray(e[name], np.float64)
+            delta = np.abs(np.asarray(o[name], np.float64) - ref)
+            d.append((delta / np.maximum(np.abs(ref), 1.0) if name == "value" else delta).ravel())
+        d = np.concatenate(d)
         d = np.nan_to_num(d, nan=np.inf)  # a NaN output fails every tolerance
         checks.append(Check(name, float(d.max()), float(d.mean()), *tol[name]))
     return checks
@@ -64,4 +73,4 @@ def report(checks: list[Check]) -> dict:
 
 
 def format_checks(checks: list[Check]) -> str:
-    return "\n".join(c.row() for c in checks)
+    return "\n".join(c.row() for c in checks) + "\n(value*: |delta| relative to max(|reference value|, 1))"

@@ -33,6 +33,7 @@ class Budget:
     episode_steps: int = 500
     noise_std: float = 0.1               # exploration noise on collected actions
     distill_steps: int = 2_000
+    distill_eval_every: int = 500        # closed-loop eval of student and baseline during distillation
     batch_size: int = 256
     eval_episodes: int = 2               # per task, per model x runtime x precision
     eval_steps: int = 500
@@ -43,7 +44,7 @@ class Budget:
 
 
 QUICK = Budget(teacher_steps=600, teacher_seed_steps=200, episodes=1, episode_steps=100, distill_steps=60,
-               batch_size=64, eval_episodes=1, eval_steps=50, plan_eval=False,
+               distill_eval_every=30, batch_size=64, eval_episodes=1, eval_steps=50, plan_eval=False,
                runtimes=(("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")))
 
 
@@ -96,7 +97,8 @@ def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=pri
     # 3. distilled student and from-scratch baseline: same data, same steps, same seed
     common = dict(student_size=None, student_dims=dict(b.student_dims), steps=b.distill_steps,
                   batch_size=b.batch_size, seed=seed, save_every=max(b.distill_steps // 4, 1),
-                  log_every=max(b.distill_steps // 20, 1), progress=progress, echo=echo)
+                  log_every=max(b.distill_steps // 20, 1), eval_every=b.distill_eval_every,
+                  eval_steps=b.eval_steps, eval_episodes=b.eval_episodes, progress=progress, echo=echo)
     for name, d_coef in (("student", 0.4), ("baseline", 0.0)):
         stage(name, lambda name=name, d_coef=d_coef: distill(
             out / "data", out / name, teacher=teacher, d_coef=d_coef,
@@ -203,8 +205,8 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
     metrics = {k: _rows(out / k / "metrics.jsonl") for k in ("teacher", "student", "baseline")}
     data_info = _data_summary(out / "data")
 
-    # plot 1: student vs baseline training curves (total loss, and reward error against the teacher)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    # plot 1: student vs baseline: loss, reward error against the teacher, closed-loop return while training
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for name, color in (("student", "tab:blue"), ("baseline", "tab:orange")):
         rows = [r for r in metrics[name] if r.get("kind") == "train"]
         if rows:
@@ -212,8 +214,12 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
             axes[0].plot(steps, [r["total_loss"] for r in rows], color=color, label=name)
             if "distill_reward_loss" in rows[0]:
                 axes[1].plot(steps, [r["distill_reward_loss"] for r in rows], color=color, label=name)
+        ev = [r for r in metrics[name] if r.get("kind") == "eval"]
+        if ev:
+            axes[2].plot([r["step"] for r in ev], [r["mean_return"] for r in ev], "o-", color=color, label=name)
     axes[0].set(title="training loss", xlabel="update")
     axes[1].set(title="MSE to the teacher's reward", xlabel="update", yscale="log")
+    axes[2].set(title=f"eval return ({b.eval_steps} steps, policy prior)", xlabel="update")
     for ax in axes:
         ax.legend()
     fig.tight_layout()
@@ -282,7 +288,18 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
             lines.append(f"| {name} (d_coef {0.4 if name == 'student' else 0}) | {r['total_loss']:.4f} | "
                          f"{r['reward_loss']:.4f} | {r['value_loss']:.4f} | {err:.5f} |")
     lines += ["", "The total loss of the student includes 0.4 x its distillation term; the last column is measured "
-              "for both (the baseline's at zero weight).", "", "![training](training.png)", ""]
+              "for both (the baseline's at zero weight).", ""]
+    evals = {n: {r["step"]: r for r in metrics[n] if r.get("kind") == "eval"} for n in ("student", "baseline")}
+    steps = sorted(set(evals["student"]) | set(evals["baseline"]))
+    if steps:
+        lines += ["Closed-loop return during distillation (policy prior, eval mode, mean over tasks; "
+                  f"{b.eval_episodes} episode(s) x {b.eval_steps} steps per task):", "",
+                  "| update | student (d_coef 0.4) | baseline (d_coef 0) |", "|---|---|---|"]
+        for s in steps:
+            cell = [f"{evals[n][s]['mean_return']:.1f}" if s in evals[n] else "-" for n in ("student", "baseline")]
+            lines.append(f"| {s} | {cell[0]} | {cell[1]} |")
+        lines.append("")
+    lines += ["![training](training.png)", ""]
 
     lines += ["## Closed loop (bench)", ""]
     if bench_rows.get("note"):

@@ -150,6 +150,16 @@ def test_out_dir_with_results_needs_resume_and_same_settings(tiny_runs):
                   progress=False)
 
 
+def test_check_only_run(tmp_path):
+    rep = run_bench(make_tiny_model(), tmp_path, tasks=TASKS, precisions="fp32,bf16", episodes=0, steps=5,
+                    planner=SMALL, check_actions=4, progress=False)
+    assert rep["rows"] == [] and rep["summary"] == [] and len(rep["check_actions"]) == 2
+    md = (tmp_path / "report.md").read_text()
+    assert "Faithfulness" in md and "Per task" not in md
+    with pytest.raises(ValueError, match="--check-actions"):
+        run_bench(make_tiny_model(), tmp_path / "x", tasks=TASKS, episodes=0, progress=False)
+
+
 # --- bad input: one-line errors before any episode -------------------------------------------------------
 @pytest.mark.parametrize("extra, message", [
     (["--runtime", "tflite"], "unknown runtime 'tflite'"),

@@ -393,3 +393,29 @@ def test_collect_then_distill_then_resume(tmp_path, teacher_path):
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [4, 8] and set(TASKS) <= set(evals[0])
     assert (tmp_path / "run" / "eval.csv").read_text().startswith("kind,step,")
+
+
+@pytest.mark.parametrize("precision,tol", [("fp16", 2e-3), ("bf16", 3e-2)])
+def test_reduced_precision_teacher_targets_stay_close(precision, tol):
+    m = make_tiny_model(",".join(TASKS), seed=3)
+    b = _batch(0)
+    kinds = ("reward", "value", "policy", "latent")
+    ref = Teacher(copy.deepcopy(m)).labels(b.obs[0], b.action[0], b.task, kinds)
+    out = Teacher(copy.deepcopy(m), precision=precision).labels(b.obs[0], b.action[0], b.task, kinds)
+    for k in kinds:
+        assert out[k].dtype == torch.float32 and torch.allclose(out[k], ref[k], atol=tol), k
+    with pytest.raises(ValueError, match="without 'walker-walk'"):
+        Teacher(m, tasks=("walker-walk",))
+
+
+def test_external_loggers_are_optional(tmp_path):
+    from edge_tdmpc.distill.trainer import external_logger
+    assert external_logger("none", tmp_path, {}) is None
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            external_logger("tensorboard", tmp_path, {})
+    else:
+        external_logger("tensorboard", tmp_path, {})({"kind": "train", "step": 1, "total_loss": 1.0})
+        assert any((tmp_path / "tensorboard").iterdir())
