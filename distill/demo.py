@@ -27,15 +27,17 @@ DEMO_TASKS = ("cartpole-balance", "cartpole-swingup")
 class Budget:
     teacher_steps: int = 6_000           # environment steps of online training
     teacher_seed_steps: int = 1_000
+    teacher_batch_size: int = 128        # half the paper's batch: twice the updates per CPU second
     teacher_dims: tuple = (("enc_dim", 128), ("mlp_dim", 128), ("latent_dim", 64), ("num_q", 2), ("task_dim", 16))
     student_dims: tuple = (("enc_dim", 64), ("mlp_dim", 64), ("latent_dim", 32), ("num_q", 2), ("task_dim", 16))
     episodes: int = 4                    # collected per task
     episode_steps: int = 500
     noise_std: float = 0.1               # exploration noise on collected actions
+    collect_planner: tuple = (("iterations", 3), ("num_samples", 128), ("num_elites", 16), ("num_pi_trajs", 8))
     distill_steps: int = 2_000
     distill_eval_every: int = 500        # closed-loop eval of student and baseline during distillation
     batch_size: int = 256
-    eval_episodes: int = 2               # per task, per model x runtime x precision
+    eval_episodes: int = 2               # per task, per model x runtime x precision (MPPI rows: 1)
     eval_steps: int = 500
     plan_eval: bool = True               # also bench MPPI planning (fp32, torch) besides the policy prior
     planner: tuple = (("iterations", 4), ("num_samples", 256), ("num_elites", 32), ("num_pi_trajs", 12))
@@ -43,9 +45,9 @@ class Budget:
                        ("onnxruntime", "int8"))
 
 
-QUICK = Budget(teacher_steps=600, teacher_seed_steps=200, episodes=1, episode_steps=100, distill_steps=60,
-               distill_eval_every=30, batch_size=64, eval_episodes=1, eval_steps=50, plan_eval=False,
-               runtimes=(("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")))
+QUICK = Budget(teacher_steps=600, teacher_seed_steps=200, teacher_batch_size=64, collect_planner=(), episodes=1,
+               episode_steps=100, distill_steps=60, distill_eval_every=30, batch_size=64, eval_episodes=1,
+               eval_steps=50, plan_eval=False, runtimes=(("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")))
 
 
 def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=print, budget: Budget | None = None,
@@ -83,16 +85,18 @@ def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=pri
         teacher = out / "teacher" / "model.pt"
         stage("teacher", lambda: train(
             task_list, out / "teacher", size=None, steps=b.teacher_steps, seed=seed, dims=dict(b.teacher_dims),
-            seed_steps=b.teacher_seed_steps, episode_steps=b.episode_steps, batch_size=b.batch_size,
+            seed_steps=b.teacher_seed_steps, episode_steps=b.episode_steps, batch_size=b.teacher_batch_size,
             save_every=max(b.teacher_steps // 4, 1), log_every=100, eval_every=max(b.teacher_steps // 3, 1),
             eval_steps=b.eval_steps, resume=(out / "teacher" / "checkpoints").is_dir(), progress=progress,
             echo=echo))
     teacher = Path(teacher)
 
-    # 2. data from the teacher (policy prior + noise: cheap on a CPU)
-    stage("data", lambda: collect(teacher, task_list, b.episodes, out / "data", mpc=False, noise_std=b.noise_std,
+    # 2. data from the teacher: a small MPPI planner (official datasets come from planning agents; an early
+    #    policy prior alone can be far worse), or the policy prior when collect_planner is empty (--quick)
+    mpc = bool(b.collect_planner)
+    stage("data", lambda: collect(teacher, task_list, b.episodes, out / "data", mpc=mpc, noise_std=b.noise_std,
                                   steps=b.episode_steps, workers=workers, seed=seed, teacher_tasks=task_list,
-                                  progress=progress, echo=echo))
+                                  progress=progress, echo=echo, **dict(b.collect_planner)))
 
     # 3. distilled student and from-scratch baseline: same data, same steps, same seed
     common = dict(student_size=None, student_dims=dict(b.student_dims), steps=b.distill_steps,
@@ -155,7 +159,7 @@ def bench(models: dict, tasks, b: Budget, seed=1, echo=print) -> dict:
                     lat = []
                     for i, task in enumerate(tasks):
                         rets = []
-                        for ep in range(b.eval_episodes):
+                        for ep in range(b.eval_episodes if mode == "policy" else 1):
                             ret, ms = _episode(rt, model, task, i, seed * 1000 + ep, b.eval_steps)
                             rets.append(ret)
                             lat += ms
@@ -250,14 +254,15 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
     lines += ["## What ran", "", "| stage | wall time | what |", "|---|---|---|"]
     what = {
         "teacher": f"online TD-MPC2 (`edge-tdmpc train`), {b.teacher_steps} env steps, policy-prior acting, "
-                   f"dims {dict(b.teacher_dims)}",
+                   f"batch {b.teacher_batch_size}, dims {dict(b.teacher_dims)}",
         "data": f"`edge-tdmpc data collect`: {b.episodes} episode(s) x {b.episode_steps} steps per task from the "
-                f"teacher's policy prior + N(0, {b.noise_std}) noise",
+                + (f"teacher planning (MPPI {dict(b.collect_planner)})" if b.collect_planner else
+                   "teacher's policy prior") + f", stochastic + N(0, {b.noise_std}) action noise",
         "student": f"`edge-tdmpc distill --d-coef 0.4 --distill reward`, {b.distill_steps} updates, batch "
                    f"{b.batch_size}, dims {dict(b.student_dims)}",
         "baseline": "same, `--d-coef 0` (from scratch), same data, steps and seed",
-        "bench": f"{b.eval_episodes} episode(s) x {b.eval_steps} steps per task, eval-mode actions, per model "
-                 "x runtime x precision",
+        "bench": f"{b.eval_episodes} episode(s) (MPPI: 1) x {b.eval_steps} steps per task, eval-mode actions, "
+                 "per model x runtime x precision",
     }
     for k, v in times.items():
         lines.append(f"| {k} | {v:.0f} s | {what.get(k, '')} |")
