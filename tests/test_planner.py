@@ -94,7 +94,7 @@ def test_bad_inputs(tiny_model):
 def test_closed_loop_cartpole_balance_keeps_pole_up(student):
     """Model, planner and env agree: planning on the real student beats a random policy by far."""
     from edge_tdmpc.envs import make_env
-    task, steps = "cartpole-balance", 150
+    task, steps = "cartpole-balance", 100
     env = make_env(task, seed=1)
     agent = Agent(student, seed=1)
     obs, _ = env.reset()
