@@ -114,4 +114,5 @@ def environment() -> dict:
         "cuda": torch.version.cuda if gpu else None,
         "gpu": gpu,
         "torch_threads_per_worker": 1,
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # at report time
     }

@@ -107,10 +107,11 @@ def render_markdown(report: dict) -> str:
       f"actions; {st['steps']} steps per episode; {st['episodes']} episode(s) per task; seed {st['seed']}; "
       f"{st['workers']} worker(s) x 1 torch thread; {st['warmup']} warm-up action(s) excluded\n")
     loads = [r["load_avg"] for r in report["rows"] if r.get("load_avg") is not None]
-    if loads:
-        w(f"- machine load: mean 1-min load average {np.mean(loads):.1f} over the episodes on "
-          f"{env['cores_logical']} cores (above the core count, other processes shared the CPU and inflate "
-          "latencies)\n")
+    load, when = (np.mean(loads), "mean over the episodes") if loads else (env.get("load_avg_1m"), "at the end")
+    if load is not None:
+        busy = "; above the core count, other processes shared the CPU and inflate latencies"
+        w(f"- machine load: 1-min load average {load:.1f} ({when}) on {env['cores_logical']} cores"
+          f"{busy if load > env['cores_logical'] else ''}\n")
     w(f"- created: {report['created']}\n\n")
     if report["summary"]:
         w(_summary_md(report))
@@ -240,14 +241,19 @@ def compare(a: dict, b: dict, names=("A", "B")) -> str:
     for k in dict.fromkeys([*sa, *sb]):
         x, y = sa.get(k), sb.get(k)
         if x is None or y is None:
-            rows.append(["/".join(k), _f(x and x["score"]), _f(y and y["score"]), "only in " + (A if x else B)])
+            rows.append(["/".join(k), _f(x and x["score"]), _f(y and y["score"]), "only in " + (A if x else B),
+                         "", "", "", ""])
             continue
         rows.append(["/".join(k), _f(x["score"]), _f(y["score"]), _f(y["score"] - x["score"], "+.2f"),
                      f"{_f(x['latency_ms']['p50'], '.1f')} -> {_f(y['latency_ms']['p50'], '.1f')}",
-                     _f(y["latency_ms"]["p50"] / x["latency_ms"]["p50"], ".2f") + "x",
+                     _f(y["latency_ms"]["p50"] / x["latency_ms"]["p50"], ".3g") + "x",
                      f"{_f(x['latency_ms']['p99'], '.1f')} -> {_f(y['latency_ms']['p99'], '.1f')}",
                      f"{_f(x['peak_rss_mib'], '.0f')} -> {_f(y['peak_rss_mib'], '.0f')}"])
-    text = f"summary ({A} -> {B})\n" + _table(
+    sa_, sb_ = a.get("settings", {}), b.get("settings", {})
+    differ = [k for k in ("planner", "steps", "eval_mode", "seed") if sa_.get(k) != sb_.get(k)]
+    note = f"note: the runs differ in {', '.join(differ)}; score differences are not precision effects\n" \
+        if differ else ""
+    text = note + f"summary ({A} -> {B})\n" + _table(
         ["runtime/precision", f"score {A}", f"score {B}", "Δ score", "p50 ms", "p50 ratio", "p99 ms", "peak RSS MiB"],
         rows)
     ra = {(*key(r), r["task"]): r for r in a["rows"]}
@@ -258,5 +264,5 @@ def compare(a: dict, b: dict, names=("A", "B")) -> str:
             ["task", "runtime/precision", f"score {A}", f"score {B}", "Δ score", "p50 ratio"],
             [[k[2], f"{k[0]}/{k[1]}", _f(ra[k]["score"]), _f(rb[k]["score"]),
               _f(rb[k]["score"] - ra[k]["score"], "+.2f"),
-              _f(rb[k]["latency_ms"]["p50"] / ra[k]["latency_ms"]["p50"], ".2f") + "x"] for k in common])
+              _f(rb[k]["latency_ms"]["p50"] / ra[k]["latency_ms"]["p50"], ".3g") + "x"] for k in common])
     return text

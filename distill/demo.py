@@ -68,16 +68,18 @@ def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=pri
     b = budget or (QUICK if quick else Budget())
     tasks = resolve_tasks(tasks or ",".join(DEMO_TASKS))
     task_list = ",".join(tasks)
-    times = _load_json(out / "timings.json")
+    times = _load_json(out / "timings.json")  # stage -> wall seconds
+    cpu = _load_json(out / "cpu_times.json")  # stage -> CPU seconds (this process + reaped workers)
 
     def stage(name, fn):
         if name in times:
             echo(f"[demo] {name}: done before ({times[name]:.0f} s), skipped")
             return
         echo(f"[demo] {name} ...")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu_seconds()
         fn()
-        times[name] = time.perf_counter() - t
+        times[name], cpu[name] = time.perf_counter() - t, _cpu_seconds() - c
+        _write_json(out / "cpu_times.json", cpu)
         _write_json(out / "timings.json", times)
 
     # 1. teacher
@@ -114,7 +116,7 @@ def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=pri
     stage("bench", lambda: _write_json(out / "bench.json", bench(models, tasks, b, seed, echo)))
 
     # 6. report
-    report = write_report(out, tasks, b, models, times, quick)
+    report = write_report(out, tasks, b, models, times, quick, cpu)
     echo(f"[demo] total {sum(times.values()) / 60:.1f} min of stages")
     return report
 
@@ -200,7 +202,13 @@ def _episode(rt, model, task, task_index, seed, steps):
 
 
 # --- report -------------------------------------------------------------------------------------------------
-def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: bool) -> Path:
+def _cpu_seconds() -> float:
+    import resource
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: bool, cpu=None) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -251,7 +259,8 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
     lines = ["# edge-tdmpc demo report", ""]
     lines += [f"{'Quick (CI) form: tiny budgets, numbers are smoke-level only.' if quick else 'Full demo.'} "
               f"Tasks: {', '.join(tasks)}. Machine: {_machine()}.", ""]
-    lines += ["## What ran", "", "| stage | wall time | what |", "|---|---|---|"]
+    cpu = cpu or {}
+    lines += ["## What ran", "", "| stage | wall time | CPU time | what |", "|---|---|---|---|"]
     what = {
         "teacher": f"online TD-MPC2 (`edge-tdmpc train`), {b.teacher_steps} env steps, policy-prior acting, "
                    f"batch {b.teacher_batch_size}, dims {dict(b.teacher_dims)}",
@@ -265,8 +274,11 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
                  "per model x runtime x precision",
     }
     for k, v in times.items():
-        lines.append(f"| {k} | {v:.0f} s | {what.get(k, '')} |")
-    lines += ["", f"Total: {sum(times.values()) / 60:.1f} min.", ""]
+        c = f"{cpu[k]:.0f} s" if k in cpu else "-"
+        lines.append(f"| {k} | {v:.0f} s | {c} | {what.get(k, '')} |")
+    lines += ["", f"Total: {sum(times.values()) / 60:.1f} min wall, {sum(cpu.values()) / 60:.1f} min CPU "
+              f"(load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: wall time on a "
+              "shared machine overstates what a dedicated one needs).", ""]
 
     lines += ["## Teacher and data", ""]
     ev = [r for r in metrics["teacher"] if r.get("kind") == "eval"]
