@@ -6,7 +6,6 @@ directory, a resume with different settings) are raised as one-line ValueErrors 
 import copy
 import datetime
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import asdict
@@ -21,7 +20,7 @@ from edge_tdmpc.bench.runner import EpisodeLog, Job, Settings, atomic_write_text
 from edge_tdmpc.checkpoint import file_sha256, load_model, read_state_dict
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import PlannerConfig
-from edge_tdmpc.runtime import _PLUGINS, PRECISIONS, RUNTIMES, make_runtime
+from edge_tdmpc.runtime import PRECISIONS, make_runtime, runtime_class
 from edge_tdmpc.tasks import resolve_tasks
 
 CHECK_FILE = "check.json"
@@ -29,14 +28,6 @@ CHECK_FILE = "check.json"
 
 def _split(x) -> list[str]:
     return [s.strip() for s in x.split(",") if s.strip()] if isinstance(x, str) else list(x)
-
-
-def _runtime_class(name: str):
-    if name not in RUNTIMES and name in _PLUGINS:
-        importlib.import_module(_PLUGINS[name])
-    if name not in RUNTIMES:
-        raise ValueError(f"unknown runtime '{name}': choose from {sorted(set(RUNTIMES) | set(_PLUGINS))}")
-    return RUNTIMES[name]
 
 
 def resolve_pairs(runtimes, precisions) -> list[tuple[str, str]]:
@@ -47,7 +38,7 @@ def resolve_pairs(runtimes, precisions) -> list[tuple[str, str]]:
     for p in precisions:
         if p not in PRECISIONS:
             raise ValueError(f"unknown precision '{p}': choose from {list(PRECISIONS)}")
-    classes = {r: _runtime_class(r) for r in runtimes}
+    classes = {r: runtime_class(r) for r in runtimes}
     pairs = [(r, p) for r in runtimes for p in precisions if p in classes[r].precisions]
     for p in precisions:
         if not any(q == p for _, q in pairs):
@@ -159,7 +150,7 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
     if artifacts and runtimes is None and precisions is None:  # the artifact against the fp32 eager reference
         pairs = list(dict.fromkeys([report.REFERENCE, *artifacts]))
         for r, _ in pairs:
-            _runtime_class(r)
+            runtime_class(r)
     else:
         pairs = resolve_pairs(runtimes or "torch", precisions or "fp32")
     missing = [t for t in tasks if t not in ref_model.cfg.tasks]

@@ -75,9 +75,14 @@ class TorchRuntime(Runtime):
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
-def make_runtime(name: str, model, precision="fp32", planner=None, seed=0, device=None) -> Runtime:
+def runtime_class(name: str) -> type[Runtime]:
+    """The registered class for `name`, importing its plugin module on first use."""
     if name not in RUNTIMES and name in _PLUGINS:
         importlib.import_module(_PLUGINS[name])
     if name not in RUNTIMES:
         raise ValueError(f"unknown runtime '{name}': choose from {sorted(set(RUNTIMES) | set(_PLUGINS))}")
-    return RUNTIMES[name](model, precision=precision, planner=planner, seed=seed, device=device)
+    return RUNTIMES[name]
+
+
+def make_runtime(name: str, model, precision="fp32", planner=None, seed=0, device=None) -> Runtime:
+    return runtime_class(name)(model, precision=precision, planner=planner, seed=seed, device=device)
