@@ -244,8 +244,9 @@ def rss_run(root, gigabytes: float, updates=100, batch_size=256, echo=print) -> 
     import sys
     ds = big_dataset(root, gigabytes)
     with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the child uses our thread count
         res = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(root), tmp, str(updates), str(batch_size)],
-                             check=True, capture_output=True, text=True)
+                             check=True, capture_output=True, text=True, env=env)
     row = json.loads(res.stdout.strip().splitlines()[-1])
     row.update(dataset_gb=_disk_bytes(root) / 1e9, transitions=ds.num_transitions, updates=updates,
                ram_gb=psutil.virtual_memory().total / 1e9)
