@@ -26,14 +26,11 @@ def _size(value):
 
 _common = [
     click.option("--seed", default=1, show_default=True),
-    click.option("--save-every", default=10_000, show_default=True, help="checkpoint (state + student.pt) period"),
+    click.option("--save-every", default=10_000, show_default=True, help="checkpoint period (state + model file)"),
     click.option("--log-every", default=100, show_default=True, help="metrics row period (averaged)"),
     click.option("--eval-every", default=0, show_default=True, help="closed-loop eval period (0: never)"),
     click.option("--eval-steps", default=100, show_default=True, help="agent steps per eval episode"),
-    click.option("--logger", type=click.Choice(["none", "tensorboard", "wandb"]), default="none",
-                 show_default=True, help="extra metrics sink besides metrics.jsonl/.csv"),
     click.option("--threads", type=int, default=None, help="torch CPU threads [torch's default]"),
-    click.option("--device", default=None, help="cpu or cuda [cuda when available]"),
     click.option("--progress/--no-progress", default=True, show_default=True),
 ]
 
@@ -72,10 +69,13 @@ def _threads(n):
 @click.option("--eval-episodes", default=1, show_default=True)
 @click.option("--eval-mpc/--eval-policy", default=False, show_default=True,
               help="periodic eval by MPPI planning or the policy prior (cheap)")
+@click.option("--logger", type=click.Choice(["none", "tensorboard", "wandb"]), default="none",
+              show_default=True, help="extra metrics sink besides metrics.jsonl/.csv")
+@click.option("--device", default=None, help="cpu or cuda [cuda when available]")
 @common
 def distill(teacher, teacher_tasks, data, student_size, student_dims, d_coef, terms, batch_size, steps, out,
-            resume, label_cache, teacher_precision, eval_tasks, eval_episodes, eval_mpc, seed, save_every,
-            log_every, eval_every, eval_steps, logger, threads, device, progress):
+            resume, label_cache, teacher_precision, eval_tasks, eval_episodes, eval_mpc, logger, device, seed,
+            save_every, log_every, eval_every, eval_steps, threads, progress):
     """Distill TEACHER into a small student on --data (TD-MPC-Opt); writes OUT/student.pt and metrics.jsonl.
 
     Data-parallel: torchrun --nproc_per_node N -m edge_tdmpc.cli distill ..."""
@@ -107,12 +107,10 @@ def distill(teacher, teacher_tasks, data, student_size, student_dims, d_coef, te
 @click.option("--resume", is_flag=True, help="continue the run in --out")
 @common
 def train(tasks, size, dims, steps, out, mpc, seed_steps, episode_steps, utd, batch_size, resume, seed,
-          save_every, log_every, eval_every, eval_steps, logger, threads, device, progress):
-    """Online TD-MPC2 from scratch on TASKS (makes a teacher); writes OUT/model.pt and OUT/replay/."""
+          save_every, log_every, eval_every, eval_steps, threads, progress):
+    """Online TD-MPC2 from scratch on TASKS (makes a teacher); writes OUT/model.pt and OUT/replay/ (CPU)."""
     from edge_tdmpc.distill.online import train as run
     _threads(threads)
-    if logger != "none" or device not in (None, "cpu"):
-        raise ValueError("train runs on the CPU with metrics.jsonl/.csv only (no --logger/--device yet)")
     s = run(tasks, out, size=_size(size), steps=steps, seed=seed, dims=parse_dims(dims), mpc=mpc,
             seed_steps=seed_steps, episode_steps=episode_steps, utd=utd, batch_size=batch_size,
             save_every=save_every, log_every=log_every, eval_every=eval_every, eval_steps=eval_steps, resume=resume,

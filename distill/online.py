@@ -3,12 +3,15 @@ none is at hand, and is the online baseline.
 
 Tasks take turns episode by episode. The first `seed_steps` environment steps act uniformly at random; at that
 point the model is pretrained with `seed_steps` updates (as the official online trainer does), then makes
-`utd` updates per environment step. Episodes act with the planner (`mpc=True`, official) or the policy prior
-(`mpc=False`: ~100x cheaper per step on a CPU), stochastically, seeded by (seed, episode) so a resumed run
-replays exactly. State (model, optimisers, replay) is checkpointed atomically at episode ends.
+`utd` updates per environment step - batched at the end of each episode rather than interleaved step by step
+as officially, so the acting policy is fixed within an episode. Episodes act with the planner (`mpc=True`,
+official) or the policy prior (`mpc=False`: ~100x cheaper per step on a CPU), stochastically, seeded by
+(seed, episode), so a resumed run replays exactly. State (model, optimisers, replay) is checkpointed
+atomically at episode ends.
 """
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +131,7 @@ def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1,
     replay = Replay(mc.obs_dim, mc.action_dim, batch_size=batch_size, seed=seed)
     settings = dict(tasks=list(tasks), size=size, dims=dims or {}, steps=steps, seed=seed, mpc=mpc,
                     seed_steps=seed_steps, episode_steps=episode_steps, utd=utd, planner=planner,
-                    train=cfg.__dict__ | {"distill": list(cfg.distill)})
+                    train=asdict(cfg))
     ckpts = Checkpoints(out / "checkpoints")
     env_steps = episodes = 0
     update_budget = 0.0

@@ -75,3 +75,18 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 def test_full_demo(tmp_path):
     report = demo(tmp_path, workers=2, echo=print)
     assert "distilled student" in report.read_text()
+
+
+def test_train_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from edge_tdmpc.cli import main
+    args = ["train", "--tasks", "cartpole-balance", "--size", "custom", "--dims", "enc_dim=32,mlp_dim=32,latent_dim=16",
+            "--steps", "60", "--seed-steps", "40", "--episode-steps", "20", "--batch-size", "16", "--out",
+            str(tmp_path / "t"), "--no-progress", "--log-every", "10"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert load_model(tmp_path / "t" / "model.pt", tasks="cartpole-balance").cfg.latent_dim == 16
+    bad = [("mlp_dim=lots" if a.startswith("enc_dim") else a) for a in args]
+    r = CliRunner().invoke(main, [a.replace(str(tmp_path / "t"), str(tmp_path / "u")) for a in bad])
+    assert r.exit_code == 2 and "bad --dims entry" in r.output
