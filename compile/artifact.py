@@ -173,9 +173,16 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     return out
 
 
+def _code_sha256() -> str:
+    """The code that shapes an artifact: a cached artifact from older code is compiled again."""
+    here = Path(__file__).resolve().parent
+    return hashlib.sha256(b"".join((here / f).read_bytes() for f in ("export.py", "precision.py", "record.py",
+                                                                     "verify.py"))).hexdigest()
+
+
 def cache_key(model_sha, precision, cfg, target, layer_plan, calib_percentile=99.99) -> str:
     calib = calib_percentile if "int8" in layer_plan.values() else None
-    return _digest([FORMAT, model_sha, precision, asdict(cfg), target, layer_plan, calib])[:20]
+    return _digest([FORMAT, _code_sha256(), model_sha, precision, asdict(cfg), target, layer_plan, calib])[:20]
 
 
 def _parent(out: Path) -> Path:

@@ -408,16 +408,17 @@ def plan_graph(model: WorldModel, cfg: PlannerConfig, plan: dict[str, str] | Non
                             axis=0), keep)
     std = g.const(np.full((H, A), cfg.max_std), key="std0")
 
-    # 3. MPPI iterations
+    # 3. MPPI iterations; the policy trajectories' rollout (same actions, same start) is shared by all of them
+    pi_rollout = _rollout(g, nets, z, g.op("Mul", pi_actions, mask), disc_t, "pi_rollout") if P else None
     for i in range(I):
         g.scope = f"it{i}"
         noise = g.op("Squeeze", g.slice("noise_sample", i, i + 1, 0), g.ints([0]))  # [H, S-P, A]
         sampled = g.op("Clip", g.op("Add", g.op("Unsqueeze", mean, g.ints([1])),
                                     g.op("Mul", g.op("Unsqueeze", std, g.ints([1])), noise)),
                        g.scalar(-1.0), g.scalar(1.0))
-        actions = g.op("Concat", pi_actions, sampled, axis=1) if P else sampled
-        actions = g.op("Mul", actions, mask)  # [H, S, A]
-        value = _estimate_value(g, nets, z, actions, disc_t, i, mask, c.num_q > 2)  # [S]
+        sampled = g.op("Mul", sampled, mask)
+        actions = g.op("Concat", pi_actions, sampled, axis=1) if P else sampled  # [H, S, A], masked
+        value = _estimate_value(g, nets, z, sampled, disc_t, i, mask, c.num_q > 2, pi_rollout)  # [S]
         elite_value, elite_idx = g.op("TopK", value, g.ints([K]), axis=0, largest=1, sorted=1, n_out=2)
         g.dtype[elite_idx] = "int64"
         elite_actions = g.op("Gather", actions, elite_idx, axis=1)  # [H, K, A]
@@ -445,17 +446,29 @@ def plan_graph(model: WorldModel, cfg: PlannerConfig, plan: dict[str, str] | Non
     return g.model(doc=f"edge-tdmpc MPPI planning step: {cfg}")
 
 
-def _estimate_value(g: Graph, nets: Nets, z, actions, disc_t, i, mask, gather_heads):
-    """G = sum_t gamma^t r(z_t, a_t) + gamma^H Q_avg(z_H, pi(z_H)); NaN -> 0; actions [H, S, A] -> [S]."""
-    H = len(disc_t) - 1
+def _rollout(g: Graph, nets: Nets, z, actions, disc_t, scope):
+    """(sum_t gamma^t r(z_t, a_t) [N, 1], z_H [N, Z]) for actions [H, N, A] from the encoded latent z [1, Z]."""
     G = None
-    for t in range(H):
-        g.scope = f"it{i}/t{t}"
-        a = g.op("Squeeze", g.slice(actions, t, t + 1, 0), g.ints([0]))  # [S, A]
+    for t in range(len(disc_t) - 1):
+        g.scope = f"{scope}/t{t}"
+        a = g.op("Squeeze", g.slice(actions, t, t + 1, 0), g.ints([0]))  # [N, A]
         shared = ("z",) if t == 0 else ()  # every candidate starts from the encoded observation
         term = g.op("Mul", disc_t[t], nets.reward(z, a, shared))
         G = term if G is None else g.op("Add", G, term)
         z = nets.next(z, a, shared)
+    return G, z
+
+
+def _estimate_value(g: Graph, nets: Nets, z, actions, disc_t, i, mask, gather_heads, pi_rollout=None):
+    """G = sum_t gamma^t r(z_t, a_t) + gamma^H Q_avg(z_H, pi(z_H)); NaN -> 0; actions [H, S, A] -> [S].
+
+    `pi_rollout` (G, z_H) of the policy trajectories, the same in every iteration, is computed once; `actions`
+    are then the sampled candidates only.
+    """
+    H = len(disc_t) - 1
+    G, z = _rollout(g, nets, z, actions, disc_t, f"it{i}")
+    if pi_rollout is not None:
+        G, z = g.op("Concat", pi_rollout[0], G, axis=0), g.op("Concat", pi_rollout[1], z, axis=0)
     g.scope = f"it{i}/value"
     eps = g.op("Squeeze", g.slice("noise_q_pi", i, i + 1, 0), g.ints([0]))  # [S, A]
     a, _ = nets.pi(z, eps, mask)
