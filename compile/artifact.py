@@ -35,6 +35,18 @@ FORMAT = "edge-tdmpc-artifact/1"
 GRAPH = "plan.onnx"
 VERIFY_FILE = "verify.npz"
 VERIFY_TASKS = ("walker-stand", "cheetah-run-backwards", "cartpole-balance", "finger-turn-easy", "hopper-hop")
+BUNDLE_README = """edge-tdmpc deploy bundle: {target}, {precision}
+
+On the device (JetPack ships TensorRT; `pip install cuda-python numpy` if missing):
+
+    python3 build_engine.py              # plan.onnx -> plan.engine (+ plan.json), then verifies it
+    python3 build_engine.py --dla-core 0 # Orin NX / AGX Orin: DLA, unsupported layers on the GPU
+
+Verification runs the recorded closed-loop inputs of verify.npz through the engine and compares with the
+PyTorch fp32 outputs stored beside them, with the tolerances in manifest.json; it prints PASS or FAIL.
+An engine is tied to the GPU and TensorRT version that built it: rebuild after a JetPack upgrade.
+In your control loop: `from build_engine import Engine, Planner`; Planner(Engine("plan.engine")).act(obs, task, t0).
+"""
 
 
 def cache_root() -> Path:
@@ -107,7 +119,7 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
 
     def step_fn(feed):
         o = ref_session.run(feed)
-        return o["action"], o.get("mean", np.zeros((cfg.horizon, model.cfg.action_dim), np.float32))
+        return o["action"], o["mean"]
 
     echo(f"recording {verify_episodes} verification episode(s) x {verify_steps} steps (torch fp32 reference)")
     ver = _recording(model, cfg, model_sha, _tasks(model, VERIFY_TASKS, verify_episodes), verify_steps,
@@ -116,6 +128,7 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     if any(p in ("fp16", "bf16") for p in layer_plan.values()):  # int8 layers are emitted in fp32, then quantized
         graph = export.plan_graph(model, cfg, layer_plan)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_parent(out)))
+    tmp.chmod(0o755)
     try:
         if "int8" in layer_plan.values():
             tasks = _tasks(model, record.CALIB_TASKS, calib_episodes)
@@ -208,13 +221,14 @@ def _engine_or_bundle(tmp: Path, profile: dict, precision: str, rows, expected, 
     here = Path(__file__).resolve().parent
     shutil.copy(here / "trt.py", tmp / "build_engine.py")
     shutil.copy(here / "verify.py", tmp / "verify.py")
+    (tmp / "README.txt").write_text(BUNDLE_README.format(target=profile["description"], precision=precision))
     try:
         from edge_tdmpc.compile import trt
         info = trt.device_info()
     except (ValueError, RuntimeError) as e:
-        echo(f"deploy bundle for {profile['name']}: build the engine on the device with `python3 build_engine.py` "
-             f"({str(e).splitlines()[0][:80]})")
-        return {"status": "bundle", "reason": "no TensorRT/GPU on the compiling machine"}
+        echo(f"deploy bundle for {profile['name']}: on the device, run `python3 build_engine.py` "
+             f"(no engine built here: {type(e).__name__})")
+        return {"status": "bundle", "reason": str(e).splitlines()[0]}
     cc = (profile.get("gpu") or {}).get("compute_capability")
     if cc not in (None, "any", info["compute_capability"]):
         echo(f"deploy bundle: this GPU is sm {info['compute_capability']}, {profile['name']} is sm {cc}")

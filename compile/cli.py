@@ -78,7 +78,7 @@ def summary(m: dict, checkpoint_bytes: int | None = None) -> str:
         rows.append((label, f"max |d| {o['max_abs']:.2e}  mean |d| {o['mean_abs']:.2e}  ({tol})  "
                             f"{'PASS' if o['ok'] else 'FAIL'}"))
     rows.append(("status", m["status"] + f"  ({m['compile_seconds']} s)"))
-    return "\n".join(f"{k:<12} {v}" for k, v in rows)
+    return "\n".join(f"{k:<13} {v}" for k, v in rows)
 
 
 @click.command("targets")

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from edge_tdmpc.model import WorldModel
-from edge_tdmpc.planner import Noise, PlannerConfig, plan, sample_noise
+from edge_tdmpc.planner import Noise, PlannerConfig, plan, policy_action, sample_noise
 from edge_tdmpc.tasks import discount
 
 # one task per domain first: calibration should see every body the model controls
@@ -38,21 +38,24 @@ def feed_to_torch(feed: dict) -> tuple:
 
 
 def reference_step(model: WorldModel, feed: dict, cfg: PlannerConfig) -> dict[str, np.ndarray]:
-    """The torch fp32 reference (`planner.plan`) on one feed -> {action, mean, value, z}."""
+    """The torch fp32 reference on one feed -> {action, mean, value, z}: `planner.plan`, or with mpc=False
+    `planner.policy_action` (action sampled with noise_action, mean = the deterministic policy action)."""
     obs, task, prev_mean, t0, noise = feed_to_torch(feed)
     task = task if model.cfg.multitask else None
+    with torch.no_grad():
+        z = model.encode(obs.reshape(1, -1), task)[0].numpy()
+    if not cfg.mpc:
+        return {"action": policy_action(model, obs, task, noise.action).numpy(),
+                "mean": policy_action(model, obs, task, noise.action, eval_mode=True).numpy(), "z": z}
     gamma = discount(model.cfg.episode_lengths[task or 0]) if model.cfg.episode_lengths else 0.99
     action, mean, info = plan(model, obs, task, prev_mean, t0, noise, cfg, gamma)
-    with torch.no_grad():
-        z = model.encode(obs.reshape(1, -1), task)[0]
-    return {"action": action.numpy(), "mean": mean.numpy(), "value": info["value"].reshape(1).numpy(),
-            "z": z.numpy()}
+    return {"action": action.numpy(), "mean": mean.numpy(), "value": info["value"].reshape(1).numpy(), "z": z}
 
 
 def record(model: WorldModel, cfg: PlannerConfig, tasks, steps: int, seed: int = 0, step_fn=None) -> dict:
     """Run one short episode per task with the MPPI planner; return every step's planning inputs, stacked.
 
-    `step_fn(feed) -> (action, mean)` plans one step (default: the torch reference; compile passes its
+    `step_fn(feed) -> (action, next mean)` plans one step (default: the torch reference; compile passes its
     verified fp32 ONNX session, 2-3x faster). Noise is drawn as `planner.Agent` draws it.
     """
     from edge_tdmpc.envs import make_env
@@ -71,9 +74,11 @@ def record(model: WorldModel, cfg: PlannerConfig, tasks, steps: int, seed: int =
             rows.append(feed)
             if step_fn is None:
                 out = reference_step(model, feed, cfg)
-                action, prev_mean = out["action"], out["mean"]
+                action, mean = out["action"], out["mean"]
             else:
-                action, prev_mean = step_fn(feed)
+                action, mean = step_fn(feed)
+            if cfg.mpc:  # the warm start; the policy prior alone has none
+                prev_mean = mean
             obs, _, terminated, truncated, _ = env.step(np.asarray(action)[: env.action_space.shape[0]])
             if terminated or truncated:
                 break

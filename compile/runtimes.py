@@ -97,7 +97,8 @@ class OnnxRuntime(_ArtifactRuntime):
         super().__init__(model, precision, planner, seed, device)
         from edge_tdmpc.compile.session import OnnxSession
         self.session = OnnxSession(self.dir / self.manifest["graph"], device, threads,
-                                   trt_cache=self.dir / "ort-trt-cache" if device == "tensorrt" else None)
+                                   trt_cache=self.dir / "ort-trt-cache" if device == "tensorrt" else None,
+                                   precision=self.manifest["precision"])
 
     def act(self, obs, task, t0, eval_mode=False, noise=None):
         return self._step(self.session.run(self.feed(obs, task, t0, eval_mode, noise)), eval_mode)

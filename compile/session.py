@@ -22,11 +22,13 @@ class OnnxSession:
     """A graph (ModelProto or path) on one provider; `run(feeds) -> {output: array}`, feeds filtered by name.
 
     device: 'cpu' (default), 'cuda' or 'tensorrt' (ONNX Runtime's TensorRT provider, engine cache in
-    `trt_cache`). A bf16 graph on the CPU provider, which has no bf16 kernels, runs emulated (`emulate_bf16`).
+    `trt_cache`; `precision` picks its builder flags). A bf16 graph on the CPU provider, which has no bf16
+    kernels, runs emulated (`emulate_bf16`).
     threads: intra-op threads (default: $EDGE_TDMPC_ORT_THREADS, else ONNX Runtime's choice, one per core).
     """
 
-    def __init__(self, model, device: str | None = None, threads: int | None = None, trt_cache: Path | None = None):
+    def __init__(self, model, device: str | None = None, threads: int | None = None, trt_cache: Path | None = None,
+                 precision: str = "fp32"):
         import onnxruntime as ort
         device = device or "cpu"
         if device not in PROVIDERS:
@@ -46,7 +48,10 @@ class OnnxSession:
             so.intra_op_num_threads = threads
         providers = PROVIDERS[device]
         if device == "tensorrt":
-            opts = {"trt_fp16_enable": True, "trt_int8_enable": True, "trt_engine_cache_enable": bool(trt_cache)}
+            # TensorRT's builder flags: fp16 kernels only where the graph asks for them (an fp32 artifact
+            # stays fp32), int8 for the Q/DQ nodes of int8/mixed graphs
+            opts = {"trt_fp16_enable": precision in ("fp16", "mixed"),
+                    "trt_int8_enable": precision in ("int8", "mixed"), "trt_engine_cache_enable": bool(trt_cache)}
             if trt_cache:
                 opts["trt_engine_cache_path"] = str(trt_cache)
             providers = [("TensorrtExecutionProvider", opts), *providers[1:]]

@@ -277,6 +277,27 @@ def test_artifact_runtime_matches_torch_runtime_on_same_seed(fp32_artifact, mode
         rt.act(obs, None, True)
 
 
+def test_policy_only_runtime_matches_torch(model, cache):
+    cfg = PlannerConfig(mpc=False)
+    rt, ref = make_runtime("onnxruntime", model, "fp32", cfg, seed=1), make_runtime("torch", model, "fp32", cfg, seed=1)
+    assert artifact.read_manifest(rt.dir)["status"] == "ok"
+    obs = np.linspace(-1, 1, 24, dtype=np.float32)
+    for eval_mode in (False, True, False):
+        np.testing.assert_allclose(rt.act(obs, 5, False, eval_mode), ref.act(obs, 5, False, eval_mode), atol=1e-5)
+
+
+def test_mixed_plan_mixes_precisions(model, cache, tmp_path):
+    art = artifact.compile_model(model, "mixed", SMALL, out=tmp_path / "mixed", calib_episodes=2, calib_steps=2,
+                                 verify_episodes=1, verify_steps=3)
+    m = artifact.read_manifest(art)
+    assert set(m["layer_plan"].values()) == {"fp32", "fp16", "int8"}
+    assert m["verification"]["outputs"]["z"]["max_abs"] < 1e-5  # fp32 encoder, untouched by int8 neighbours
+    proto = onnx.load(art / "plan.onnx")
+    types = {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer}
+    assert types["encoder.0.W_obs"] == "FLOAT" and types["dynamics.0.W_z.fp16"] == "FLOAT16"
+    assert types["dynamics.1.W_x.int8"] == "INT8"
+
+
 def test_runtime_compiles_on_the_fly_into_a_keyed_cache(model, cache):
     rt = make_runtime("onnxruntime", model, "fp16", SMALL, seed=0)
     again = make_runtime("onnxruntime", model, "fp16", SMALL, seed=0)
