@@ -459,21 +459,34 @@ def _rollout(g: Graph, nets: Nets, z, actions, disc_t, scope):
     return G, z
 
 
-def _estimate_value(g: Graph, nets: Nets, z, actions, disc_t, i, mask, gather_heads, pi_rollout=None):
+def _estimate_value(g: Graph, nets: Nets, z, actions, disc_t, i, mask, gather_heads, pi_rollout=None, split=1):
     """G = sum_t gamma^t r(z_t, a_t) + gamma^H Q_avg(z_H, pi(z_H)); NaN -> 0; actions [H, S, A] -> [S].
 
     `pi_rollout` (G, z_H) of the policy trajectories, the same in every iteration, is computed once; `actions`
-    are then the sampled candidates only.
+    are then the sampled candidates only. `split` > 1 evaluates the candidates in that many independent row
+    blocks: the same numbers, as branches a parallel executor runs on separate cores.
     """
-    H = len(disc_t) - 1
-    G, z = _rollout(g, nets, z, actions, disc_t, f"it{i}")
-    if pi_rollout is not None:
-        G, z = g.op("Concat", pi_rollout[0], G, axis=0), g.op("Concat", pi_rollout[1], z, axis=0)
-    g.scope = f"it{i}/value"
-    eps = g.op("Squeeze", g.slice("noise_q_pi", i, i + 1, 0), g.ints([0]))  # [S, A]
-    a, _ = nets.pi(z, eps, mask)
+    H, n = len(disc_t) - 1, 0
     heads = g.op("Squeeze", g.slice("noise_q_idx", i, i + 1, 0), g.ints([0])) if gather_heads else None
-    value = g.op("Add", G, g.op("Mul", disc_t[H], nets.Q_avg(z, a, heads)))
+    eps = g.op("Squeeze", g.slice("noise_q_pi", i, i + 1, 0), g.ints([0]))  # [S, A]
+    N = int(np.prod(g.shape[actions][1:2]))
+    bounds = np.linspace(0, N, split + 1).round().astype(int)
+    blocks = [] if pi_rollout is None or split == 1 else [pi_rollout]
+    for k in range(split):
+        part = actions if split == 1 else g.slice(actions, int(bounds[k]), int(bounds[k + 1]), 1)
+        G, zH = _rollout(g, nets, z, part, disc_t, f"it{i}" + (f"/b{k}" if split > 1 else ""))
+        if split == 1 and pi_rollout is not None:
+            G, zH = g.op("Concat", pi_rollout[0], G, axis=0), g.op("Concat", pi_rollout[1], zH, axis=0)
+        blocks.append((G, zH))
+    values = []
+    for k, (G, zH) in enumerate(blocks):
+        g.scope = f"it{i}/value" + (f"/b{k}" if split > 1 else "")
+        rows = g.shape[G][0]
+        e = eps if len(blocks) == 1 else g.slice(eps, n, n + rows, 0)
+        n += rows
+        a, _ = nets.pi(zH, e, mask)
+        values.append(g.op("Add", G, g.op("Mul", disc_t[H], nets.Q_avg(zH, a, heads))))
+    value = values[0] if len(values) == 1 else g.op("Concat", *values, axis=0)
     return g.reshape(g.nan_to_num(value), [-1])
 
 
