@@ -104,6 +104,12 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     """
     echo = echo or (lambda *_: None)
     cfg = planner or PlannerConfig()
+    for name, v in (("calib_episodes", calib_episodes), ("calib_steps", calib_steps),
+                    ("verify_episodes", verify_episodes), ("verify_steps", verify_steps)):
+        if v < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {v}")
+    if not 0 < calib_percentile <= 100:
+        raise ValueError(f"calib-percentile must be in (0, 100], got {calib_percentile} (100: the max of |x|)")
     profile = load_target(target)
     check_precision(profile, precision)
     model = model.float().cpu().eval()

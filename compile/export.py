@@ -358,7 +358,7 @@ PLAN_OUTPUTS = ("action", "mean", "value", "z")
 
 
 def plan_graph(model: WorldModel, cfg: PlannerConfig, plan: dict[str, str] | None = None,
-               gammas=None, split: int = 1) -> onnx.ModelProto:
+               gammas=None) -> onnx.ModelProto:
     """The whole planning step (encode -> policy trajectories -> MPPI iterations -> action) as one graph.
 
     Inputs: see `plan_inputs` (obs, task, prev_mean, t0 and the noise of `planner.Noise`). Outputs: action [A]
@@ -367,7 +367,7 @@ def plan_graph(model: WorldModel, cfg: PlannerConfig, plan: dict[str, str] | Non
     (see `layer_names`) to a precision; unnamed layers run in fp32.
     """
     c = model.cfg
-    H, P, S, I, K, A = cfg.horizon, cfg.num_pi_trajs, cfg.num_samples, cfg.iterations, cfg.num_elites, c.action_dim
+    H, P, I, K, A = cfg.horizon, cfg.num_pi_trajs, cfg.iterations, cfg.num_elites, c.action_dim
     g = Graph()
     spec = plan_inputs(model, cfg)
     for name, (dtype, shape) in spec.items():
@@ -418,7 +418,7 @@ def plan_graph(model: WorldModel, cfg: PlannerConfig, plan: dict[str, str] | Non
                        g.scalar(-1.0), g.scalar(1.0))
         sampled = g.op("Mul", sampled, mask)
         actions = g.op("Concat", pi_actions, sampled, axis=1) if P else sampled  # [H, S, A], masked
-        value = _estimate_value(g, nets, z, sampled, disc_t, i, mask, c.num_q > 2, (P, S - P), pi_rollout, split)
+        value = _estimate_value(g, nets, z, sampled, disc_t, i, mask, c.num_q > 2, pi_rollout)  # [S]
         elite_value, elite_idx = g.op("TopK", value, g.ints([K]), axis=0, largest=1, sorted=1, n_out=2)
         g.dtype[elite_idx] = "int64"
         elite_actions = g.op("Gather", actions, elite_idx, axis=1)  # [H, K, A]
@@ -459,33 +459,21 @@ def _rollout(g: Graph, nets: Nets, z, actions, disc_t, scope):
     return G, z
 
 
-def _estimate_value(g: Graph, nets: Nets, z, actions, disc_t, i, mask, gather_heads, rows, pi_rollout=None,
-                    split=1):
+def _estimate_value(g: Graph, nets: Nets, z, actions, disc_t, i, mask, gather_heads, pi_rollout=None):
     """G = sum_t gamma^t r(z_t, a_t) + gamma^H Q_avg(z_H, pi(z_H)); NaN -> 0; actions [H, S, A] -> [S].
 
-    `pi_rollout` (G, z_H) of the policy trajectories (`rows` = (P, S - P)), the same in every iteration, is
-    computed once; `actions` are then the sampled candidates only. `split` > 1 evaluates the candidates in that
-    many independent row blocks: the same numbers, as branches a parallel executor can run on separate cores.
+    `pi_rollout` (G, z_H) of the policy trajectories, the same in every iteration, is computed once; `actions`
+    are then the sampled candidates only.
     """
-    H, (P, N) = len(disc_t) - 1, rows
-    heads = g.op("Squeeze", g.slice("noise_q_idx", i, i + 1, 0), g.ints([0])) if gather_heads else None
+    H = len(disc_t) - 1
+    G, z = _rollout(g, nets, z, actions, disc_t, f"it{i}")
+    if pi_rollout is not None:
+        G, z = g.op("Concat", pi_rollout[0], G, axis=0), g.op("Concat", pi_rollout[1], z, axis=0)
+    g.scope = f"it{i}/value"
     eps = g.op("Squeeze", g.slice("noise_q_pi", i, i + 1, 0), g.ints([0]))  # [S, A]
-    bounds = np.linspace(0, N, split + 1).round().astype(int)
-    blocks = [] if pi_rollout is None or split == 1 else [(*pi_rollout, P)]
-    for k in range(split):
-        part = actions if split == 1 else g.slice(actions, int(bounds[k]), int(bounds[k + 1]), 1)
-        G, zH = _rollout(g, nets, z, part, disc_t, f"it{i}" + (f"/b{k}" if split > 1 else ""))
-        if split == 1 and pi_rollout is not None:
-            G, zH = g.op("Concat", pi_rollout[0], G, axis=0), g.op("Concat", pi_rollout[1], zH, axis=0)
-        blocks.append((G, zH, int(bounds[k + 1] - bounds[k]) + (P if split == 1 else 0)))
-    values, start = [], 0
-    for k, (G, zH, n) in enumerate(blocks):
-        g.scope = f"it{i}/value" + (f"/b{k}" if split > 1 else "")
-        e = eps if len(blocks) == 1 else g.slice(eps, start, start + n, 0)
-        start += n
-        a, _ = nets.pi(zH, e, mask)
-        values.append(g.op("Add", G, g.op("Mul", disc_t[H], nets.Q_avg(zH, a, heads))))
-    value = values[0] if len(values) == 1 else g.op("Concat", *values, axis=0)
+    a, _ = nets.pi(z, eps, mask)
+    heads = g.op("Squeeze", g.slice("noise_q_idx", i, i + 1, 0), g.ints([0])) if gather_heads else None
+    value = g.op("Add", G, g.op("Mul", disc_t[H], nets.Q_avg(z, a, heads)))
     return g.reshape(g.nan_to_num(value), [-1])
 
 

@@ -338,6 +338,8 @@ def test_cli_compile_cpu_and_jetson_bundle(model, cache, tmp_path):
     assert {"build_engine.py", "verify.py", "plan.onnx", "verify.npz"} <= set(m["files"])
     res = runner.invoke(main, ["compile", str(ckpt), "--precision", "bf16", "--target", "xavier-nx", *small])
     assert res.exit_code == 2 and "does not support bf16" in res.output
+    res = runner.invoke(main, ["compile", str(ckpt), "--precision", "int8", "--calib-percentile", "0", *small])
+    assert res.exit_code == 2 and "calib-percentile must be in (0, 100]" in res.output
     res = runner.invoke(main, ["targets"])
     assert res.exit_code == 0 and "orin-nano" in res.output and "thor" in res.output
 
