@@ -23,7 +23,6 @@ import errno
 import json
 import mmap
 import os
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from edge_tdmpc.checkpoint import atomic_write
 
 FORMAT, VERSION = "edge-tdmpc-episodes", 1
 INDEX = "index.json"
@@ -43,20 +44,6 @@ class Batch(NamedTuple):
     reward: torch.Tensor   # [H, B, 1]
     task: torch.Tensor     # [B] long
     index: torch.Tensor    # [B] long, global transition index of each slice's first step
-
-
-def _atomic_write(path: Path, write):
-    """write(file object) into a temporary file beside `path`, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save_rows(f, parts):
@@ -156,7 +143,7 @@ class EpisodeWriter:
                           reward=[p[2] for p in self._pending],
                           episodes=[np.stack([starts, lengths, tasks, keys], axis=1)])
             for field, parts in pieces.items():
-                _atomic_write(self.root / f"{name}.{field}.npy", lambda f, p=parts: _save_rows(f, p))
+                atomic_write(self.root / f"{name}.{field}.npy", lambda f, p=parts: _save_rows(f, p))
             ix = self.index
             ix["shards"].append(dict(name=name, rows=int(self._pending_rows), episodes=len(lengths),
                                      transitions=int(lengths.sum())))
@@ -168,7 +155,7 @@ class EpisodeWriter:
 
     def _write_index(self):
         text = json.dumps(self.index, indent=1).encode()
-        _atomic_write(self.root / INDEX, lambda f: f.write(text))
+        atomic_write(self.root / INDEX, lambda f: f.write(text))
 
     def close(self):
         if self._lock.closed:

@@ -6,14 +6,13 @@ slice start of a dataset and stored memory-mapped, keyed by the global transitio
 """
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from edge_tdmpc.checkpoint import atomic_write
 from edge_tdmpc.model import WorldModel, two_hot_inv
 from edge_tdmpc.runtime import TORCH_DTYPES
 
@@ -186,13 +185,4 @@ def _dataset_id(dataset) -> str:
 
 def write_json(path: Path, obj):
     """Atomic JSON write: tmp file, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")

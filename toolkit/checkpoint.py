@@ -186,10 +186,16 @@ def save_model(model: WorldModel, path, dtype=None):
 def atomic_save(obj, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path, write, mode="wb"):
+    """write(file object) into a temporary file beside `path`, fsync, then rename over `path`."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
