@@ -64,7 +64,8 @@ def record(model: WorldModel, cfg: PlannerConfig, tasks, steps: int, seed: int =
         if task not in model.cfg.tasks:
             raise ValueError(f"task '{task}' is not in this model's task set; pick calibration tasks it was trained on")
         index = model.cfg.tasks.index(task) if model.cfg.multitask else None
-        env = make_env(task, seed=seed + k, multitask=model.cfg.multitask)
+        env = make_env(task, seed=seed + k, multitask=model.cfg.multitask,
+                       pad_to=(model.cfg.obs_dim, model.cfg.action_dim))
         obs, _ = env.reset()
         gen = torch.Generator().manual_seed(seed + k)
         prev_mean = np.zeros((cfg.horizon, model.cfg.action_dim), np.float32)

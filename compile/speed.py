@@ -61,7 +61,8 @@ def closed_loop(model, rt, tasks, steps=500, seed=1) -> dict:
     from edge_tdmpc.envs import make_env
     scores = {}
     for task in tasks:
-        env = make_env(task, seed=seed, multitask=model.cfg.multitask)
+        env = make_env(task, seed=seed, multitask=model.cfg.multitask,
+                       pad_to=(model.cfg.obs_dim, model.cfg.action_dim))
         index = model.cfg.tasks.index(task) if model.cfg.multitask else None
         rt.reset(seed)
         obs, _ = env.reset()

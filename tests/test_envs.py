@@ -96,6 +96,11 @@ def test_multitask_padding():
     ref, ref_reward, *_ = plain.step(action[:1])
     np.testing.assert_array_equal(obs[:3], ref)
     assert reward == ref_reward and not obs[3:].any()
+    # a model of a smaller task set pads to its own dims; a task that does not fit is refused
+    small = make_env("pendulum-spin", seed=3, multitask=True, pad_to=(5, 1))
+    assert small.reset()[0].shape == (5,) and small.action_space.shape == (1,)
+    with pytest.raises(ValueError, match="cannot be padded"):
+        make_env("cheetah-run", multitask=True, pad_to=(5, 1))
 
 
 def test_unknown_task_names_close_match():

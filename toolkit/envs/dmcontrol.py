@@ -89,18 +89,23 @@ class DMControlEnv(gym.Env):
 
 
 class MultitaskEnv(gym.Wrapper):
-    """Zero-pads observations to MT30_OBS_DIM; takes MT30_ACTION_DIM actions, ignoring the extra entries."""
+    """Zero-pads observations to `obs_dim` (MT30's 24 by default; a model of a smaller task set pads to its own
+    cfg.obs_dim); takes `action_dim` actions, ignoring the extra entries."""
 
-    def __init__(self, env: DMControlEnv):
+    def __init__(self, env: DMControlEnv, obs_dim: int = MT30_OBS_DIM, action_dim: int = MT30_ACTION_DIM):
         super().__init__(env)
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (MT30_OBS_DIM,), np.float32)
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (MT30_ACTION_DIM,), np.float32)
+        if obs_dim < env.obs_dim or action_dim < env.action_dim:
+            raise ValueError(f"{env.task} has {env.obs_dim} observations and {env.action_dim} actions: it cannot "
+                             f"be padded to ({obs_dim}, {action_dim}); use a model whose task set includes it")
+        self.padded_obs_dim = obs_dim
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (action_dim,), np.float32)
         self.task, self.task_index = env.task, env.task_index
         self.obs_dim, self.action_dim = env.obs_dim, env.action_dim  # the task's own, unpadded dims
         self.max_episode_steps = env.max_episode_steps
 
     def _pad(self, obs):
-        padded = np.zeros(MT30_OBS_DIM, np.float32)
+        padded = np.zeros(self.padded_obs_dim, np.float32)
         padded[: self.obs_dim] = obs
         return padded
 
@@ -113,7 +118,8 @@ class MultitaskEnv(gym.Wrapper):
         return self._pad(obs), reward, terminated, truncated, info
 
 
-def make_env(task: str, seed: int = 0, multitask: bool = False) -> gym.Env:
-    """The gymnasium env of an MT30 task; `multitask=True` pads it to the shared MT30 obs/action sizes."""
+def make_env(task: str, seed: int = 0, multitask: bool = False, pad_to: tuple[int, int] | None = None) -> gym.Env:
+    """The gymnasium env of an MT30 task; `multitask=True` pads it to the shared MT30 obs/action sizes, or to
+    `pad_to` = (obs_dim, action_dim) of a multitask model trained on another task set."""
     env = DMControlEnv(task, seed)
-    return MultitaskEnv(env) if multitask else env
+    return MultitaskEnv(env, *(pad_to or (MT30_OBS_DIM, MT30_ACTION_DIM))) if multitask else env
