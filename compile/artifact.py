@@ -131,7 +131,7 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     ver = _recording(model, cfg, model_sha, _tasks(model, VERIFY_TASKS, verify_episodes), verify_steps,
                      seed + 1000, "verify", step_fn, reference=True)
     graph, calib_meta = fp32, None
-    if any(p in ("fp16", "bf16") for p in layer_plan.values()):  # int8 layers are emitted in fp32, then quantized
+    if any(p != "fp32" for p in layer_plan.values()):  # int8 layers are emitted in fp32 (per Q head), then quantized
         graph = export.plan_graph(model, cfg, layer_plan)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_parent(out)))
     tmp.chmod(0o755)

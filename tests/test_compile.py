@@ -80,12 +80,17 @@ def test_plan_graph_gathers_q_heads_and_single_task():
     """num_q > 2 takes the q_idx input; a single-task model has no task input."""
     torch.manual_seed(0)
     for cfg_model in (make_config("mt30", size=None, enc_dim=32, mlp_dim=32, latent_dim=16, num_q=5, task_dim=16),
+                      make_config("cheetah-run", size=None, enc_dim=32, mlp_dim=32, latent_dim=16, num_q=5),
                       make_config("cheetah-run", size=None, enc_dim=32, mlp_dim=32, latent_dim=16, num_q=2)):
         m = WorldModel(cfg_model).eval()
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        session = OnnxSession(export.plan_graph(m, SMALL))
+        graph = export.plan_graph(m, SMALL)
+        if m.cfg.num_q > 2:  # only the 2 heads q_idx picks are computed, not all 5
+            assert not any("/Q4." in n.name for n in graph.graph.node)
+            assert sum("of2." in n.name and n.op_type == "MatMul" for n in graph.graph.node) == 2 * 4 * SMALL.iterations
+        session = OnnxSession(graph)
         assert ("noise_q_idx" in session.inputs) == (m.cfg.num_q > 2)
         assert ("task" in session.inputs) == m.cfg.multitask
         feed = _feed(m, SMALL, seed=2)
@@ -190,7 +195,8 @@ def fp32_artifact(model, cache, tmp_path_factory):
 @pytest.fixture(scope="module")
 def int8_artifact(model, cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "int8"
-    return artifact.compile_model(model, "int8", SMALL, out=out, calib_episodes=3, calib_steps=3,
+    # 8 steps per episode: with 3, this random model's ranges were too narrow (values 3% off)
+    return artifact.compile_model(model, "int8", SMALL, out=out, calib_episodes=3, calib_steps=8,
                                   verify_episodes=2, verify_steps=3)
 
 
@@ -208,7 +214,7 @@ def test_int8_is_calibrated_on_recorded_episodes(int8_artifact, model):
     m = artifact.read_manifest(int8_artifact)
     assert m["status"] == "ok"
     calib = m["calibration"]
-    assert calib["rows"] == 9 and len(calib["tasks"]) == 3 and all(t in model.cfg.tasks for t in calib["tasks"])
+    assert calib["rows"] == 24 and len(calib["tasks"]) == 3 and all(t in model.cfg.tasks for t in calib["tasks"])
     ranges = json.loads((int8_artifact / calib["file"]).read_text())["absmax"]
     assert ranges and all(v > 0 for v in ranges.values())  # activation ranges seen in the episodes
     proto = onnx.load(int8_artifact / "plan.onnx")
@@ -377,7 +383,7 @@ def _has_tensorrt():
 @pytest.mark.parametrize("prec", ["fp32", "fp16", "int8"])
 def test_tensorrt_engine_builds_matches_and_round_trips(prec, model, cache, tmp_path):
     art = artifact.compile_model(model, prec, SMALL, target="x86-dgpu", out=tmp_path / prec, calib_episodes=2,
-                                 calib_steps=3, verify_episodes=1, verify_steps=3)
+                                 calib_steps=8, verify_episodes=1, verify_steps=3)
     m = artifact.read_manifest(art)
     assert m["engine"]["status"] == "built"
     engine = trt.Engine(art / "plan.engine")  # deserialized from the file: the serialization round trip
