@@ -334,15 +334,8 @@ class Nets:
                 layers = [self.layers[f"Q{h}"][i] for h in range(self.cfg.num_q)]
                 first, dt = layers[0], self.dtype(layers[0])
                 g.scope = f"{prev_scope}/Q{k}of2.{i}"
-
-                def pick(key, rows, task_axis=None):  # [num_q, ...] constant -> this head's slice
-                    t = g.const(np.stack(rows), dt, key=f"Qs.{i}.{key}")
-                    if task_axis is not None:
-                        t = g.op("Gather", t, self.task, axis=task_axis)
-                    return g.op("Gather", t, head, axis=0)
-
-                multitask_bias = i == 0 and self.task is not None
-                y = pick("b", [l.b if i == 0 else l.b[None] for l in layers], 1 if multitask_bias else None)
+                pick = lambda key, rows, task_axis=None: self._pick(f"Qs.{i}.{key}", rows, dt, head, task_axis)  # noqa: B023,E731
+                y = pick("b", [l.b if i == 0 else l.b[None] for l in layers], 1 if i == 0 and self.task else None)
                 for seg in first.W:
                     y = g.op("Add", g.op("MatMul", g.cast(x[seg], dt), pick(f"W_{seg}", [l.W[seg] for l in layers])), y)
                 if first.ln is not None:
@@ -353,6 +346,13 @@ class Nets:
             g.scope = prev_scope
             values.append(self.two_hot_inv(x["x"]))
         return g.op("Mul", g.op("Add", *values), g.scalar(0.5))  # a + b == b + a: the order of q_idx is free
+
+    def _pick(self, key, rows, dt, head, task_axis=None):
+        """A [num_q, ...] stack of per-head constants -> one head's slice (after this task's row)."""
+        t = self.g.const(np.stack(rows), dt, key=key)
+        if task_axis is not None:
+            t = self.g.op("Gather", t, self.task, axis=task_axis)
+        return self.g.op("Gather", t, head, axis=0)
 
     def Q_all(self, z, a):
         """Logits of every head [num_q, N, bins]."""

@@ -28,8 +28,12 @@ def _runtimes(model, precisions, planner, device=None):
     return out
 
 
-def latency(model, runtimes: dict, planner: PlannerConfig, steps=30, warmup=3, seed=0) -> dict:
-    """Per runtime: p50/p99 ms of act() and max/mean |action - eager fp32 action| on identical inputs."""
+def latency(model, runtimes: dict, planner: PlannerConfig, steps=30, warmup=3, seed=0, settle=0.02) -> dict:
+    """Per runtime: p50/p99 ms of act() and max/mean |action - eager fp32 action| on identical inputs.
+
+    Runtimes take turns step by step, the order rotating each step, with `settle` seconds of sleep before each
+    timed call: thread pools (OpenMP's, ONNX Runtime's) spin for a while after a call, and without the pause
+    that spinning steals the cores from whichever runtime comes next."""
     tasks = [t for t in ("walker-walk", "cheetah-run", "cartpole-swingup") if t in model.cfg.tasks] or model.cfg.tasks
     rec = record.record(model, planner, tasks, (steps + warmup) // len(tasks) + 1, seed=seed + 7)
     rows = list(record.rows(rec))[: steps + warmup]
@@ -39,16 +43,21 @@ def latency(model, runtimes: dict, planner: PlannerConfig, steps=30, warmup=3, s
     for i, row in enumerate(rows):
         noise = sample_noise(planner, model.cfg.action_dim, model.cfg.num_q, gen)
         task = int(row["task"][0]) if model.cfg.multitask else None
-        ref = None
-        for key, rt in runtimes.items():
+        keys = list(runtimes)
+        keys = keys[i % len(keys):] + keys[:i % len(keys)]
+        actions = {}
+        for key in keys:
+            rt = runtimes[key]
             rt.reset()
+            time.sleep(settle)
             t = time.perf_counter()
-            a = rt.act(row["obs"], task, True, noise=noise)
+            actions[key] = np.asarray(rt.act(row["obs"], task, True, noise=noise))
             dt = time.perf_counter() - t
             if i >= warmup:
                 times[key].append(dt * 1e3)
-            ref = a if ref is None else ref
-            deltas[key].append(float(np.abs(np.asarray(a) - ref).max()))
+        ref = actions[("torch", "fp32")]
+        for key, a in actions.items():
+            deltas[key].append(float(np.abs(a - ref).max()))
     base = np.median(times[("torch", "fp32")])
     return {key: {"p50_ms": float(np.median(v)), "p99_ms": float(np.percentile(v, 99)),
                   "speedup": float(base / np.median(v)), "max_daction": max(deltas[key]),

@@ -105,8 +105,10 @@ def distill(teacher, teacher_tasks, data, student_size, student_dims, d_coef, te
 @click.option("--utd", default=1.0, show_default=True, help="updates per environment step")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--resume", is_flag=True, help="continue the run in --out")
+@click.option("--logger", type=click.Choice(["none", "tensorboard", "wandb"]), default="none",
+              show_default=True, help="also send metric rows to TensorBoard or wandb (when installed)")
 @common
-def train(tasks, size, dims, steps, out, mpc, seed_steps, episode_steps, utd, batch_size, resume, seed,
+def train(tasks, size, dims, steps, out, mpc, seed_steps, episode_steps, utd, batch_size, resume, logger, seed,
           save_every, log_every, eval_every, eval_steps, threads, progress):
     """Online TD-MPC2 from scratch on TASKS (makes a teacher); writes OUT/model.pt and OUT/replay/ (CPU)."""
     from edge_tdmpc.distill.online import train as run
@@ -114,8 +116,7 @@ def train(tasks, size, dims, steps, out, mpc, seed_steps, episode_steps, utd, ba
     s = run(tasks, out, size=_size(size), steps=steps, seed=seed, dims=parse_dims(dims), mpc=mpc,
             seed_steps=seed_steps, episode_steps=episode_steps, utd=utd, batch_size=batch_size,
             save_every=save_every, log_every=log_every, eval_every=eval_every, eval_steps=eval_steps, resume=resume,
-            progress=progress,
-            echo=click.echo)
+            logger=logger, progress=progress, echo=click.echo)
     click.echo(f"model: {s['model']} ({s['env_steps']} env steps, {s['updates']} updates); "
                f"its episodes: {out}/replay (usable with `edge-tdmpc distill --data`)")
 

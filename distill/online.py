@@ -1,10 +1,11 @@
 """`edge-tdmpc train`: online multi-task TD-MPC2 from scratch (collect, update, repeat) - makes a teacher when
 none is at hand, and is the online baseline.
 
-Tasks take turns episode by episode. The first `seed_steps` environment steps act uniformly at random; at that
-point the model is pretrained with `seed_steps` updates (as the official online trainer does), then makes
-`utd` updates per environment step - batched at the end of each episode rather than interleaved step by step
-as officially, so the acting policy is fixed within an episode. Episodes act with the planner (`mpc=True`,
+Tasks take turns episode by episode. Episodes that start within the first `seed_steps` environment steps act
+uniformly at random. As in the official online trainer, learning is interleaved with acting: at global step
+`seed_steps` the model is pretrained with `seed_steps` updates, then makes `utd` updates after every
+environment step, sampling completed episodes (the official buffer also receives an episode when it ends), so
+the acting policy changes within an episode. Episodes act with the planner (`mpc=True`,
 official) or the policy prior (`mpc=False`: ~100x cheaper per step on a CPU), stochastically, seeded by
 (seed, episode), so a resumed run replays exactly. State (model, optimisers, replay) is checkpointed
 atomically at episode ends.
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from edge_tdmpc.checkpoint import save_model
 from edge_tdmpc.distill.data import Batch, EpisodeWriter
 from edge_tdmpc.distill.teacher import write_json
-from edge_tdmpc.distill.trainer import Checkpoints, MetricsLog, TrainConfig, Trainer, build_student
+from edge_tdmpc.distill.trainer import Checkpoints, MetricsLog, TrainConfig, Trainer, build_student, external_logger
 from edge_tdmpc.tasks import MT30_DIMS, resolve_tasks
 
 
@@ -86,8 +87,9 @@ def episode_seed(seed: int, episode: int) -> int:
 
 
 def run_episode(model, task, task_index, seed, steps, random_actions=False, mpc=False, eval_mode=False,
-                **planner):
-    """One episode -> (obs [T+1, own dim], action [T, own dim], reward [T])."""
+                after_step=None, **planner):
+    """One episode -> (obs [T+1, own dim], action [T, own dim], reward [T]); `after_step(t)` runs after the
+    episode's t-th environment step (the online trainer's updates)."""
     from edge_tdmpc.envs import make_env
     from edge_tdmpc.planner import Agent
     env = make_env(task, seed=seed)
@@ -104,6 +106,8 @@ def run_episode(model, task, task_index, seed, steps, random_actions=False, mpc=
         observations.append(obs)
         actions.append(a)
         rewards.append(reward)
+        if after_step is not None:
+            after_step(t)
         if terminated or truncated:
             break
     env.close()
@@ -113,7 +117,7 @@ def run_episode(model, task, task_index, seed, steps, random_actions=False, mpc=
 def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1, dims: dict | None = None,
           mpc=False, seed_steps: int | None = None, episode_steps: int = 500, utd: float = 1.0,
           batch_size: int = 256, save_every: int = 10_000, log_every: int = 500, eval_every: int = 0,
-          eval_episodes: int = 1, eval_steps: int = 500, resume=False, progress=True, echo=print,
+          eval_episodes: int = 1, eval_steps: int = 500, resume=False, logger=None, progress=True, echo=print,
           planner: dict | None = None, **train_overrides) -> dict:
     """Online TD-MPC2 on `tasks` for `steps` environment steps -> out/model.pt (official layout), metrics."""
     tasks = resolve_tasks(tasks)
@@ -148,7 +152,7 @@ def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1,
         resume_step = env_steps
         echo(f"resumed at {env_steps} environment steps, {trainer.step} updates")
     write_json(out / "run.json", settings)
-    log = MetricsLog(out, resume_step)
+    log = MetricsLog(out, resume_step, external_logger(logger, out, settings))
 
     def checkpoint():
         ckpts.save(dict(trainer=trainer.state_dict(), replay=replay.state_dict(), env_steps=env_steps,
@@ -158,6 +162,27 @@ def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1,
 
     last_save = env_steps
     sums, n, t_log = {}, 0, time.perf_counter()
+
+    def learn(t):
+        """After global step s = env_steps + t (0-based, the official `_step`): pretrain with `seed_steps`
+        updates at s == seed_steps, then `utd` per step."""
+        nonlocal update_budget, sums, n, t_log
+        s = env_steps + t
+        if s < seed_steps or not replay.episodes:
+            return
+        update_budget += seed_steps if s == seed_steps else utd
+        while update_budget >= 1:
+            info = trainer.update(replay.sample())
+            update_budget -= 1
+            for k, v in info.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+            if trainer.step % log_every == 0:
+                dt = time.perf_counter() - t_log
+                log.write({"kind": "train", "step": s + 1, "updates": trainer.step,
+                           **{k: v / n for k, v in sums.items()}, "updates_per_s": n / dt})
+                sums, n, t_log = {}, 0, time.perf_counter()
+
     with tqdm(total=steps, initial=env_steps, unit="step", desc="train", disable=not progress,
               dynamic_ncols=True) as pbar:
         while env_steps < steps:
@@ -166,27 +191,14 @@ def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1,
             length = min(episode_steps, steps - env_steps)
             random_phase = env_steps < seed_steps
             obs, action, reward = run_episode(model, task, i if mc.multitask else None,
-                                              episode_seed(seed, episodes), length, random_phase, mpc, **planner)
+                                              episode_seed(seed, episodes), length, random_phase, mpc,
+                                              after_step=learn, **planner)
             replay.add(obs, action, reward, i)
             T = len(action)
             env_steps, episodes = env_steps + T, episodes + 1
             pbar.update(T)
             log.write({"kind": "episode", "step": env_steps, "task": task, "return": float(reward.sum()),
                        "length": T, "random": random_phase})
-            if env_steps >= seed_steps:
-                # pretrain on the seed data once (official), then `utd` updates per environment step
-                update_budget += seed_steps if (env_steps - T) < seed_steps else T * utd
-                while update_budget >= 1:
-                    info = trainer.update(replay.sample())
-                    update_budget -= 1
-                    for k, v in info.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    n += 1
-                    if trainer.step % log_every == 0:
-                        dt = time.perf_counter() - t_log
-                        log.write({"kind": "train", "step": env_steps, "updates": trainer.step,
-                                   **{k: v / n for k, v in sums.items()}, "updates_per_s": n / dt})
-                        sums, n, t_log = {}, 0, time.perf_counter()
             if eval_every and (env_steps // eval_every) > ((env_steps - T) // eval_every):
                 returns = evaluate_online(model, tasks, eval_episodes, seed, mpc, planner, eval_steps)
                 log.write({"kind": "eval", "step": env_steps, **returns,

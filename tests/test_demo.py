@@ -41,7 +41,8 @@ def test_online_train_resumes_and_writes_model_and_replay(tmp_path):
     kw = dict(size=None, steps=300, seed_steps=100, episode_steps=50, batch_size=32, save_every=100, log_every=50,
               dims=dict(enc_dim=32, mlp_dim=32, latent_dim=16, num_q=2, task_dim=8), progress=False)
     full = train(TASKS, tmp_path / "full", **kw)
-    assert full["env_steps"] == 300 and full["updates"] == 100 + 200
+    # official schedule: seed_steps updates at global step 100, then one per step for steps 101..299
+    assert full["env_steps"] == 300 and full["updates"] == 100 + 199
     train(TASKS, tmp_path / "part", **{**kw, "steps": 150})
     with pytest.raises(ValueError, match="--resume"):
         train(TASKS, tmp_path / "part", **kw)
