@@ -182,23 +182,10 @@ def bench(models: dict, tasks, b: Budget, seed=1, echo=print) -> dict:
 
 
 def _episode(rt, model, task, task_index, seed, steps):
-    from edge_tdmpc.envs import make_env
-    env = make_env(task, seed=seed)
-    rt.reset(seed)
-    obs, _ = env.reset()
-    ret, ms = 0.0, []
-    for t in range(steps):
-        padded = np.zeros(model.cfg.obs_dim, np.float32)
-        padded[: len(obs)] = obs
-        t0 = time.perf_counter()
-        action = rt.act(padded, task_index if model.cfg.multitask else None, t == 0, eval_mode=True)
-        ms.append((time.perf_counter() - t0) * 1e3)
-        obs, reward, terminated, truncated, _ = env.step(np.asarray(action)[: env.action_dim])
-        ret += reward
-        if terminated or truncated:
-            break
-    env.close()
-    return ret, ms[3:] or ms  # the first acts warm up caches
+    from edge_tdmpc.bench.runner import run_episode
+    rec = run_episode(rt, task, task_index if model.cfg.multitask else None, seed, seed, steps, True,
+                      model.cfg.obs_dim)
+    return rec["return"], rec["latency_ms"][3:] or rec["latency_ms"]  # the first acts warm up caches
 
 
 # --- report -------------------------------------------------------------------------------------------------
