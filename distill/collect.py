@@ -25,33 +25,45 @@ def episode_seed(seed: int, task_index: int, episode: int) -> int:
     return int(np.random.SeedSequence([seed, task_index, episode]).generate_state(1)[0] >> 1)
 
 
-def rollout(model, task: str, episode: int, seed=0, mpc=True, noise_std=0.0, steps=500, eval_mode=False,
-            **planner) -> dict:
-    """One episode of `model` on `task` -> obs [T+1, own obs dim], action [T, own action dim], reward [T]."""
+def play(model, task: str, task_index, seed: int, steps: int, mpc=True, eval_mode=False, noise_std=0.0,
+         random_actions=False, after_step=None, **planner) -> tuple:
+    """One episode (the rollout loop of `data collect` and `train`) -> (obs [T+1, own obs dim], action [T, own
+    action dim], reward [T]). Env, agent noise and the episode's numpy draws (uniform actions when
+    `random_actions`, else N(0, noise_std) added to the agent's action) are all seeded by `seed`;
+    `after_step(t)` runs after the t-th step (the online trainer's updates)."""
     from edge_tdmpc.envs import make_env
-    multitask = model.cfg.multitask
-    index = model.cfg.tasks.index(task)
-    s = episode_seed(seed, index, episode)
-    env = make_env(task, seed=s)
-    agent = Agent(model, seed=s, mpc=mpc, **planner)
-    rng = np.random.default_rng(s)
+    env = make_env(task, seed=seed)
+    agent = None if random_actions else Agent(model, seed=seed, mpc=mpc, **planner)
+    rng = np.random.default_rng(seed)
     obs, _ = env.reset()
     observations, actions, rewards = [obs], [], []
     for t in range(steps):
-        action = agent.act(obs, t0=t == 0, eval_mode=eval_mode, task=index if multitask else None)
-        action = action.numpy()[: env.action_dim]
-        if noise_std:
-            action = np.clip(action + noise_std * rng.standard_normal(action.shape), -1, 1)
-        action = action.astype(np.float32)
+        if agent is None:
+            action = rng.uniform(-1, 1, env.action_dim).astype(np.float32)
+        else:
+            action = agent.act(obs, t0=t == 0, eval_mode=eval_mode, task=task_index).numpy()[: env.action_dim]
+            if noise_std:
+                action = np.clip(action + noise_std * rng.standard_normal(action.shape), -1, 1)
+            action = action.astype(np.float32)
         obs, reward, terminated, truncated, _ = env.step(action)
         observations.append(obs)
         actions.append(action)
         rewards.append(reward)
+        if after_step is not None:
+            after_step(t)
         if terminated or truncated:
             break
     env.close()
-    return dict(task=index, key=episode, obs=np.stack(observations), action=np.stack(actions),
-                reward=np.asarray(rewards, np.float32))
+    return np.stack(observations), np.stack(actions), np.asarray(rewards, np.float32)
+
+
+def rollout(model, task: str, episode: int, seed=0, mpc=True, noise_std=0.0, steps=500, eval_mode=False,
+            **planner) -> dict:
+    """One collected episode of `model` on `task`, seeded by (seed, task, episode) -> a dataset record."""
+    index = model.cfg.tasks.index(task)
+    obs, action, reward = play(model, task, index if model.cfg.multitask else None, episode_seed(seed, index, episode),
+                               steps, mpc, eval_mode, noise_std, **planner)
+    return dict(task=index, key=episode, obs=obs, action=action, reward=reward)
 
 
 _WORKER = {}

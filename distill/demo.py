@@ -323,7 +323,9 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
     lines += ["", f"Returns over {b.eval_steps}-step episodes (at most {2 * b.eval_steps}: each action is held "
               f"for 2 physics steps of reward <= 1; a full episode is 500 steps); {b.eval_episodes} episode(s) per "
               "task and row, so single rows vary a lot. Latency is per act call (policy prior: one encode + pi; "
-              "mppi: a whole planning step), on this machine.", "",
+              "mppi: a whole planning step), on this machine. Weights: the torch model's parameters; for "
+              "onnxruntime, the compiled graph of that acting mode (the policy-prior graph holds the encoder "
+              "and policy only).", "",
               "![returns](returns.png)" if ok else "", ""]
     lines += ["## Reading it honestly", "", _verdict(bench_rows, metrics, quick), ""]
     path = out / "report.md"
@@ -341,6 +343,12 @@ def _verdict(bench_rows, metrics, quick) -> str:
         parts.append(f"Policy prior, fp32: teacher {t:.1f}, distilled student {s:.1f}, from-scratch baseline "
                      f"{b:.1f} mean return. The student {'beats' if s > b else 'does not beat'} the baseline "
                      "in this run (one seed, few episodes: not a significant comparison).")
+    key = ("mppi", "torch", "fp32")
+    if all((m, *key) in ok for m in ("teacher", "student", "baseline")):
+        t, s, b = (ok[(m, *key)] for m in ("teacher", "student", "baseline"))
+        parts.append(f"MPPI planning, fp32 (it ranks candidates with the learned reward, the model part reward "
+                     f"distillation trains): teacher {t:.1f}, student {s:.1f}, baseline {b:.1f}; the student "
+                     f"{'beats' if s > b else 'does not beat'} the baseline (1 episode per task).")
     if quick:
         parts.append("This is the --quick form: budgets are far too small to learn; it checks the pipeline runs.")
     else:

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from edge_tdmpc.checkpoint import save_model
+from edge_tdmpc.distill.collect import play
 from edge_tdmpc.distill.data import Batch, EpisodeWriter
 from edge_tdmpc.distill.teacher import write_json
 from edge_tdmpc.distill.trainer import Checkpoints, MetricsLog, TrainConfig, Trainer, build_student, external_logger
@@ -84,34 +85,6 @@ def _pad(x, dim):
 
 def episode_seed(seed: int, episode: int) -> int:
     return int(np.random.SeedSequence([seed, episode]).generate_state(1)[0] >> 1)
-
-
-def run_episode(model, task, task_index, seed, steps, random_actions=False, mpc=False, eval_mode=False,
-                after_step=None, **planner):
-    """One episode -> (obs [T+1, own dim], action [T, own dim], reward [T]); `after_step(t)` runs after the
-    episode's t-th environment step (the online trainer's updates)."""
-    from edge_tdmpc.envs import make_env
-    from edge_tdmpc.planner import Agent
-    env = make_env(task, seed=seed)
-    agent = None if random_actions else Agent(model, seed=seed, mpc=mpc, **planner)
-    rng = np.random.default_rng(seed)
-    obs, _ = env.reset()
-    observations, actions, rewards = [obs], [], []
-    for t in range(steps):
-        if agent is None:
-            a = rng.uniform(-1, 1, env.action_dim).astype(np.float32)
-        else:
-            a = agent.act(obs, t0=t == 0, eval_mode=eval_mode, task=task_index).numpy()[: env.action_dim]
-        obs, reward, terminated, truncated, _ = env.step(a)
-        observations.append(obs)
-        actions.append(a)
-        rewards.append(reward)
-        if after_step is not None:
-            after_step(t)
-        if terminated or truncated:
-            break
-    env.close()
-    return np.stack(observations), np.stack(actions), np.asarray(rewards, np.float32)
 
 
 def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1, dims: dict | None = None,
@@ -190,9 +163,8 @@ def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1,
             task = tasks[i]
             length = min(episode_steps, steps - env_steps)
             random_phase = env_steps < seed_steps
-            obs, action, reward = run_episode(model, task, i if mc.multitask else None,
-                                              episode_seed(seed, episodes), length, random_phase, mpc,
-                                              after_step=learn, **planner)
+            obs, action, reward = play(model, task, i if mc.multitask else None, episode_seed(seed, episodes),
+                                       length, mpc, random_actions=random_phase, after_step=learn, **planner)
             replay.add(obs, action, reward, i)
             T = len(action)
             env_steps, episodes = env_steps + T, episodes + 1
@@ -217,8 +189,8 @@ def evaluate_online(model, tasks, episodes=1, seed=1, mpc=False, planner=None, s
     """Full-length eval-mode episodes on fresh seeds -> {task: mean return}."""
     out = {}
     for i, task in enumerate(tasks):
-        rets = [run_episode(model, task, i if model.cfg.multitask else None, episode_seed(seed + 10_000, e), steps,
-                            mpc=mpc, eval_mode=True, **(planner or {}))[2].sum() for e in range(episodes)]
+        rets = [play(model, task, i if model.cfg.multitask else None, episode_seed(seed + 10_000, e), steps,
+                     mpc=mpc, eval_mode=True, **(planner or {}))[2].sum() for e in range(episodes)]
         out[task] = float(np.mean(rets))
     return out
 

@@ -49,3 +49,12 @@ def make_tiny_model(tasks="mt30", seed=0):
 @pytest.fixture
 def tiny_model():
     return make_tiny_model()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread avoids OpenMP spin-wait contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

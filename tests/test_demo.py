@@ -12,12 +12,7 @@ from edge_tdmpc.distill.online import Replay, train
 TASKS = "cartpole-balance,cartpole-swingup"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_replay_slices_stay_inside_episodes():

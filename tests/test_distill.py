@@ -27,13 +27,7 @@ TASKS = ("cartpole-balance", "pendulum-swingup")
 DIMS = dict(enc_dim=32, mlp_dim=32, latent_dim=16, num_q=2, task_dim=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core machine: one thread avoids OpenMP spin-wait contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_dataset(root, episodes=6, T=40, seed=0, tasks=TASKS, obs_dim=5, action_dim=1):
