@@ -129,6 +129,17 @@ class TensorRTRuntime(_ArtifactRuntime):
         self.engine.close()
 
 
+def draw_noise(cfg: PlannerConfig, action_dim: int, num_q: int, device, dtype=torch.float32) -> Noise:
+    """`planner.sample_noise`'s draws (same shapes and distributions) from the device's default generator,
+    with ops a CUDA graph can capture: randperm cannot be, so the Q-head pair is an argsort of uniforms."""
+    I, H, S, P, K = cfg.iterations, cfg.horizon, cfg.num_samples, cfg.num_pi_trajs, cfg.num_elites
+    kw = dict(device=device, dtype=dtype)
+    u = torch.rand(K, device=device).clamp_min(1e-20)
+    return Noise(torch.randn(H, P, action_dim, **kw), torch.randn(I, H, S - P, action_dim, **kw),
+                 torch.rand(I, num_q, device=device).argsort(1)[:, :2], torch.randn(I, S, action_dim, **kw),
+                 (-torch.log((-torch.log(u)).clamp_min(1e-20))).to(dtype), torch.randn(action_dim, **kw))
+
+
 @register_runtime("torch-cuda-graph")
 class TorchCudaGraphRuntime(Runtime):
     """`planner.plan` on a CUDA GPU with the whole step - noise drawn on the device included - in one CUDA graph.
@@ -170,15 +181,7 @@ class TorchCudaGraphRuntime(Runtime):
 
     def _plan(self, draw: bool):
         cfg, c = self.planner, self.model.cfg
-        if draw:  # capturable draws from the device generator (randperm is not: argsort of uniforms instead)
-            I, H, S, P, K = cfg.iterations, cfg.horizon, cfg.num_samples, cfg.num_pi_trajs, cfg.num_elites
-            A, kw = c.action_dim, dict(device=self.device, dtype=self.dtype)
-            u = torch.rand(K, device=self.device).clamp_min(1e-20)
-            noise = Noise(torch.randn(H, P, A, **kw), torch.randn(I, H, S - P, A, **kw),
-                          torch.rand(I, c.num_q, device=self.device).argsort(1)[:, :2], torch.randn(I, S, A, **kw),
-                          (-torch.log(-torch.log(u).clamp_min(1e-20))).to(self.dtype), torch.randn(A, **kw))
-        else:
-            noise = self.noise_in
+        noise = draw_noise(cfg, c.action_dim, c.num_q, self.device, self.dtype) if draw else self.noise_in
         noise = noise._replace(action=noise.action * self.explore)  # explore = 0: eval mode, exactly
         task = self.task if c.multitask else None
         action, mean, _ = plan(self.model, self.obs, task, self.prev_mean, self.t0, noise, cfg, self.gamma)

@@ -28,6 +28,26 @@ def test_plan_is_a_pure_function_of_its_noise(tiny_model):
     assert a1.shape == (6,) and m1.shape == (cfg.horizon, 6) and a1.abs().max() <= 1
 
 
+def test_final_elite_is_a_gumbel_max_sample_of_the_scores(tiny_model):
+    """The official agent samples the executed elite with probability `score` (Gumbel-max); it does not take
+    the best one. Same noise but the Gumbel draw: the picks' frequencies follow the scores."""
+    noise = sample_noise(PlannerConfig(), 6, 5, torch.Generator().manual_seed(0))
+    assert torch.isfinite(noise.gumbel).all()
+    g = torch.cat([_noise(tiny_model, PlannerConfig(), s).gumbel for s in range(300)])
+    assert abs(g.mean() - 0.5772) < 0.05 and abs(g.std() - np.pi / 6 ** 0.5) < 0.05  # Gumbel(0, 1)
+    cfg = PlannerConfig(**{**SMALL, "temperature": 0.02})  # flat scores: many elites are likely picks
+    base = _noise(tiny_model, cfg, 0)
+    picks, score = [], None
+    for s in range(400):
+        gumbel = _noise(tiny_model, cfg, 1000 + s).gumbel
+        _, _, info = _plan(tiny_model, base._replace(gumbel=gumbel), cfg)
+        picks.append(int(info["pick"]))
+        score = info["score"] if score is None else score
+        assert torch.equal(info["score"], score)  # the rest of the step is unchanged
+    freq = np.bincount(picks, minlength=cfg.num_elites) / len(picks)
+    assert len(set(picks)) > 3 and 0.5 * np.abs(freq - score.numpy()).sum() < 0.1
+
+
 def test_agent_with_fixed_seed_repeats(tiny_model):
     def rollout(seed):
         agent = Agent(tiny_model, seed=seed, **SMALL)

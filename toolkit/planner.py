@@ -64,7 +64,7 @@ def sample_noise(cfg: PlannerConfig, action_dim: int, num_q: int, generator: tor
         sample=torch.randn(I, H, S - P, action_dim, **g),
         q_idx=q_idx,
         q_pi=torch.randn(I, S, action_dim, **g),
-        gumbel=-torch.log(-torch.log(u).clamp_min(1e-20)),  # Gumbel(0,1) = -log(Exp(1))
+        gumbel=-torch.log((-torch.log(u)).clamp_min(1e-20)),  # Gumbel(0,1) = -log(Exp(1))
         action=torch.randn(action_dim, **g),
     )
 
@@ -131,7 +131,7 @@ def plan(model: WorldModel, obs, task, prev_mean, t0, noise: Noise, cfg: Planner
     action = elite_actions[0, idx]
     if not eval_mode:
         action = action + std[0] * noise.action
-    info = dict(elite_value=elite_value, score=score, std=std, value=value.max())
+    info = dict(elite_value=elite_value, score=score, std=std, value=value.max(), pick=idx)
     return action.clamp(-1, 1), mean, info
 
 
