@@ -2,6 +2,8 @@
 
     python -m edge_tdmpc.compile.speed CHECKPOINT [--precisions fp32,fp16,int8] [--steps 30]
                                                  [--tasks cartpole-swingup,walker-walk] [--threads 1]
+    # on a GPU machine: eager on the GPU against the CUDA-graph step (and TensorRT where it imports)
+    python -m edge_tdmpc.compile.speed CHECKPOINT --device cuda --runtimes torch-cuda-graph --precisions fp32,fp16
 
 Latency: every runtime plans the same recorded observations with the same noise, interleaved step by step
 with the eager PyTorch reference (so machine load hits all alike); ratios are against that reference in the
@@ -21,10 +23,16 @@ from edge_tdmpc.planner import PlannerConfig, sample_noise
 from edge_tdmpc.runtime import make_runtime
 
 
-def _runtimes(model, precisions, planner, device=None):
-    out = {("torch", "fp32"): make_runtime("torch", model, "fp32", planner)}
-    for p in precisions:
-        out[("onnxruntime", p)] = make_runtime("onnxruntime", model, p, planner, device=device)
+def _runtimes(model, precisions, planner, names=("onnxruntime",), device="cpu"):
+    """The eager fp32 baseline on `device` first, then each named runtime x precision. On a GPU machine
+    (device 'cuda'): onnxruntime runs its CUDA provider, torch-cuda-graph and tensorrt their own GPU path."""
+    out = {("torch", "fp32"): make_runtime("torch", model, "fp32", planner, device=device)}
+    for name in names:
+        for p in precisions:
+            if name == "torch-cuda-graph" and p not in ("fp32", "fp16", "bf16"):
+                continue
+            dev = device if name == "onnxruntime" else None
+            out[(name, p)] = make_runtime(name, model, p, planner, device=None if dev == "cpu" else dev)
     return out
 
 
@@ -104,7 +112,10 @@ def main(argv=None):
     from edge_tdmpc.checkpoint import load_model
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
-    ap.add_argument("--precisions", default="fp32,fp16,bf16,int8,mixed", help="onnxruntime precisions")
+    ap.add_argument("--precisions", default="fp32,fp16,bf16,int8,mixed", help="precisions of the timed runtimes")
+    ap.add_argument("--runtimes", default="onnxruntime",
+                    help="runtimes timed against eager fp32: onnxruntime, torch-cuda-graph, tensorrt (comma-separated)")
+    ap.add_argument("--device", default="cpu", help="eager baseline's device; cuda on a GPU machine")
     ap.add_argument("--steps", type=int, default=30, help="timed planning steps (0: no latency table)")
     ap.add_argument("--tasks", default="", help="closed-loop tasks (comma-separated); none: latency only")
     ap.add_argument("--episode-steps", type=int, default=500)
@@ -118,7 +129,8 @@ def main(argv=None):
         os.environ["EDGE_TDMPC_ORT_THREADS"] = str(args.threads)
     model = load_model(args.checkpoint)
     planner = PlannerConfig()
-    rts = _runtimes(model, [p for p in args.precisions.split(",") if p], planner)
+    rts = _runtimes(model, [p for p in args.precisions.split(",") if p], planner,
+                    [r for r in args.runtimes.split(",") if r], args.device)
     result = {"torch_threads": torch.get_num_threads(), "episode_steps": args.episode_steps, "seed": args.seed}
     if args.steps:
         lat = latency(model, rts, planner, args.steps)

@@ -428,3 +428,17 @@ def test_cuda_graph_noise_draws_match_sample_noise():
     action, mean, _ = plan(m, torch.zeros(m.cfg.obs_dim), 0, torch.zeros(small.horizon, 6), True,
                            draw_noise(small, 6, m.cfg.num_q, "cpu"), small)
     assert action.shape == (6,) and torch.isfinite(mean).all() and action.abs().max() <= 1
+
+
+def test_speed_bench_times_runtimes_on_identical_inputs(model, cache):
+    """compile.speed (the latency benchmark) on a tiny model: every runtime timed, |Δa| against eager."""
+    from edge_tdmpc.compile import speed
+    rts = speed._runtimes(model, ["fp32"], SMALL)
+    lat = speed.latency(model, rts, SMALL, steps=3, warmup=1, settle=0)
+    assert set(lat) == {("torch", "fp32"), ("onnxruntime", "fp32")}
+    assert lat[("torch", "fp32")]["speedup"] == 1.0 and lat[("onnxruntime", "fp32")]["p50_ms"] > 0
+    assert lat[("onnxruntime", "fp32")]["mean_daction"] < 1e-2
+    assert "| onnxruntime | fp32 |" in speed.markdown(lat)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA GPU"):
+            speed._runtimes(model, ["fp16"], SMALL, ["torch-cuda-graph"])
