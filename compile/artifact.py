@@ -193,10 +193,13 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
 
 
 def _code_sha256() -> str:
-    """The code that shapes an artifact: a cached artifact from older code is compiled again."""
+    """The code that shapes an artifact (graph, calibration and verification recordings, which the reference
+    planner and model produce): a cached artifact from older code is compiled again."""
+    from edge_tdmpc import layers, model, planner
     here = Path(__file__).resolve().parent
-    return hashlib.sha256(b"".join((here / f).read_bytes() for f in ("export.py", "precision.py", "record.py",
-                                                                     "verify.py"))).hexdigest()
+    files = [here / f for f in ("export.py", "precision.py", "record.py", "verify.py")]
+    files += [Path(m.__file__) for m in (planner, model, layers)]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
 def cache_key(model_sha, precision, cfg, target, layer_plan, calib_percentile=99.99) -> str:
