@@ -23,7 +23,15 @@ from edge_tdmpc.checkpoint import save_model
 from edge_tdmpc.distill.collect import play
 from edge_tdmpc.distill.data import Batch, EpisodeWriter
 from edge_tdmpc.distill.teacher import write_json
-from edge_tdmpc.distill.trainer import Checkpoints, MetricsLog, TrainConfig, Trainer, build_student, external_logger
+from edge_tdmpc.distill.trainer import (
+    Checkpoints,
+    MetricsLog,
+    TrainConfig,
+    Trainer,
+    build_student,
+    closed_loop_eval,
+    external_logger,
+)
 from edge_tdmpc.tasks import MT30_DIMS, resolve_tasks
 
 
@@ -172,7 +180,7 @@ def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1,
             log.write({"kind": "episode", "step": env_steps, "task": task, "return": float(reward.sum()),
                        "length": T, "random": random_phase})
             if eval_every and (env_steps // eval_every) > ((env_steps - T) // eval_every):
-                returns = evaluate_online(model, tasks, eval_episodes, seed, mpc, planner, eval_steps)
+                returns = closed_loop_eval(model, tasks, eval_episodes, eval_steps, seed + 10_000, mpc, **planner)
                 log.write({"kind": "eval", "step": env_steps, **returns,
                            "mean_return": float(np.mean(list(returns.values())))})
                 pbar.set_postfix(eval=f"{np.mean(list(returns.values())):.0f}")
@@ -183,16 +191,6 @@ def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1,
         save_model(model, out / "model.pt")
     write_replay(replay, out / "replay", tasks)
     return dict(model=str(out / "model.pt"), env_steps=env_steps, updates=trainer.step, episodes=episodes)
-
-
-def evaluate_online(model, tasks, episodes=1, seed=1, mpc=False, planner=None, steps=500) -> dict:
-    """Full-length eval-mode episodes on fresh seeds -> {task: mean return}."""
-    out = {}
-    for i, task in enumerate(tasks):
-        rets = [play(model, task, i if model.cfg.multitask else None, episode_seed(seed + 10_000, e), steps,
-                     mpc=mpc, eval_mode=True, **(planner or {}))[2].sum() for e in range(episodes)]
-        out[task] = float(np.mean(rets))
-    return out
 
 
 def write_replay(replay: Replay, root: Path, tasks):
