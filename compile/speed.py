@@ -31,8 +31,8 @@ def _runtimes(model, precisions, planner, names=("onnxruntime",), device="cpu"):
         for p in precisions:
             if name == "torch-cuda-graph" and p not in ("fp32", "fp16", "bf16"):
                 continue
-            dev = device if name == "onnxruntime" else None
-            out[(name, p)] = make_runtime(name, model, p, planner, device=None if dev == "cpu" else dev)
+            ort_device = device if name == "onnxruntime" and device != "cpu" else None  # its CUDA provider
+            out[(name, p)] = make_runtime(name, model, p, planner, device=ort_device)
     return out
 
 
