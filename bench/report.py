@@ -2,13 +2,13 @@
 report.md, latency and score plots; and `compare` of two reports."""
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from edge_tdmpc.bench.meters import MIB, deadline_misses, latency_stats
 from edge_tdmpc.bench.runner import atomic_write_text
+from edge_tdmpc.checkpoint import atomic_write
 
 REFERENCE = ("torch", "fp32")
 
@@ -203,9 +203,7 @@ def plot(report: dict, records: list[dict], out: Path) -> list[str]:
 
 
 def _savefig(fig, path: Path) -> str:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     return path.name
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from edge_tdmpc.bench.meters import MIB, PeakRss, device_memory_peak_mib, device_memory_reset
+from edge_tdmpc.checkpoint import atomic_write
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.runtime import make_runtime
 
@@ -198,12 +199,7 @@ class EpisodeLog:
 
 
 def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def run_jobs(jobs: list[Job], log: EpisodeLog, source, runtime_models: dict, planner: PlannerConfig,

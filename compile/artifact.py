@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edge_tdmpc.checkpoint import file_sha256
+from edge_tdmpc.checkpoint import atomic_write, file_sha256
 from edge_tdmpc.compile import export, record, verify
 from edge_tdmpc.compile.precision import model_plan, quantize_int8
 from edge_tdmpc.compile.targets import check_precision, load_target
@@ -90,10 +90,7 @@ def _recording(model, cfg, model_sha, tasks, steps, seed, kind, step_fn, referen
         outs = [record.reference_step(model, row, cfg) for row in record.rows(rec)]
         rec.update({f"expected_{k}": np.stack([o[k] for o in outs]) for k in outs[0]})
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **rec)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, **rec))
     return rec
 
 
@@ -267,9 +264,8 @@ def _files(directory: Path) -> dict:
 def write_manifest(directory: Path, manifest: dict):
     manifest = {**manifest, "files": _files(directory)}
     manifest["manifest_sha256"] = _digest({k: v for k, v in manifest.items() if k != "manifest_sha256"})
-    tmp = directory / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
-    os.replace(tmp, directory / "manifest.json")
+    text = json.dumps(manifest, indent=1, default=str) + "\n"
+    atomic_write(directory / "manifest.json", lambda f: f.write(text), mode="w")
 
 
 def read_manifest(directory) -> dict:

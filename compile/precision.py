@@ -9,7 +9,6 @@ per-tensor activations calibrated on real closed-loop planning inputs, symmetric
 the explicit-quantization (QDQ) form TensorRT builds INT8 kernels from and ONNX Runtime fuses on CPU.
 """
 import json
-import os
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from edge_tdmpc.checkpoint import atomic_write
 from edge_tdmpc.compile.export import layer_names
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")
@@ -202,9 +202,8 @@ def quantize_int8(model: onnx.ModelProto, plan: dict[str, str], recording: dict,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / "calibration.json"
-    tmp = cache.with_suffix(".tmp")
     method = "absmax" if percentile is None else f"percentile {percentile}"
-    tmp.write_text(json.dumps({"method": f"{method} of |x| (symmetric, per-tensor activations; per-channel weights)",
-                               "rows": int(len(recording["obs"])), "absmax": ranges}, indent=1))
-    os.replace(tmp, cache)
+    text = json.dumps({"method": f"{method} of |x| (symmetric, per-tensor activations; per-channel weights)",
+                       "rows": int(len(recording["obs"])), "absmax": ranges}, indent=1)
+    atomic_write(cache, lambda f: f.write(text), mode="w")
     return out, cache

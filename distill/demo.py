@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,8 +404,6 @@ def _write_json(path: Path, obj):
 
 
 def _write_text(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from edge_tdmpc.checkpoint import atomic_write
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
