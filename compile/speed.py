@@ -13,11 +13,13 @@ interface, score = return / 10 as in the official evaluation.
 import argparse
 import json
 import os
+import platform
 import time
 
 import numpy as np
 import torch
 
+from edge_tdmpc.checkpoint import atomic_write
 from edge_tdmpc.compile import record
 from edge_tdmpc.planner import PlannerConfig, sample_noise
 from edge_tdmpc.runtime import make_runtime
@@ -29,19 +31,24 @@ def _runtimes(model, precisions, planner, names=("onnxruntime",), device="cpu"):
     out = {("torch", "fp32"): make_runtime("torch", model, "fp32", planner, device=device)}
     for name in names:
         for p in precisions:
-            if name == "torch-cuda-graph" and p not in ("fp32", "fp16", "bf16"):
+            if name.startswith("torch-") and p not in ("fp32", "fp16", "bf16"):
                 continue
             ort_device = device if name == "onnxruntime" and device != "cpu" else None  # its CUDA provider
             out[(name, p)] = make_runtime(name, model, p, planner, device=ort_device)
     return out
 
 
-def latency(model, runtimes: dict, planner: PlannerConfig, steps=30, warmup=3, seed=0, settle=0.02) -> dict:
-    """Per runtime: p50/p99 ms of act() and max/mean |action - eager fp32 action| on identical inputs.
+def latency(model, runtimes: dict, planner: PlannerConfig, steps=30, warmup=3, seed=0, settle=0.02,
+            own_noise=False) -> dict:
+    """Per runtime: p50/p99 ms of act() and max/mean |action - eager fp32 action| on identical inputs; with
+    `own_noise`, also p50/p99 ms when each runtime draws its own noise (`own_p50_ms`, `own_p99_ms`).
 
     Runtimes take turns step by step, the order rotating each step, with `settle` seconds of sleep before each
     timed call: thread pools (OpenMP's, ONNX Runtime's) spin for a while after a call, and without the pause
-    that spinning steals the cores from whichever runtime comes next."""
+    that spinning steals the cores from whichever runtime comes next. The Gumbel draw is fed as zeros (every
+    runtime executes the top elite; the pick's arithmetic still runs), as compile verification does: the draw
+    follows the elites' rank, so a last-bit near-tie among 64 elites would swap the executed trajectory and
+    |delta action| would measure that, not the runtime."""
     tasks = [t for t in ("walker-walk", "cheetah-run", "cartpole-swingup") if t in model.cfg.tasks] or model.cfg.tasks
     rec = record.record(model, planner, tasks, (steps + warmup) // len(tasks) + 1, seed=seed + 7)
     rows = list(record.rows(rec))[: steps + warmup]
@@ -50,6 +57,7 @@ def latency(model, runtimes: dict, planner: PlannerConfig, steps=30, warmup=3, s
     deltas = {k: [] for k in runtimes}
     for i, row in enumerate(rows):
         noise = sample_noise(planner, model.cfg.action_dim, model.cfg.num_q, gen)
+        noise = noise._replace(gumbel=torch.zeros_like(noise.gumbel))  # the top elite: see the docstring
         task = int(row["task"][0]) if model.cfg.multitask else None
         keys = list(runtimes)
         keys = keys[i % len(keys):] + keys[:i % len(keys)]
@@ -67,10 +75,48 @@ def latency(model, runtimes: dict, planner: PlannerConfig, steps=30, warmup=3, s
         for key, a in actions.items():
             deltas[key].append(float(np.abs(a - ref).max()))
     base = np.median(times[("torch", "fp32")])
-    return {key: {"p50_ms": float(np.median(v)), "p99_ms": float(np.percentile(v, 99)),
-                  "speedup": float(base / np.median(v)), "max_daction": max(deltas[key]),
-                  "mean_daction": float(np.mean(deltas[key])), "bytes": runtimes[key].size_bytes()}
-            for key, v in times.items()}
+    out = {key: {"p50_ms": float(np.median(v)), "p99_ms": float(np.percentile(v, 99)),
+                 "speedup": float(base / np.median(v)), "max_daction": max(deltas[key]),
+                 "mean_daction": float(np.mean(deltas[key])), "bytes": runtimes[key].size_bytes()}
+           for key, v in times.items()}
+    if own_noise:  # deployment: the runtime draws its own noise (on the device for the CUDA-graph runtimes)
+        for key, rt in runtimes.items():
+            rt.reset()
+            own = []
+            for i, row in enumerate(rows):
+                task = int(row["task"][0]) if model.cfg.multitask else None
+                time.sleep(settle)
+                t = time.perf_counter()
+                rt.act(row["obs"], task, i == 0)
+                if i >= warmup:
+                    own.append((time.perf_counter() - t) * 1e3)
+            out[key].update(own_p50_ms=float(np.median(own)), own_p99_ms=float(np.percentile(own, 99)))
+    return out
+
+
+def kernel_profile(model, runtimes: dict, planner: PlannerConfig) -> dict:
+    """Per GPU runtime: CUDA kernels in one planning step and their summed device time (CUPTI sees kernels
+    inside graph replays too). Against the step's latency this splits launch/gap cost from arithmetic."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    obs = np.zeros(model.cfg.obs_dim, np.float32)
+    task = 0 if model.cfg.multitask else None
+    out = {}
+    for key, rt in runtimes.items():
+        rt.act(obs, task, True)  # build / warm whatever the runtime builds on first use
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            rt.act(obs, task, False)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        by_name = {}
+        for e in kernels:
+            n, t = by_name.get(e.name[:80], (0, 0.0))
+            by_name[e.name[:80]] = (n + 1, t + e.device_time / 1e3)
+        top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:10]
+        out[key] = {"kernels": len(kernels), "kernel_ms": sum(e.device_time for e in kernels) / 1e3,
+                    "top": [{"name": k, "count": n, "ms": t} for k, (n, t) in top]}
+    return out
 
 
 def closed_loop(model, rt, tasks, steps=500, seed=1) -> dict:
@@ -94,12 +140,17 @@ def closed_loop(model, rt, tasks, steps=500, seed=1) -> dict:
 
 
 def markdown(lat: dict, scores: dict | None = None, tasks=()) -> str:
-    head = "| runtime | precision | p50 ms | p99 ms | vs eager | size MB | max \\|Δa\\| | mean \\|Δa\\| |"
+    own = all("own_p50_ms" in r for r in lat.values())
+    digits = 3 if min(r["p50_ms"] for r in lat.values()) < 1 else 1  # GPU steps are sub-millisecond
+    head = "| runtime | precision | p50 ms | p99 ms | vs eager |" + (" own noise p50 ms | own p99 ms |" if own else "")
+    head += " size MB | max \\|Δa\\| | mean \\|Δa\\| |"
     head += "".join(f" {t} |" for t in tasks) + (" mean score |" if tasks else "")
-    lines = [head, "|" + "---|" * (8 + len(tasks) + bool(tasks))]
+    lines = [head, "|" + "---|" * (8 + 2 * own + len(tasks) + bool(tasks))]
     for (name, prec), r in lat.items():
-        row = (f"| {name} | {prec} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['speedup']:.2f}x | "
-               f"{r['bytes'] / 1e6:.2f} | {r['max_daction']:.2e} | {r['mean_daction']:.2e} |")
+        row = f"| {name} | {prec} | {r['p50_ms']:.{digits}f} | {r['p99_ms']:.{digits}f} | {r['speedup']:.2f}x |"
+        if own:
+            row += f" {r['own_p50_ms']:.{digits}f} | {r['own_p99_ms']:.{digits}f} |"
+        row += f" {r['bytes'] / 1e6:.2f} | {r['max_daction']:.2e} | {r['mean_daction']:.2e} |"
         if tasks:
             s = (scores or {}).get(f"{name}/{prec}", {})
             row += "".join(f" {s[t]:.1f} |" if t in s else " - |" for t in tasks)
@@ -114,9 +165,12 @@ def main(argv=None):
     ap.add_argument("checkpoint")
     ap.add_argument("--precisions", default="fp32,fp16,bf16,int8,mixed", help="precisions of the timed runtimes")
     ap.add_argument("--runtimes", default="onnxruntime",
-                    help="runtimes timed against eager fp32: onnxruntime, torch-cuda-graph, tensorrt (comma-separated)")
+                    help="runtimes timed against eager fp32 (comma-separated): onnxruntime, tensorrt, "
+                         "torch-cuda-graph, torch-compile")
     ap.add_argument("--device", default="cpu", help="eager baseline's device; cuda on a GPU machine")
     ap.add_argument("--steps", type=int, default=30, help="timed planning steps (0: no latency table)")
+    ap.add_argument("--own-noise", action="store_true", help="also time each runtime drawing its own noise")
+    ap.add_argument("--profile", action="store_true", help="GPU: count each runtime's kernels per step")
     ap.add_argument("--tasks", default="", help="closed-loop tasks (comma-separated); none: latency only")
     ap.add_argument("--episode-steps", type=int, default=500)
     ap.add_argument("--eager-closed-loop", action="store_true", help="also run the eager reference closed loop")
@@ -131,11 +185,24 @@ def main(argv=None):
     planner = PlannerConfig()
     rts = _runtimes(model, [p for p in args.precisions.split(",") if p], planner,
                     [r for r in args.runtimes.split(",") if r], args.device)
-    result = {"torch_threads": torch.get_num_threads(), "episode_steps": args.episode_steps, "seed": args.seed}
+    gpu = args.device.startswith("cuda")
+    result = {"torch_threads": torch.get_num_threads(), "episode_steps": args.episode_steps, "seed": args.seed,
+              "device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()}
+
+    def save():  # after each stage: a run cut short keeps what it measured
+        if args.json:
+            atomic_write(args.json, lambda f: json.dump(result, f, indent=1), mode="w")
+
     if args.steps:
-        lat = latency(model, rts, planner, args.steps)
+        lat = latency(model, rts, planner, args.steps, own_noise=args.own_noise)
         result["latency"] = {f"{k[0]}/{k[1]}": v for k, v in lat.items()}
+        save()
         print(markdown(lat), flush=True)
+    if args.profile:
+        result["kernels"] = {f"{k[0]}/{k[1]}": v for k, v in kernel_profile(model, rts, planner).items()}
+        save()
+        for k, v in result["kernels"].items():
+            print(f"{k}: {v['kernels']} kernels per step, {v['kernel_ms']:.3f} ms of kernel time", flush=True)
     tasks = [t for t in args.tasks.split(",") if t]
     if tasks:
         result["scores"] = {}
@@ -145,11 +212,9 @@ def main(argv=None):
             t = time.time()
             scores = closed_loop(model, rt, tasks, args.episode_steps, args.seed)
             result["scores"][f"{name}/{prec}"] = scores
+            save()
             print(f"{name}/{prec}: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()) +
                   f"  ({time.time() - t:.0f} s)", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -397,9 +397,10 @@ def test_tensorrt_engine_builds_matches_and_round_trips(prec, model, cache, tmp_
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("prec,atol", [("fp32", 1e-4), ("fp16", 5e-2), ("bf16", 0.5)])
-def test_torch_cuda_graph_matches_plan(prec, atol, model):
-    rt = make_runtime("torch-cuda-graph", model, prec, SMALL, seed=0)
+@pytest.mark.parametrize("name,prec,atol", [("torch-cuda-graph", "fp32", 1e-4), ("torch-cuda-graph", "fp16", 5e-2),
+                                            ("torch-cuda-graph", "bf16", 0.5), ("torch-compile", "fp32", 1e-4)])
+def test_torch_cuda_graph_matches_plan(name, prec, atol, model):
+    rt = make_runtime(name, model, prec, SMALL, seed=0)
     feed = _feed(model, SMALL, seed=6, t0=True)
     obs, task, _, _, noise = record.feed_to_torch(feed)
     ref = record.reference_step(model, feed, SMALL)
@@ -407,6 +408,26 @@ def test_torch_cuda_graph_matches_plan(prec, atol, model):
     assert np.abs(a - ref["action"]).mean() < atol
     b = rt.act(obs.numpy(), task, True)  # noise drawn on the device, inside the graph
     assert b.shape == a.shape and np.all(np.abs(b) <= 1)
+    rt.reset(5)
+    c = rt.act(obs.numpy(), task, True)
+    rt.reset(5)
+    assert np.array_equal(rt.act(obs.numpy(), task, True), c)  # a seed replays the device draws
+    assert not np.array_equal(rt.act(obs.numpy(), task, False), c)  # and each replay draws afresh
+
+
+def test_plan_step_traces_whole_under_torch_compile(model):
+    """The planning step is one graph for torch.compile (fullgraph: no graph breaks, no host syncs), computing
+    what eager computes; the GPU runtime then compiles it with Inductor (tested on the device machine)."""
+    from edge_tdmpc.compile.runtimes import graph_step
+    feed = _feed(model, SMALL, seed=6)
+    obs, task, prev, t0, noise = record.feed_to_torch(feed)
+    args = (model, SMALL, obs, torch.tensor([task]), prev, torch.tensor(float(t0)), noise, torch.tensor(0.99),
+            torch.tensor(1.0))
+    ref = graph_step(*args)
+    out = torch.compile(graph_step, backend="aot_eager", fullgraph=True, dynamic=False)(*args)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch._dynamo.reset()
 
 
 def test_cuda_graph_noise_draws_match_sample_noise():

@@ -48,6 +48,24 @@ def test_final_elite_is_a_gumbel_max_sample_of_the_scores(tiny_model):
     assert len(set(picks)) > 3 and 0.5 * np.abs(freq - score.numpy()).sum() < 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_model_plans_with_fp32_statistics(tiny_model, dtype):
+    """An fp16/bf16 model runs its layers in that type; decoded values, actions and the MPPI statistics stay
+    fp32 (as in the compiled graphs), so the step tracks the fp32 one on identical noise."""
+    import copy
+    cfg = PlannerConfig(**SMALL)
+    noise = _noise(tiny_model, cfg, 0)
+    noise = noise._replace(gumbel=torch.zeros_like(noise.gumbel))
+    low = copy.deepcopy(tiny_model).to(dtype)
+    a, mean, info = _plan(low, noise, cfg)
+    ref, ref_mean, ref_info = _plan(tiny_model, noise, cfg)
+    assert a.dtype == mean.dtype == info["score"].dtype == info["elite_value"].dtype == torch.float32
+    z = low.encode(torch.zeros(1, 24), 3)
+    assert z.dtype == dtype and low.reward(z, torch.zeros(1, 6), 3).dtype == dtype
+    tol = 0.05 if dtype == torch.float16 else 0.3
+    assert (info["elite_value"] - ref_info["elite_value"]).abs().max() < tol * ref_info["elite_value"].abs().max()
+
+
 def test_agent_with_fixed_seed_repeats(tiny_model):
     def rollout(seed):
         agent = Agent(tiny_model, seed=seed, **SMALL)

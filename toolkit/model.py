@@ -35,10 +35,11 @@ def two_hot(x, num_bins=101, vmin=-10.0, vmax=10.0):
 
 
 def two_hot_inv(logits, num_bins=None, vmin=-10.0, vmax=10.0):
-    """Logits [..., num_bins] -> decoded scalars [..., 1]."""
+    """Logits [..., num_bins] -> decoded scalars [..., 1], in fp32 whatever the logits' precision (a softmax
+    over 101 bins, then symexp, is where fp16 loses the value)."""
     num_bins = num_bins or logits.shape[-1]
-    bins = torch.linspace(vmin, vmax, num_bins, device=logits.device, dtype=logits.dtype)
-    return symexp(torch.sum(F.softmax(logits, dim=-1) * bins, dim=-1, keepdim=True))
+    bins = torch.linspace(vmin, vmax, num_bins, device=logits.device)
+    return symexp(torch.sum(F.softmax(logits.float(), dim=-1) * bins, dim=-1, keepdim=True))
 
 
 def soft_ce(logits, target, num_bins=101, vmin=-10.0, vmax=10.0):
@@ -107,6 +108,12 @@ class WorldModel(nn.Module):
             return torch.tensor([task], device=device)
         return task.long().to(device)
 
+    def _in(self, *xs):
+        """Layer inputs in the weights' precision (a no-op in fp32): the planner keeps actions and its
+        statistics in fp32 while fp16/bf16 models run their layers in fp16/bf16, as the compiled graphs do."""
+        dtype = self._encoder["state"][0].weight.dtype
+        return xs[0].to(dtype) if len(xs) == 1 else [x.to(dtype) for x in xs]
+
     def task_emb(self, x, task):
         """Concatenate the task embedding of `task` (int or LongTensor [B]) to x [..., d]."""
         if not self.cfg.multitask:
@@ -126,18 +133,21 @@ class WorldModel(nn.Module):
                 f"observation has {obs.shape[-1]} entries but the model expects {self.cfg.obs_dim} "
                 f"(multitask models take obs zero-padded to {self.cfg.obs_dim})"
             )
-        return self._encoder["state"](self.task_emb(obs, task))
+        return self._encoder["state"](self.task_emb(self._in(obs), task))
 
     def next(self, z, a, task):
+        z, a = self._in(z, a)
         return self._dynamics(torch.cat([self.task_emb(z, task), a], dim=-1))
 
     def reward(self, z, a, task):
         """Reward logits [..., num_bins]; decode with two_hot_inv."""
+        z, a = self._in(z, a)
         return self._reward(torch.cat([self.task_emb(z, task), a], dim=-1))
 
     def pi_info(self, z, task, eps=None):
         """Policy prior: (sampled action, info with mean/log_std/entropy); `eps` fixes the noise."""
-        mean, log_std = self._pi(self.task_emb(z, task)).chunk(2, dim=-1)
+        # the head in the weights' precision, the squashed Gaussian in fp32 (tanh/exp of log_std)
+        mean, log_std = self._pi(self.task_emb(self._in(z), task)).float().chunk(2, dim=-1)
         log_std = self.log_std_min + 0.5 * self.log_std_dif * (torch.tanh(log_std) + 1)
         eps = torch.randn_like(mean) if eps is None else eps.to(mean.dtype)
         if self.cfg.multitask:  # unused action dims: zero mean, zero log_std, zero noise
@@ -165,6 +175,7 @@ class WorldModel(nn.Module):
         """'all': logits [num_q, ..., bins]; 'avg'/'min': decoded value of 2 random heads (or `qidx`)."""
         if return_type not in ("all", "avg", "min"):
             raise ValueError(f"return_type must be 'all', 'avg' or 'min', not {return_type!r}")
+        z, a = self._in(z, a)
         out = (self._target_Qs if target else self._Qs)(torch.cat([self.task_emb(z, task), a], dim=-1))
         if return_type == "all":
             return out

@@ -90,11 +90,15 @@ def warm_start(prev_mean, t0):
 @torch.no_grad()
 def plan(model: WorldModel, obs, task, prev_mean, t0, noise: Noise, cfg: PlannerConfig, gamma=0.99,
          eval_mode=False):
-    """One MPPI step -> (action [A] in [-1,1], mean [H, A] for the next warm start, info)."""
+    """One MPPI step -> (action [A] in [-1,1], mean [H, A] for the next warm start, info).
+
+    Actions, values and the MPPI statistics are fp32 whatever the model's precision (an fp16/bf16 model runs
+    its layers in that type), as in the compiled graphs."""
     H, P, S, K = cfg.horizon, cfg.num_pi_trajs, cfg.num_samples, cfg.num_elites
     A = model.cfg.action_dim
+    f32 = dict(dtype=torch.float32, device=obs.device)
     mask = model.action_mask(task)
-    mask = torch.ones(A, dtype=obs.dtype, device=obs.device) if mask is None else mask.reshape(-1)
+    mask = torch.ones(A, **f32) if mask is None else mask.reshape(-1).float()
     z = model.encode(obs.reshape(1, -1), task)
 
     # 1. trajectories from the policy prior
@@ -105,11 +109,11 @@ def plan(model: WorldModel, obs, task, prev_mean, t0, noise: Noise, cfg: Planner
         pi_actions.append(a)
         if t < H - 1:
             _z = model.next(_z, a, task)
-    pi_actions = torch.stack(pi_actions) if P else z.new_zeros(H, 0, A)
+    pi_actions = torch.stack(pi_actions) if P else torch.zeros(H, 0, A, **f32)
 
     # 2. warm start from the previous step's plan
-    mean = warm_start(prev_mean, t0)
-    std = torch.full((H, A), cfg.max_std, dtype=obs.dtype, device=obs.device)
+    mean = warm_start(prev_mean.float(), t0)
+    std = torch.full((H, A), cfg.max_std, **f32)
     z = z.expand(S, -1)
 
     # 3. MPPI iterations
@@ -128,7 +132,7 @@ def plan(model: WorldModel, obs, task, prev_mean, t0, noise: Noise, cfg: Planner
 
     # 4. pick one elite by a Gumbel-max draw over log(score); explore with std[0] unless evaluating
     idx = torch.argmax(torch.log(score) + noise.gumbel)
-    action = elite_actions[0, idx]
+    action = elite_actions[0].index_select(0, idx.view(1)).squeeze(0)  # no .item(): a CUDA graph can capture it
     if not eval_mode:
         action = action + std[0] * noise.action
     info = dict(elite_value=elite_value, score=score, std=std, value=value.max(), pick=idx)
@@ -150,15 +154,15 @@ class Agent:
         self.model = model
         self.cfg = PlannerConfig.make(**planner_overrides)
         p = next(model.parameters())
-        self.device, self.dtype = torch.device(device or p.device), p.dtype
+        self.device = torch.device(device or p.device)
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.prev_mean = torch.zeros(self.cfg.horizon, model.cfg.action_dim, device=self.device, dtype=self.dtype)
+        self.prev_mean = torch.zeros(self.cfg.horizon, model.cfg.action_dim, device=self.device)
         tasks = model.cfg.tasks
         self.gammas = [discount(L) for L in model.cfg.episode_lengths] if tasks else [0.99]
 
     def _obs(self, obs, task):
         obs = torch.as_tensor(np.asarray(obs, dtype=np.float32) if not torch.is_tensor(obs) else obs)
-        obs = obs.to(self.device, self.dtype).reshape(-1)
+        obs = obs.to(self.device, torch.float32).reshape(-1)
         full = self.model.cfg.obs_dim
         if obs.numel() != full and self.model.cfg.multitask and task is not None:
             own = MT30_DIMS.get(self.model.cfg.tasks[task], (None,))[0]
@@ -172,9 +176,9 @@ class Agent:
         return sample_noise(self.cfg, self.model.cfg.action_dim, self.model.cfg.num_q, self.generator, self.device)
 
     def _cast(self, noise: Noise) -> Noise:
-        """Noise from any source (numpy, another device or dtype) -> this agent's device and dtype."""
+        """Noise from any source (numpy, another device or dtype) -> this agent's device, in fp32."""
         out = [torch.as_tensor(t).to(self.device) for t in noise]
-        return Noise(*(t if t.dtype == torch.long else t.to(self.dtype) for t in out))
+        return Noise(*(t if t.dtype == torch.long else t.float() for t in out))  # fp32, as plan() keeps it
 
     @torch.no_grad()
     def act(self, obs, t0=False, eval_mode=False, task=None, noise: Noise | None = None) -> torch.Tensor:
