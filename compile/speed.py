@@ -2,8 +2,10 @@
 
     python -m edge_tdmpc.compile.speed CHECKPOINT [--precisions fp32,fp16,int8] [--steps 30]
                                                  [--tasks cartpole-swingup,walker-walk] [--threads 1]
-    # on a GPU machine: eager on the GPU against the CUDA-graph step (and TensorRT where it imports)
-    python -m edge_tdmpc.compile.speed CHECKPOINT --device cuda --runtimes torch-cuda-graph --precisions fp32,fp16
+    # on a GPU machine: eager on the GPU against the CUDA-graph steps (and TensorRT where it imports);
+    # bench/gpu_check.sh runs this and the GPU tests in one go
+    python -m edge_tdmpc.compile.speed CHECKPOINT --device cuda --runtimes torch-cuda-graph,torch-compile \
+        --precisions fp32,fp16,bf16 --own-noise --profile
 
 Latency: every runtime plans the same recorded observations with the same noise, interleaved step by step
 with the eager PyTorch reference (so machine load hits all alike); ratios are against that reference in the
@@ -27,7 +29,7 @@ from edge_tdmpc.runtime import make_runtime
 
 def _runtimes(model, precisions, planner, names=("onnxruntime",), device="cpu"):
     """The eager fp32 baseline on `device` first, then each named runtime x precision. On a GPU machine
-    (device 'cuda'): onnxruntime runs its CUDA provider, torch-cuda-graph and tensorrt their own GPU path."""
+    (device 'cuda'): onnxruntime runs its CUDA provider, the torch-* runtimes and tensorrt their own GPU path."""
     out = {("torch", "fp32"): make_runtime("torch", model, "fp32", planner, device=device)}
     for name in names:
         for p in precisions:
