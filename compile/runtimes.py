@@ -167,9 +167,11 @@ class TorchCudaGraphRuntime(Runtime):
             model = artifact.load_model_for(manifest)
         super().__init__(model, precision, planner, seed, device)
         if not torch.cuda.is_available():
-            raise ValueError("torch-cuda-graph needs a CUDA GPU (torch.cuda.is_available() is False): use "
+            raise ValueError(f"{self.name} needs a CUDA GPU (torch.cuda.is_available() is False): use "
                              "'onnxruntime' or 'torch' here")
         self.device = torch.device(device or "cuda")
+        if self.device.type != "cuda":
+            raise ValueError(f"{self.name} runs on a CUDA device, not '{device}': pass --device cuda")
         self.dtype = TORCH_DTYPES[precision]
         m = copy.deepcopy(model).to(self.device, self.dtype).eval()
         if m.cfg.multitask:  # renormalise the embedding once: nn.Embedding(max_norm) rewrites it in place per lookup
