@@ -27,7 +27,7 @@ import onnx
 from edge_tdmpc.checkpoint import atomic_write, file_sha256
 from edge_tdmpc.compile import export, record, verify
 from edge_tdmpc.compile.precision import model_plan, quantize_int8
-from edge_tdmpc.compile.targets import check_precision, load_target
+from edge_tdmpc.compile.targets import check_precision, load_target, min_tensorrt
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import PlannerConfig
 
@@ -123,6 +123,8 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     from edge_tdmpc.compile.session import OnnxSession
 
     t_start = time.time()
+    trt_min = min_tensorrt(profile) if profile["family"] != "cpu" else None
+    native_ln = trt_min is None or trt_min >= export.TENSORRT_OPS["LayerNormalization"]
     fp32 = export.plan_graph(model, cfg)
     ref_session = OnnxSession(fp32)
 
@@ -134,8 +136,8 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     ver = _recording(model, cfg, model_sha, _tasks(model, VERIFY_TASKS, verify_episodes), verify_steps,
                      seed + 1000, "verify", step_fn, reference=True)
     graph, calib_meta = fp32, None
-    if any(p != "fp32" for p in layer_plan.values()):  # int8 layers are emitted in fp32 (per Q head), then quantized
-        graph = export.plan_graph(model, cfg, layer_plan)
+    if any(p != "fp32" for p in layer_plan.values()) or not native_ln:  # int8 layers: fp32 per Q head, then Q/DQ
+        graph = export.plan_graph(model, cfg, layer_plan, native_layernorm=native_ln)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_parent(out)))
     tmp.chmod(0o755)
     try:
@@ -148,10 +150,13 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
             graph, cache = quantize_int8(graph, layer_plan, calib, tmp, pct)
             calib_meta = {"tasks": tasks, "steps": calib_steps, "rows": int(len(calib["obs"])), "file": cache.name,
                           "method": "absmax" if pct is None else f"percentile {pct} of |x|", "seed": seed}
+        if trt_min is not None and (bad := export.tensorrt_unsupported(graph, trt_min)):
+            raise ValueError(f"{GRAPH} uses {bad}, which TensorRT {'.'.join(map(str, trt_min))} (target "
+                             f"'{profile['name']}') cannot parse: compile for another target or precision")
         onnx.save(graph, tmp / GRAPH)
         (tmp / "networks").mkdir()
         float_plan = {k: ("fp32" if v == "int8" else v) for k, v in layer_plan.items()}
-        for name, net in export.network_graphs(model, float_plan).items():
+        for name, net in export.network_graphs(model, float_plan, native_layernorm=native_ln).items():
             onnx.save(net, tmp / "networks" / f"{name}.onnx")
         np.savez(tmp / VERIFY_FILE, **ver)
 
@@ -181,6 +186,8 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
             "runtime": "onnxruntime" if profile["family"] == "cpu" else "tensorrt",
             "target": profile["name"], "target_family": profile["family"],
             "planner": asdict(cfg), "opset": export.OPSET, "graph": GRAPH,
+            "layernorm": "native" if native_ln else "primitive ops, fp32 (TensorRT < 8.6 has no importer for it)",
+            "tensorrt_min": ".".join(map(str, trt_min)) if trt_min else None,
             "inputs": {k: {"dtype": d, "shape": s} for k, (d, s) in export.plan_inputs(model, cfg).items()},
             "outputs": [o.name for o in graph.graph.output],
             "calibration": calib_meta, "verification": result, "engine": engine,

@@ -11,7 +11,8 @@ same noise. Exact algebraic rewrites keep it cheap:
   - Mish(x) = x tanh(softplus(x)) = x n / (n + 2) with n = e^x (e^x + 2): one exp instead of exp, log, tanh
     (7x faster in ONNX Runtime, equal to 1e-6).
 Shapes are static per planner setting (TensorRT builds one engine per shape) and the opset is 17, the lowest
-with a native LayerNormalization, parsed by every TensorRT from 8.6 (JetPack 6.0) on.
+with a native LayerNormalization, parsed by every TensorRT from 8.6 (JetPack 6.0) on. TensorRT 8.5 (JetPack 5,
+the last for Xavier) has no importer for it: `native_layernorm=False` writes it out in primitive ops, in fp32.
 """
 from dataclasses import dataclass
 
@@ -54,7 +55,8 @@ def _tensor(name: str, value, dtype: str) -> TensorProto:
 class Graph:
     """Nodes, initializers and a dtype per tensor name; `scope` prefixes node names (e.g. 'it2/dynamics.1')."""
 
-    def __init__(self):
+    def __init__(self, native_layernorm=True):
+        self.native_layernorm = native_layernorm
         self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
         self.dtype: dict[str, str] = {}
         self.scope = ""
@@ -127,6 +129,18 @@ class Graph:
         e = self.op("Exp", self.op("Min", x, self.scalar(c, self.dtype[x])))
         n = self.op("Mul", e, self.op("Add", e, self.scalar(2.0, self.dtype[x])))
         return self.op("Mul", x, self.op("Div", n, self.op("Add", n, self.scalar(2.0, self.dtype[x]))))
+
+    def layer_norm(self, x, w, b):
+        """LayerNormalization over the last axis; in primitive ops for parsers without it (TensorRT < 8.6),
+        computed in fp32 (x^2 means in fp16 are where such decompositions lose accuracy)."""
+        if self.native_layernorm:
+            return self.op("LayerNormalization", x, w, b, axis=-1, epsilon=LN_EPS)
+        dt = self.dtype[x]
+        x = self.cast(x, "fp32")
+        d = self.op("Sub", x, self.op("ReduceMean", x, axes=[-1], keepdims=1))
+        var = self.op("ReduceMean", self.op("Mul", d, d), axes=[-1], keepdims=1)
+        y = self.cast(self.op("Div", d, self.op("Sqrt", self.op("Add", var, self.scalar(LN_EPS)))), dt)
+        return self.op("Add", self.op("Mul", y, w), b)
 
     def reduce_sum(self, x, axes, keepdims=1):
         return self.op("ReduceSum", x, self.ints(axes), keepdims=keepdims)
@@ -262,8 +276,8 @@ class Nets:
         for t in terms:
             y = g.op("Add", t, y)
         if layer.ln is not None:
-            y = g.op("LayerNormalization", y, g.const(layer.ln[0], dt, key=f"{layer.key}.ln_w"),
-                     g.const(layer.ln[1], dt, key=f"{layer.key}.ln_b"), axis=-1, epsilon=LN_EPS)
+            y = g.layer_norm(y, g.const(layer.ln[0], dt, key=f"{layer.key}.ln_w"),
+                             g.const(layer.ln[1], dt, key=f"{layer.key}.ln_b"))
         if layer.act == "mish":
             y = g.mish(y)
         elif layer.act == "simnorm":
@@ -339,8 +353,8 @@ class Nets:
                 for seg in first.W:
                     y = g.op("Add", g.op("MatMul", g.cast(x[seg], dt), pick(f"W_{seg}", [l.W[seg] for l in layers])), y)
                 if first.ln is not None:
-                    y = g.op("LayerNormalization", y, pick("ln_w", [l.ln[0] for l in layers]),
-                             pick("ln_b", [l.ln[1] for l in layers]), axis=-1, epsilon=LN_EPS)
+                    y = g.layer_norm(y, pick("ln_w", [l.ln[0] for l in layers]),
+                                     pick("ln_b", [l.ln[1] for l in layers]))
                     y = g.mish(y)
                 x = {"x": y}
             g.scope = prev_scope
@@ -393,7 +407,7 @@ PLAN_OUTPUTS = ("action", "mean", "value", "z")
 
 
 def plan_graph(model: WorldModel, cfg: PlannerConfig, plan: dict[str, str] | None = None,
-               gammas=None) -> onnx.ModelProto:
+               gammas=None, native_layernorm=True) -> onnx.ModelProto:
     """The whole planning step (encode -> policy trajectories -> MPPI iterations -> action) as one graph.
 
     Inputs: see `plan_inputs` (obs, task, prev_mean, t0 and the noise of `planner.Noise`). Outputs: action [A]
@@ -403,7 +417,7 @@ def plan_graph(model: WorldModel, cfg: PlannerConfig, plan: dict[str, str] | Non
     """
     c = model.cfg
     H, P, I, K, A = cfg.horizon, cfg.num_pi_trajs, cfg.iterations, cfg.num_elites, c.action_dim
-    g = Graph()
+    g = Graph(native_layernorm)
     spec = plan_inputs(model, cfg)
     for name, (dtype, shape) in spec.items():
         g.input(name, dtype, shape)
@@ -513,7 +527,8 @@ def _estimate_value(g: Graph, nets: Nets, z, actions, disc_t, i, mask, gather_he
 
 
 # --- the networks, one graph each (dynamic batch) ----------------------------------------------------------
-def network_graphs(model: WorldModel, plan: dict[str, str] | None = None) -> dict[str, onnx.ModelProto]:
+def network_graphs(model: WorldModel, plan: dict[str, str] | None = None,
+                   native_layernorm=True) -> dict[str, onnx.ModelProto]:
     """encoder, dynamics, reward (logits), pi (action, mean) and Q (all heads' logits) with batch axis 'B'."""
     c = model.cfg
     out = {}
@@ -521,7 +536,7 @@ def network_graphs(model: WorldModel, plan: dict[str, str] | None = None) -> dic
           "pi": [("z", c.latent_dim), ("eps", c.action_dim)]}
     io["reward"] = io["Q"] = io["dynamics"]
     for net, ins in io.items():
-        g = Graph()
+        g = Graph(native_layernorm)
         x = {name: g.input(name, "fp32", ["B", d]) for name, d in ins}
         task = g.input("task", "int64", ["B"]) if c.multitask else None
         nets = Nets(g, model, plan or {}, task=task)
@@ -537,3 +552,20 @@ def network_graphs(model: WorldModel, plan: dict[str, str] | None = None) -> dic
             g.output(name, nets.mlp(net, x), ["B", dim])
         out[net] = g.model(name=net, doc=f"edge-tdmpc {net} network")
     return out
+
+
+# --- what TensorRT's ONNX parser takes ---------------------------------------------------------------------
+# The ops this exporter emits, each with the first TensorRT whose ONNX parser imports it (onnx-tensorrt's
+# operator matrix). An op missing here is refused for TensorRT targets until someone checks that matrix.
+TENSORRT_OPS = {op: (8, 4) for op in (
+    "Abs", "Add", "ArgMax", "Cast", "Clip", "Concat", "DequantizeLinear", "Div", "Equal", "Exp", "Gather",
+    "Identity", "Log", "MatMul", "Min", "Mul", "QuantizeLinear", "ReduceMax", "ReduceMean", "ReduceSum",
+    "Reshape", "Sign", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "TopK", "Unsqueeze",
+    "Where")}
+TENSORRT_OPS["LayerNormalization"] = (8, 6)
+
+
+def tensorrt_unsupported(graph: onnx.ModelProto, version: tuple[int, ...]) -> list[str]:
+    """Ops of `graph` that TensorRT `version`'s ONNX parser cannot import (empty: it parses)."""
+    ops = {n.op_type for n in graph.graph.node}
+    return sorted(op for op in ops if op not in TENSORRT_OPS or tuple(version[:2]) < TENSORRT_OPS[op])

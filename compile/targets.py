@@ -29,6 +29,12 @@ def load_target(name: str) -> dict:
     raise ValueError(f"unknown target '{name}': {hint}")
 
 
+def min_tensorrt(target: dict) -> tuple[int, ...] | None:
+    """The oldest TensorRT the profile's JetPacks ship (None: not fixed by the profile, e.g. an x86 dGPU)."""
+    versions = [tuple(int(x) for x in v["tensorrt"].split(".")) for v in (target.get("jetpack") or {}).values()]
+    return min(versions) if versions else None
+
+
 def check_precision(target: dict, precision: str):
     if precision not in target["precisions"]:
         raise ValueError(f"target '{target['name']}' ({target['description']}) does not support {precision}: "

@@ -156,6 +156,19 @@ def _sha256(path) -> str:
     return h.hexdigest()
 
 
+def _pin_fp32(trt, network, config):
+    """Weakly typed networks (TensorRT 8.x): ask for fp32 on every layer whose ONNX outputs are fp32, so the
+    FP16 flag speeds up the fp16 layers only (the strongly typed mode of TensorRT >= 9 does this by itself)."""
+    config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        outs = [layer.get_output(k) for k in range(layer.num_outputs)]
+        if outs and all(o.dtype == trt.float32 for o in outs):
+            layer.precision = trt.float32
+            for k in range(layer.num_outputs):
+                layer.set_output_type(k, trt.float32)
+
+
 def build_engine(onnx_path, engine_path, precision: str, timing_cache=None, dla_core: int | None = None,
                  workspace: int = WORKSPACE, verbose=False) -> dict:
     """ONNX -> serialized engine (+ engine.json beside it); reuses and updates `timing_cache` when given."""
@@ -173,6 +186,8 @@ def build_engine(onnx_path, engine_path, precision: str, timing_cache=None, dla_
         raise ValueError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if precision == "fp32":  # TF32 is on by default on Ampere and newer: fp32 should mean fp32
+        config.clear_flag(trt.BuilderFlag.TF32)
     if not strongly_typed:  # TensorRT 8.x: the graph's types are hints; enable the kernels they need
         if precision in ("fp16", "mixed"):
             config.set_flag(trt.BuilderFlag.FP16)
@@ -180,6 +195,8 @@ def build_engine(onnx_path, engine_path, precision: str, timing_cache=None, dla_
             config.set_flag(trt.BuilderFlag.INT8)
         if precision == "bf16":
             raise ValueError(f"TensorRT {trt.__version__} has no bf16: use fp16, or TensorRT >= 10 (JetPack 6.1+)")
+        if precision == "fp16":  # and keep the graph's fp32 islands (decode, MPPI statistics, LayerNorm) in fp32
+            _pin_fp32(trt, network, config)
     if dla_core is not None:  # unsupported layers (TopK, Gather, ...) fall back to the GPU
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla_core

@@ -162,6 +162,24 @@ def test_half_precision_graphs_are_real_and_close(model, prec, atol):
     assert 0 < np.abs(out["z"] - ref["z"]).max() < atol  # rounded, but close
 
 
+@pytest.mark.parametrize("prec,atol", [("fp32", 2e-5), ("fp16", 2e-3)])
+def test_primitive_layernorm_for_tensorrt_8_5_matches_native(model, prec, atol):
+    """TensorRT 8.5 (JetPack 5, Xavier) has no LayerNormalization importer: the same graph with it written out
+    in primitive ops parses there and computes the same step."""
+    layers = precision.model_plan(model, prec)
+    native = export.plan_graph(model, SMALL, layers)
+    primitive = export.plan_graph(model, SMALL, layers, native_layernorm=False)
+    assert export.tensorrt_unsupported(native, (8, 5, 2)) == ["LayerNormalization"]
+    assert export.tensorrt_unsupported(native, (8, 6)) == export.tensorrt_unsupported(primitive, (8, 5, 2)) == []
+    feed = _feed(model, SMALL, seed=8)
+    feed["noise_gumbel"] = np.zeros_like(feed["noise_gumbel"])
+    out, ref = OnnxSession(primitive).run(feed), OnnxSession(native).run(feed)
+    for k in ("z", "mean", "action"):
+        np.testing.assert_allclose(out[k], ref[k], atol=atol, rtol=0, err_msg=k)
+    for net in export.network_graphs(model, native_layernorm=False).values():
+        assert export.tensorrt_unsupported(net, (8, 5, 2)) == []
+
+
 def test_bf16_emulation_rounds_every_tensor():
     x = np.linspace(-3, 3, 64, dtype=np.float32).reshape(8, 8)
     w = np.linspace(0.1, 1.7, 64, dtype=np.float32).reshape(8, 8)
@@ -219,6 +237,7 @@ def test_int8_is_calibrated_on_recorded_episodes(int8_artifact, model):
     assert ranges and all(v > 0 for v in ranges.values())  # activation ranges seen in the episodes
     proto = onnx.load(int8_artifact / "plan.onnx")
     ops = [n.op_type for n in proto.graph.node]
+    assert export.tensorrt_unsupported(proto, (8, 6)) == []  # Q/DQ included: the parser takes every op
     matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
     int8_layers = [n for n in matmuls if "encoder" not in n.name]
     assert ops.count("QuantizeLinear") == len(int8_layers)  # one dedicated activation pair per int8 MatMul
@@ -342,6 +361,14 @@ def test_cli_compile_cpu_and_jetson_bundle(model, cache, tmp_path):
     assert m["target"] == "orin-nano" and m["runtime"] == "tensorrt" and m["engine"]["status"] == "bundle"
     assert m["checkpoint_sha256"] == artifact.file_sha256(ckpt)
     assert {"build_engine.py", "verify.py", "plan.onnx", "verify.npz"} <= set(m["files"])
+    assert m["layernorm"] == "native" and m["tensorrt_min"] == "8.6.2"
+    res = runner.invoke(main, ["compile", str(ckpt), "--precision", "fp16", "--target", "xavier-nx",
+                               "--out", str(tmp_path / "xavier"), *small])
+    assert res.exit_code == 0, res.output
+    m = artifact.read_manifest(tmp_path / "xavier")
+    assert m["layernorm"].startswith("primitive") and m["verification"]["ok"]
+    ops = {n.op_type for n in onnx.load(tmp_path / "xavier" / "plan.onnx").graph.node}
+    assert "LayerNormalization" not in ops and ops <= set(export.TENSORRT_OPS)
     res = runner.invoke(main, ["compile", str(ckpt), "--precision", "bf16", "--target", "xavier-nx", *small])
     assert res.exit_code == 2 and "does not support bf16" in res.output
     res = runner.invoke(main, ["compile", str(ckpt), "--precision", "int8", "--calib-percentile", "0", *small])
