@@ -442,6 +442,38 @@ def test_torch_cuda_graph_matches_plan(name, prec, atol, model):
     assert not np.array_equal(rt.act(obs.numpy(), task, False), c)  # and each replay draws afresh
 
 
+def _has_cuda_bindings():
+    try:
+        from cuda.bindings import runtime  # noqa: F401
+    except ImportError:
+        try:
+            from cuda import cudart  # noqa: F401
+        except ImportError:
+            return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda_bindings(), reason="needs cuda-python and a CUDA GPU")
+def test_tensorrt_runner_cuda_helper_copies_and_replays_graphs():
+    """The CUDA layer under the TensorRT runner (cuda-python, no torch on the robot): memory, copies, stream
+    capture and graph launch, without TensorRT itself."""
+    cuda = trt.Cuda()
+    assert cuda.device()["compute_capability"] == "{}.{}".format(*torch.cuda.get_device_capability())
+    x = np.arange(1000, dtype=np.float32)
+    y = np.zeros_like(x)
+    src, dst = cuda.malloc(x.nbytes), cuda.malloc(x.nbytes)
+    d2d = cuda.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+    graph = cuda.capture(lambda: cuda._call("cudaMemcpyAsync", dst, src, x.nbytes, d2d, cuda.stream))
+    cuda.htod(src, x)
+    cuda.launch(graph)  # the captured copy, replayed
+    cuda.dtoh(y, dst)
+    cuda.sync()
+    np.testing.assert_array_equal(y, x)
+    cuda.free(src)
+    cuda.free(dst)
+
+
 def test_plan_step_traces_whole_under_torch_compile(model):
     """The planning step is one graph for torch.compile (fullgraph: no graph breaks, no host syncs), computing
     what eager computes; the GPU runtime then compiles it with Inductor (tested on the device machine)."""
