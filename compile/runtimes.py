@@ -130,15 +130,14 @@ class TensorRTRuntime(_ArtifactRuntime):
         self.engine.close()
 
 
-def draw_noise(cfg: PlannerConfig, action_dim: int, num_q: int, device, dtype=torch.float32) -> Noise:
+def draw_noise(cfg: PlannerConfig, action_dim: int, num_q: int, device) -> Noise:
     """`planner.sample_noise`'s draws (same shapes and distributions) from the device's default generator,
     with ops a CUDA graph can capture: randperm cannot be, so the Q-head pair is an argsort of uniforms."""
     I, H, S, P, K = cfg.iterations, cfg.horizon, cfg.num_samples, cfg.num_pi_trajs, cfg.num_elites
-    kw = dict(device=device, dtype=dtype)
     u = torch.rand(K, device=device).clamp_min(1e-20)
-    return Noise(torch.randn(H, P, action_dim, **kw), torch.randn(I, H, S - P, action_dim, **kw),
-                 torch.rand(I, num_q, device=device).argsort(1)[:, :2], torch.randn(I, S, action_dim, **kw),
-                 (-torch.log((-torch.log(u)).clamp_min(1e-20))).to(dtype), torch.randn(action_dim, **kw))
+    return Noise(torch.randn(H, P, action_dim, device=device), torch.randn(I, H, S - P, action_dim, device=device),
+                 torch.rand(I, num_q, device=device).argsort(1)[:, :2], torch.randn(I, S, action_dim, device=device),
+                 -torch.log((-torch.log(u)).clamp_min(1e-20)), torch.randn(action_dim, device=device))
 
 
 def graph_step(model, cfg: PlannerConfig, obs, task, prev_mean, t0, noise: Noise, gamma, explore):
