@@ -34,17 +34,27 @@ def _trt():
 
 
 # --- CUDA memory, streams and graphs: cuda-python, or pycuda -----------------------------------------
+def _cudart():
+    """cuda-python's runtime bindings, or None where cuda-python is not installed."""
+    try:
+        from cuda.bindings import runtime  # cuda-python >= 12.6
+        return runtime
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+            return cudart
+        except ImportError:
+            return None
+
+
 class Cuda:
     """The few CUDA calls a runner needs, over cuda-python's runtime bindings (or pycuda, without graphs)."""
 
     def __init__(self):
-        try:
-            try:
-                from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-            except ImportError:
-                from cuda import cudart  # older cuda-python
+        cudart = _cudart()
+        if cudart is not None:
             self.rt, self.pycuda = cudart, None
-        except ImportError:
+        else:
             try:
                 import pycuda.autoinit  # noqa: F401
                 import pycuda.driver as drv

@@ -442,19 +442,8 @@ def test_torch_cuda_graph_matches_plan(name, prec, atol, model):
     assert not np.array_equal(rt.act(obs.numpy(), task, False), c)  # and each replay draws afresh
 
 
-def _has_cuda_bindings():
-    try:
-        from cuda.bindings import runtime  # noqa: F401
-    except ImportError:
-        try:
-            from cuda import cudart  # noqa: F401
-        except ImportError:
-            return False
-    return torch.cuda.is_available()
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_cuda_bindings(), reason="needs cuda-python and a CUDA GPU")
+@pytest.mark.skipif(trt._cudart() is None or not torch.cuda.is_available(), reason="needs cuda-python and a CUDA GPU")
 def test_tensorrt_runner_cuda_helper_copies_and_replays_graphs():
     """The CUDA layer under the TensorRT runner (cuda-python, no torch on the robot): memory, copies, stream
     capture and graph launch, without TensorRT itself."""
