@@ -5,7 +5,8 @@
 # 2. planning-step latency of eager PyTorch on the GPU against the CUDA-graph step in fp32/fp16/bf16, on
 #    identical observations and noise (|delta action|), also with the noise drawn on the device; closed-loop
 #    scores on three MT30 tasks;
-# 3. the same for torch.compile'd + CUDA-graphed fp16/bf16, in its own process (compiling takes minutes);
+# 3. the same for torch.compile'd + CUDA-graphed fp16, plain and with the rollout's reward and dynamics MLPs
+#    stacked (torch-compile-fused), in its own process (compiling takes about a minute per runtime);
 # 2 and 3 also count each runtime's CUDA kernels per step (--profile).
 # Each stage has its own time limit and writes its numbers under OUT_DIR as soon as it has them.
 set -u
@@ -27,6 +28,7 @@ timeout "${SPEED_S:-200}" python3 -m edge_tdmpc.compile.speed "$ckpt" --device c
   --precisions fp32,fp16,bf16 --steps 100 --own-noise --profile --tasks "$tasks" \
   --json "$out/gpu-speed.json" 2>&1 | tee "$out/gpu-speed.txt"
 
-timeout "${COMPILE_S:-240}" python3 -m edge_tdmpc.compile.speed "$ckpt" --device cuda --runtimes torch-compile \
-  --precisions "${COMPILE_PRECISIONS:-fp16,bf16}" --steps 100 --own-noise --profile --tasks "$tasks" \
+timeout "${COMPILE_S:-300}" python3 -m edge_tdmpc.compile.speed "$ckpt" --device cuda \
+  --runtimes "${COMPILE_RUNTIMES:-torch-compile,torch-compile-fused}" --precisions "${COMPILE_PRECISIONS:-fp16}" \
+  --steps 100 --own-noise --profile --tasks "$tasks" \
   --json "$out/gpu-compile.json" 2>&1 | tee "$out/gpu-compile.txt"

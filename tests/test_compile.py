@@ -3,6 +3,7 @@
 Tolerances (vs the torch fp32 reference on the same noise): fp32 1e-5 on the tiny model (reordered sums only);
 fp16 / bf16 / int8 through the per-precision verification tolerances of edge_tdmpc.compile.verify.
 """
+import copy
 import json
 import os
 import re
@@ -425,7 +426,8 @@ def test_tensorrt_engine_builds_matches_and_round_trips(prec, model, cache, tmp_
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name,prec,atol", [("torch-cuda-graph", "fp32", 1e-4), ("torch-cuda-graph", "fp16", 5e-2),
-                                            ("torch-cuda-graph", "bf16", 0.5), ("torch-compile", "fp32", 1e-4)])
+                                            ("torch-cuda-graph", "bf16", 0.5), ("torch-compile", "fp32", 1e-4),
+                                            ("torch-compile-fused", "fp16", 5e-2)])
 def test_torch_cuda_graph_matches_plan(name, prec, atol, model):
     rt = make_runtime(name, model, prec, SMALL, seed=0)
     feed = _feed(model, SMALL, seed=6, t0=True)
@@ -475,6 +477,36 @@ def test_plan_step_traces_whole_under_torch_compile(model):
     out = torch.compile(graph_step, backend="aot_eager", fullgraph=True, dynamic=False)(*args)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
+def test_fused_rollout_plans_as_the_reference(model, dtype, atol):
+    """FusedWorldModel (reward and dynamics MLPs stacked, what torch-compile-fused runs) keeps the official
+    state-dict layout, computes each rollout step as the two networks do, and plans the same step (top elite,
+    fp32 and bf16 layers); the fused step still traces whole under torch.compile."""
+    from edge_tdmpc.compile.fused import FusedWorldModel
+    from edge_tdmpc.compile.runtimes import graph_step
+    ref_model = copy.deepcopy(model).to(dtype)
+    fused = FusedWorldModel.of(ref_model)
+    assert fused.state_dict().keys() == ref_model.state_dict().keys()
+    g = torch.Generator().manual_seed(3)
+    z, a = torch.randn(40, model.cfg.latent_dim, generator=g).softmax(-1), torch.rand(40, 6, generator=g) * 2 - 1
+    for ours, ref in zip(fused.reward_next(z, a, 5), ref_model.reward_next(z, a, 5)):
+        assert ours.dtype == ref.dtype == dtype
+        torch.testing.assert_close(ours.float(), ref.float(), atol=atol, rtol=0)
+    feed = _feed(model, SMALL, seed=6)
+    obs, task, prev, t0, noise = record.feed_to_torch(feed)
+    noise = noise._replace(gumbel=torch.zeros_like(noise.gumbel))
+    args = (SMALL, obs, torch.tensor([task]), prev, torch.tensor(float(t0)), noise, torch.tensor(0.99),
+            torch.tensor(0.0))
+    ref = graph_step(ref_model, *args)
+    out = graph_step(fused, *args)
+    for x, y in zip(out, ref):
+        torch.testing.assert_close(x, y, atol=10 * atol, rtol=0)
+    traced = torch.compile(graph_step, backend="aot_eager", fullgraph=True, dynamic=False)(fused, *args)
+    for x, y in zip(traced, out):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
     torch._dynamo.reset()
 
 

@@ -144,6 +144,11 @@ class WorldModel(nn.Module):
         z, a = self._in(z, a)
         return self._reward(torch.cat([self.task_emb(z, task), a], dim=-1))
 
+    def reward_next(self, z, a, task):
+        """(reward logits, next latent) of the same (z, a): one step of the planner's rollout. A runtime may
+        compute both in one batched pass (`edge_tdmpc.compile.fused`); here they are the two networks."""
+        return self.reward(z, a, task), self.next(z, a, task)
+
     def pi_info(self, z, task, eps=None):
         """Policy prior: (sampled action, info with mean/log_std/entropy); `eps` fixes the noise."""
         # the head in the weights' precision, the squashed Gaussian in fp32 (tanh/exp of log_std)

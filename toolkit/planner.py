@@ -73,9 +73,8 @@ def estimate_value(model: WorldModel, z, actions, task, gamma, q_idx, q_pi):
     """G = sum_t gamma^t r(z_t, a_t) + gamma^H Q_avg(z_H, pi(z_H)); actions [H, N, A] -> [N, 1]."""
     G, disc = 0, 1
     for t in range(actions.shape[0]):
-        reward = two_hot_inv(model.reward(z, actions[t], task))
-        z = model.next(z, actions[t], task)
-        G = G + disc * reward
+        reward, z = model.reward_next(z, actions[t], task)
+        G = G + disc * two_hot_inv(reward)
         disc = disc * gamma
     action, _ = model.pi(z, task, eps=q_pi)  # a sampled (not mean) policy action, as in the official code
     return G + disc * model.Q(z, action, task, return_type="avg", qidx=q_idx)
