@@ -102,14 +102,22 @@ def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # --- INT8 -----------------------------------------------------------------------------------------------
+MIN_INT8_K = 16  # narrower products (the action segment, K = action dim) stay fp32, see int8_nodes
+
+
 def int8_nodes(model: onnx.ModelProto, plan: dict[str, str]) -> list[onnx.NodeProto]:
-    """MatMul nodes of the layers the plan puts in int8 (found by the layer key in the node's scope)."""
+    """MatMul nodes of the layers the plan puts in int8 (found by the layer key in the node's scope).
+
+    A layer's action-segment product (K = action dim, < MIN_INT8_K) stays fp32: its FLOPs are negligible
+    next to the latent and hidden products, so quantizing it would add Q/DQ work and rounding for nothing."""
     int8 = {n for n, p in plan.items() if p == "int8"}
+    width = {t.name: t.dims[0] for t in model.graph.initializer if len(t.dims) == 2}
     out = []
     for node in model.graph.node:
         m = re.search(r"(?:^|/)(encoder|dynamics|reward|pi|Q\d+)\.(\d+)/MatMul", node.name)
         if node.op_type == "MatMul" and m and f"{'Q' if m.group(1)[0] == 'Q' else m.group(1)}.{m.group(2)}" in int8:
-            out.append(node)
+            if width.get(node.input[1], MIN_INT8_K) >= MIN_INT8_K:
+                out.append(node)
     return out
 
 

@@ -25,10 +25,12 @@ class OnnxSession:
     `trt_cache`; `precision` picks its builder flags). A bf16 graph on the CPU provider, which has no bf16
     kernels, runs emulated (`emulate_bf16`).
     threads: intra-op threads (default: $EDGE_TDMPC_ORT_THREADS, else ONNX Runtime's choice, one per core).
+    On the CPU provider an int8 graph's Q/DQ MatMuls run as integer GEMMs (MatMulIntegerToFloat); `optimized`
+    saves the graph ONNX Runtime actually executes, to check that.
     """
 
     def __init__(self, model, device: str | None = None, threads: int | None = None, trt_cache: Path | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", optimized: Path | None = None):
         import onnxruntime as ort
         device = device or "cpu"
         if device not in PROVIDERS:
@@ -46,6 +48,15 @@ class OnnxSession:
         threads = threads or int(os.environ.get("EDGE_TDMPC_ORT_THREADS", 0))
         if threads:
             so.intra_op_num_threads = threads
+        if optimized:
+            so.optimized_model_filepath = str(optimized)
+        disabled = []
+        if device == "cpu" and any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
+            # two graph rewrites would leave fake-quant (dequantized weights, an fp32 GEMM: slower than fp32):
+            # MatMul + bias Add -> Gemm runs first and hides DQ -> MatMul from the QDQ fusion, and CSE merges
+            # the identical Q/DQ pairs of reward and dynamics on one latent into a DQ with two consumers,
+            # which the fusion skips. Without them every int8 MatMul becomes MatMulIntegerToFloat.
+            disabled = ["MatMulAddFusion", "CommonSubexpressionElimination"]
         providers = PROVIDERS[device]
         if device == "tensorrt":
             # TensorRT's builder flags: fp16 kernels only where the graph asks for them (an fp32 artifact
@@ -55,7 +66,8 @@ class OnnxSession:
             if trt_cache:
                 opts["trt_engine_cache_path"] = str(trt_cache)
             providers = [("TensorrtExecutionProvider", opts), *providers[1:]]
-        self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
+        self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=providers,
+                                            disabled_optimizers=disabled)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.device = device

@@ -229,7 +229,7 @@ def test_fp32_artifact_is_verified(fp32_artifact):
         assert np.abs(data["obs"]).sum() > 0
 
 
-def test_int8_is_calibrated_on_recorded_episodes(int8_artifact, model):
+def test_int8_is_calibrated_on_recorded_episodes(int8_artifact, model, tmp_path):
     m = artifact.read_manifest(int8_artifact)
     assert m["status"] == "ok"
     calib = m["calibration"]
@@ -240,10 +240,16 @@ def test_int8_is_calibrated_on_recorded_episodes(int8_artifact, model):
     ops = [n.op_type for n in proto.graph.node]
     assert export.tensorrt_unsupported(proto, (8, 6)) == []  # Q/DQ included: the parser takes every op
     matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
-    int8_layers = [n for n in matmuls if "encoder" not in n.name]
+    action_part = [n for n in matmuls if n.input[1].endswith(".W_a")]  # K = action dim: kept in fp32
+    int8_layers = [n for n in matmuls if "encoder" not in n.name and n not in action_part]
+    assert action_part and not any(n.input[0].endswith("/x_dq") for n in action_part)
     assert ops.count("QuantizeLinear") == len(int8_layers)  # one dedicated activation pair per int8 MatMul
     assert all(n.input[0].endswith("/x_dq") and n.input[1].endswith(".dequantized") for n in int8_layers)
     assert not any(n.input[0].endswith("/x_dq") for n in matmuls if "encoder" in n.name)  # kept in fp32
+    # ONNX Runtime runs each of them as an integer GEMM, not as fake-quant (dequantize, then an fp32 GEMM)
+    OnnxSession(proto, optimized=tmp_path / "executed.onnx")
+    executed = [n.op_type for n in onnx.load(tmp_path / "executed.onnx").graph.node]
+    assert executed.count("MatMulIntegerToFloat") == len(int8_layers)
     inits = {t.name: t for t in proto.graph.initializer}
     w8 = [t for t in inits.values() if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
     assert len(w8) == len({n.input[1] for n in int8_layers}) > 0
