@@ -1,9 +1,12 @@
 """Closed-loop episodes in parallel worker processes, one JSONL line per finished episode.
 
-A job is one (runtime, precision, task, episode). Its env seed and planner-noise seed derive from (base seed,
-task, episode) alone, and every worker runs torch on one thread, so returns do not depend on which worker runs
-a job or how many workers there are. Each finished episode is appended (and fsynced) by the parent process to
-`episodes.jsonl`; a killed run resumes from there (`resume=True`), recomputing nothing.
+A job is one (runtime, precision, task, episode). Its initial state is the official evaluation's: each task's
+env seeded with the base seed, episode k starting from its (k+1)-th reset (official `evaluate.py` resets one
+env per task), so `--seed 1` starts every episode where the official code with seed=1 does. Its planner-noise
+seed derives from (base seed, task, episode) alone, and every worker runs torch on one thread, so returns do
+not depend on which worker runs a job or how many workers there are. Each finished episode is appended (and
+fsynced) by the parent process to `episodes.jsonl`; a killed run resumes from there (`resume=True`),
+recomputing nothing.
 """
 import json
 import multiprocessing as mp
@@ -40,9 +43,11 @@ def pad_obs(obs, obs_dim: int) -> np.ndarray:
 
 
 def episode_seeds(seed: int, task: str, episode: int) -> tuple[int, int]:
-    """(env seed, planner-noise seed) of one episode; crc32 of the name keeps it independent of task order."""
-    env_seed, noise_seed = np.random.SeedSequence([seed, zlib.crc32(task.encode()), episode]).generate_state(2)
-    return int(env_seed), int(noise_seed)
+    """(env seed, planner-noise seed) of one episode. The env seed is the base seed, as in the official
+    evaluation (the episode picks the reset, see `run_episode`); the noise seed is drawn from (seed, task,
+    episode), crc32 of the name keeping it independent of task order."""
+    noise_seed = np.random.SeedSequence([seed, zlib.crc32(task.encode()), episode]).generate_state(1)[0]
+    return seed, int(noise_seed)
 
 
 @dataclass(frozen=True)
@@ -70,12 +75,21 @@ class Settings:
         return {**asdict(self), "planner": asdict(self.planner)}
 
 
-def run_episode(runtime, task: str, task_index, env_seed: int, noise_seed: int, steps: int, eval_mode: bool,
-                obs_dim: int, device="cpu", progress=None) -> dict:
-    """One closed-loop episode; agent time (around `act`, incl. host<->device copies) and env time apart."""
+def episode_env(task: str, env_seed: int, episode: int = 0):
+    """(env, first observation) of episode `episode`: the (episode+1)-th reset of the env seeded `env_seed`, as
+    the official evaluation resets one env per task (only resets draw from the task's random stream)."""
     from edge_tdmpc.envs import make_env
     env = make_env(task, seed=env_seed)
-    obs, _ = env.reset()
+    for _ in range(episode + 1):
+        obs, _ = env.reset()
+    return env, obs
+
+
+def run_episode(runtime, task: str, task_index, env_seed: int, noise_seed: int, steps: int, eval_mode: bool,
+                obs_dim: int, device="cpu", progress=None, episode: int = 0) -> dict:
+    """One closed-loop episode from `episode_env`; agent time (around `act`, incl. host<->device copies) and
+    env time apart."""
+    env, obs = episode_env(task, env_seed, episode)
     runtime.reset(noise_seed)
     rss = PeakRss()
     device_memory_reset(device)
@@ -140,7 +154,7 @@ def _run_job(job: Job, progress=None) -> dict:
     task_index = model.cfg.tasks.index(job.task) if model.cfg.multitask else None
     rt = _runtime(job.runtime, job.precision)
     rec = run_episode(rt, job.task, task_index, env_seed, noise_seed, s.steps, s.eval_mode, model.cfg.obs_dim,
-                      _W["device"], progress)
+                      _W["device"], progress, job.episode)
     return {**asdict(job), **rec, "worker": os.getpid()}
 
 

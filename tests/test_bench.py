@@ -69,6 +69,22 @@ def test_pad_obs_and_seeds():
     assert len(seeds) == 12
 
 
+def test_episodes_start_where_the_official_evaluation_starts(parity_npz):
+    """--seed 1 starts each task's episode 0 from the official evaluate.py's seed-1 reset (recorded from the
+    official code for all 30 MT30 tasks); episode k is that env's (k+1)-th reset."""
+    from edge_tdmpc.bench.runner import episode_env
+    from edge_tdmpc.tasks import resolve_tasks
+    for task in resolve_tasks("mt30"):
+        env_seed, _ = episode_seeds(1, task, 0)
+        _, obs = episode_env(task, env_seed, 0)
+        np.testing.assert_array_equal(obs, parity_npz[f"env/{task}/obs"][0])
+    env, first = episode_env("cartpole-swingup", 1, 0)
+    second, _ = env.reset()
+    _, obs = episode_env("cartpole-swingup", episode_seeds(1, "cartpole-swingup", 1)[0], 1)
+    np.testing.assert_array_equal(obs, second)
+    assert not np.array_equal(obs, first)
+
+
 # --- episodes, reports, workers, resume ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
