@@ -38,7 +38,8 @@ def bench():
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory")
 @click.option("--mpc/--no-mpc", default=None, help="plan with MPPI (default) or act from the policy prior alone")
 @click.option("--workers", type=int, default=None, help="parallel episode processes  [default: CPU cores]")
-@click.option("--seed", default=1, show_default=True, help="base seed; each (task, episode) derives its own")
+@click.option("--seed", default=1, show_default=True,
+              help="env seed, as the official evaluation uses it (same initial states); noise seeds derive from it")
 @click.option("--resume", is_flag=True, help="continue a killed run in --out, skipping finished episodes")
 @click.option("--hz", type=float, default=None, help="control rate: report actions that miss its deadline")
 @click.option("--check-actions", default=0, show_default=True,
