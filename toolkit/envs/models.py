@@ -20,8 +20,8 @@ def _edit(get_model_and_assets, edit):
 
 
 def _double_plane_length(root, name):
-    # The official custom tasks make the floor plane twice as long (same position) so that fast runs,
-    # forwards or backwards, stay on the floor for the whole episode.
+    # The official custom tasks make the floor plane twice as long (same position). MuJoCo collides with a
+    # plane as if it were unbounded, so this changes only what is rendered; kept to match the official model.
     plane = root.find(f"./worldbody/geom[@name='{name}']")
     size = plane.get("size").split()
     size[0] = repr(2 * float(size[0]))
