@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from edge_tdmpc.bench.runner import episode_env, episode_seeds, pad_obs
+from edge_tdmpc.bench.runner import episode_seeds, pad_obs
 from edge_tdmpc.planner import PlannerConfig, sample_noise
 from edge_tdmpc.runtime import make_runtime
 
@@ -37,6 +37,7 @@ def judge(results: list[dict], mpc: bool) -> list[dict]:
 
 def record(model, tasks, n: int, planner: PlannerConfig, seed=1, eval_mode=False) -> list[dict]:
     """n real observations split over `tasks`, each with the Noise used and the fp32 eager action taken."""
+    from edge_tdmpc.envs import episode_env
     ref = make_runtime("torch", model, "fp32", planner)
     gen = torch.Generator().manual_seed(seed)
     per_task = math.ceil(n / len(tasks))

@@ -44,7 +44,7 @@ def pad_obs(obs, obs_dim: int) -> np.ndarray:
 
 def episode_seeds(seed: int, task: str, episode: int) -> tuple[int, int]:
     """(env seed, planner-noise seed) of one episode. The env seed is the base seed, as in the official
-    evaluation (the episode picks the reset, see `run_episode`); the noise seed is drawn from (seed, task,
+    evaluation (the episode picks the reset, see `envs.episode_env`); the noise seed is drawn from (seed, task,
     episode), crc32 of the name keeping it independent of task order."""
     noise_seed = np.random.SeedSequence([seed, zlib.crc32(task.encode()), episode]).generate_state(1)[0]
     return seed, int(noise_seed)
@@ -75,20 +75,11 @@ class Settings:
         return {**asdict(self), "planner": asdict(self.planner)}
 
 
-def episode_env(task: str, env_seed: int, episode: int = 0):
-    """(env, first observation) of episode `episode`: the (episode+1)-th reset of the env seeded `env_seed`, as
-    the official evaluation resets one env per task (only resets draw from the task's random stream)."""
-    from edge_tdmpc.envs import make_env
-    env = make_env(task, seed=env_seed)
-    for _ in range(episode + 1):
-        obs, _ = env.reset()
-    return env, obs
-
-
 def run_episode(runtime, task: str, task_index, env_seed: int, noise_seed: int, steps: int, eval_mode: bool,
                 obs_dim: int, device="cpu", progress=None, episode: int = 0) -> dict:
-    """One closed-loop episode from `episode_env`; agent time (around `act`, incl. host<->device copies) and
-    env time apart."""
+    """One closed-loop episode from the official initial state of `episode` (`envs.episode_env`); agent time
+    (around `act`, incl. host<->device copies) and env time apart."""
+    from edge_tdmpc.envs import episode_env
     env, obs = episode_env(task, env_seed, episode)
     runtime.reset(noise_seed)
     rss = PeakRss()

@@ -473,8 +473,8 @@ def closed_loop_eval(model: WorldModel, tasks, episodes=1, steps=100, seed=0, mp
     out = {}
     for task in tasks:
         i = model.cfg.tasks.index(task) if model.cfg.multitask else None
-        rets = [run_episode(rt, task, i, *episode_seeds(seed, task, ep), steps, True, model.cfg.obs_dim)["return"]
-                for ep in range(episodes)]
+        rets = [run_episode(rt, task, i, *episode_seeds(seed, task, ep), steps, True, model.cfg.obs_dim,
+                            episode=ep)["return"] for ep in range(episodes)]
         out[task] = float(np.mean(rets))
     rt.close()
     return out

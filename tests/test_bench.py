@@ -72,7 +72,7 @@ def test_pad_obs_and_seeds():
 def test_episodes_start_where_the_official_evaluation_starts(parity_npz):
     """--seed 1 starts each task's episode 0 from the official evaluate.py's seed-1 reset (recorded from the
     official code for all 30 MT30 tasks); episode k is that env's (k+1)-th reset."""
-    from edge_tdmpc.bench.runner import episode_env
+    from edge_tdmpc.envs import episode_env
     from edge_tdmpc.tasks import resolve_tasks
     for task in resolve_tasks("mt30"):
         env_seed, _ = episode_seeds(1, task, 0)

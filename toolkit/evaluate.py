@@ -8,10 +8,9 @@ from edge_tdmpc.tasks import resolve_tasks
 
 
 def run_episode(agent: Agent, task: str, task_index: int | None, seed: int, eval_mode=False, steps=500,
-                pbar=None) -> float:
-    from edge_tdmpc.envs import make_env
-    env = make_env(task, seed=seed)
-    obs, _ = env.reset()
+                pbar=None, episode=0) -> float:
+    from edge_tdmpc.envs import episode_env
+    env, obs = episode_env(task, seed, episode)  # the official evaluation's initial state
     ret = 0.0
     for t in range(steps):
         action = agent.act(obs, t0=t == 0, eval_mode=eval_mode, task=task_index).numpy()
@@ -38,7 +37,7 @@ def evaluate(checkpoint, tasks="mt30", episodes=1, seed=1, eval_mode=False, mpc=
             rets = []
             for ep in range(episodes):
                 agent = Agent(model, seed=seed + ep, mpc=mpc)
-                rets.append(run_episode(agent, task, i, seed + ep, eval_mode, steps, pbar))
+                rets.append(run_episode(agent, task, i, seed, eval_mode, steps, pbar, episode=ep))
             scores[task] = (rets, float(np.mean(rets)) / 10)
     for task, (rets, score) in scores.items():
         echo(f"{task:<26} return {np.mean(rets):8.1f}  score {score:6.2f}  ({', '.join(f'{r:.1f}' for r in rets)})")

@@ -13,6 +13,7 @@ from .dmcontrol import (
     DMControlEnv,
     MultitaskEnv,
     check_task,
+    episode_env,
     load,
     make_env,
     split_task,
@@ -20,5 +21,5 @@ from .dmcontrol import (
 
 __all__ = [
     "ACTION_REPEAT", "CUSTOM_TASKS", "MT30", "MT30_ACTION_DIM", "MT30_OBS_DIM", "TASK_DIMS", "DMControlEnv",
-    "MultitaskEnv", "check_task", "load", "make_env", "split_task",
+    "MultitaskEnv", "check_task", "episode_env", "load", "make_env", "split_task",
 ]

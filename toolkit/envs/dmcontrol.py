@@ -123,3 +123,13 @@ def make_env(task: str, seed: int = 0, multitask: bool = False, pad_to: tuple[in
     `pad_to` = (obs_dim, action_dim) of a multitask model trained on another task set."""
     env = DMControlEnv(task, seed)
     return MultitaskEnv(env, *(pad_to or (MT30_OBS_DIM, MT30_ACTION_DIM))) if multitask else env
+
+
+def episode_env(task: str, seed: int, episode: int = 0, **kw) -> tuple[gym.Env, np.ndarray]:
+    """(env, first observation) of episode `episode` as the official evaluation starts it: the task's env
+    seeded with `seed`, reset episode+1 times (official evaluate.py keeps one env per task, and only resets
+    draw from its random stream). `kw` goes to make_env."""
+    env = make_env(task, seed=seed, **kw)
+    for _ in range(episode + 1):
+        obs, _ = env.reset()
+    return env, obs
