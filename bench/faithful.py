@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from edge_tdmpc.bench.runner import episode_seeds, pad_obs
+from edge_tdmpc.bench.runner import pad_obs
 from edge_tdmpc.planner import PlannerConfig, sample_noise
 from edge_tdmpc.runtime import make_runtime
 
@@ -48,7 +48,7 @@ def record(model, tasks, n: int, planner: PlannerConfig, seed=1, eval_mode=False
         k = min(per_task, left)
         left -= k
         index = model.cfg.tasks.index(task) if model.cfg.multitask else None
-        env, obs = episode_env(task, episode_seeds(seed, task, 0)[0])
+        env, obs = episode_env(task, seed)  # episode 0's official initial state
         ref.reset(seed)
         seg = dict(task=task, task_index=index, action_dim=env.action_dim, obs=[], noise=[], actions=[])
         for t in range(k):

@@ -20,8 +20,10 @@ class FusedRollout(nn.Module):
 
     def __init__(self, reward: nn.Sequential, dynamics: nn.Sequential):
         super().__init__()
-        if len(reward) != len(dynamics) or reward[0].in_features != dynamics[0].in_features:
-            raise ValueError("reward and dynamics MLPs must have the same input and depth to be fused")
+        if (len(reward) != len(dynamics) or reward[0].in_features != dynamics[0].in_features
+                or not isinstance(dynamics[-1], NormedLinear)):
+            raise ValueError("reward and dynamics MLPs must have the same input and depth (and the dynamics a "
+                             "normed output layer, as in TD-MPC2) to be fused")
         self.bins, self.latent = reward[-1].out_features, dynamics[-1].out_features
         self.simnorm = dynamics[-1].act
         stack = lambda f, *pair: torch.stack([f(m) for m in pair])  # noqa: E731
@@ -43,10 +45,8 @@ class FusedRollout(nn.Module):
         heads = (reward[-1], self.bins), (dynamics[-1], self.latent)
         self._buf("w_out", torch.stack([pad(m.weight.T, n) for m, n in heads]))
         self._buf("b_out", torch.stack([pad(m.bias, n) for m, n in heads]).unsqueeze(1))
-        self.normed_out = isinstance(dynamics[-1], NormedLinear)  # LayerNorm + SimNorm on the next latent
-        if self.normed_out:
-            self._buf("ln_out_w", dynamics[-1].ln.weight)
-            self._buf("ln_out_b", dynamics[-1].ln.bias)
+        self._buf("ln_out_w", dynamics[-1].ln.weight)  # LayerNorm + SimNorm on the next latent
+        self._buf("ln_out_b", dynamics[-1].ln.bias)
         self.depth = len(hidden)
 
     def _buf(self, name, value):
@@ -67,8 +67,7 @@ class FusedRollout(nn.Module):
                                 getattr(self, f"ln{i}_w"), getattr(self, f"ln{i}_b"))
         out = torch.baddbmm(self.b_out, h, self.w_out)  # [2, N, max(bins, latent)]
         logits, z = out[0, :, :self.bins], out[1, :, :self.latent]
-        if self.normed_out:
-            z = self.simnorm(F.layer_norm(z, z.shape[-1:], self.ln_out_w, self.ln_out_b))
+        z = self.simnorm(F.layer_norm(z, z.shape[-1:], self.ln_out_w, self.ln_out_b))
         return logits.reshape(*lead, self.bins), z.reshape(*lead, self.latent)
 
 
