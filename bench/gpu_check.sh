@@ -5,11 +5,12 @@
 # 2. planning-step latency of eager PyTorch on the GPU against the CUDA-graph step in fp32/fp16/bf16, on
 #    identical observations and noise (|delta action|), also with the noise drawn on the device; closed-loop
 #    scores on three MT30 tasks;
-# 3. the same for torch.compile'd + CUDA-graphed fp16, plain and with the rollout's reward and dynamics MLPs
-#    stacked (torch-compile-fused), in its own process (compiling takes about a minute per runtime);
+# 3. the same for torch.compile'd + CUDA-graphed fp16: plain, with the rollout's reward and dynamics MLPs
+#    stacked (torch-compile-fused), and with each MLP one Triton kernel (torch-compile-triton), in its own
+#    process (compiling takes about a minute per runtime);
 # 2 and 3 also count each runtime's CUDA kernels per step (--profile).
 # Each stage has its own time limit and writes its numbers under OUT_DIR as soon as it has them. All three take
-# about 12 minutes; STAGES (default "tests,speed,compile") picks some, to split them over two device calls.
+# about 14 minutes; STAGES (default "tests,speed,compile") picks some, to split them over two device calls.
 set -u
 out=${1:?usage: gpu_check.sh OUT_DIR CHECKPOINT}
 ckpt=${2:?usage: gpu_check.sh OUT_DIR CHECKPOINT}
@@ -30,8 +31,8 @@ stages=,${STAGES:-tests,speed,compile},
   --device cuda --runtimes torch-cuda-graph --precisions fp32,fp16,bf16 --steps 100 --own-noise --profile --tasks "$tasks" \
   --json "$out/gpu-speed.json" 2>&1 | tee "$out/gpu-speed.txt"
 
-[[ $stages == *,compile,* ]] && timeout "${COMPILE_S:-300}" python3 -m edge_tdmpc.compile.speed "$ckpt" --device cuda \
-  --runtimes "${COMPILE_RUNTIMES:-torch-compile,torch-compile-fused}" --precisions "${COMPILE_PRECISIONS:-fp16}" \
+[[ $stages == *,compile,* ]] && timeout "${COMPILE_S:-420}" python3 -m edge_tdmpc.compile.speed "$ckpt" --device cuda \
+  --runtimes "${COMPILE_RUNTIMES:-torch-compile,torch-compile-fused,torch-compile-triton}" --precisions "${COMPILE_PRECISIONS:-fp16}" \
   --steps 100 --own-noise --profile --tasks "$tasks" \
   --json "$out/gpu-compile.json" 2>&1 | tee "$out/gpu-compile.txt"
 true  # a skipped last stage is not a failure

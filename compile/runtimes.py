@@ -7,6 +7,7 @@
                       captured in one CUDA graph: fp32 / fp16 / bf16
     torch-compile     the same, with `plan` first fused by torch.compile (Inductor/Triton kernels), then captured
     torch-compile-fused  torch-compile with the rollout's reward and dynamics MLPs stacked into one (fused.py)
+    torch-compile-triton torch-compile with each planner MLP one Triton kernel launch (kernels.py)
 
 `model` is a WorldModel (compiled on first use into the cache, keyed by weights, precision and planner) or
 the path of a compiled artifact. Without `noise`, each step's noise is drawn as `planner.Agent` draws it
@@ -20,6 +21,7 @@ import torch
 
 from edge_tdmpc.compile import artifact
 from edge_tdmpc.compile.fused import FusedWorldModel
+from edge_tdmpc.compile.kernels import TritonWorldModel
 from edge_tdmpc.compile.record import plan_feed
 from edge_tdmpc.planner import Noise, PlannerConfig, plan, sample_noise
 from edge_tdmpc.runtime import PRECISIONS, TORCH_DTYPES, Runtime, register_runtime
@@ -160,7 +162,7 @@ class TorchCudaGraphRuntime(Runtime):
     runtime holds when `noise` is passed (then a second graph reads it from static buffers).
     """
     precisions = ("fp32", "fp16", "bf16")
-    fused = False  # run the rollout's reward and dynamics MLPs as one stacked network (compile/fused.py)
+    world = None  # a WorldModel subclass whose `of(model)` swaps in faster networks (fused.py, kernels.py)
 
     def __init__(self, model, precision="fp32", planner=None, seed=0, device=None):
         if isinstance(model, (str, Path)):
@@ -181,8 +183,8 @@ class TorchCudaGraphRuntime(Runtime):
                 torch.embedding_renorm_(m._task_emb.weight, torch.arange(len(m.cfg.tasks), device=self.device),
                                         m._task_emb.max_norm, 2.0)
             m._task_emb.max_norm = None
-        if self.fused:
-            m = FusedWorldModel.of(m)
+        if self.world is not None:
+            m = self.world.of(m)
         self.model, c = m, m.cfg
         self.gammas = [discount(L) for L in c.episode_lengths] if c.multitask else [0.99]
         # static buffers, fp32 as plan() keeps its inputs and statistics (the model casts to its precision)
@@ -261,4 +263,12 @@ class TorchCompileFusedRuntime(TorchCompileRuntime):
     """torch-compile over a FusedWorldModel: each rollout step runs the reward and dynamics MLPs as one stacked
     network, one GEMM per layer for both, so fewer kernels per step. Kept beside torch-compile until a GPU run
     shows which is faster."""
-    fused = True
+    world = FusedWorldModel
+
+
+@register_runtime("torch-compile-triton")
+class TorchCompileTritonRuntime(TorchCompileRuntime):
+    """torch-compile over a TritonWorldModel: dynamics, reward, policy and the chosen Q heads each run as one
+    Triton kernel (all three layers of an MLP in one launch), Inductor fuses the planner's statistics around
+    them, and the step is captured in one CUDA graph: ~15 launches per MPPI iteration instead of ~50."""
+    world = TritonWorldModel

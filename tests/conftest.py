@@ -1,8 +1,14 @@
 """Shared fixtures: the real MT30 student from ../shared (skipped when absent) and a tiny random model."""
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# without a GPU, compile/kernels.py's Triton kernels run in Triton's interpreter: it must be on before anything
+# (torch.compile's checks included) imports triton
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CHECKPOINTS = SHARED / "checkpoints"

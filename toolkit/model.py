@@ -152,7 +152,7 @@ class WorldModel(nn.Module):
     def pi_info(self, z, task, eps=None):
         """Policy prior: (sampled action, info with mean/log_std/entropy); `eps` fixes the noise."""
         # the head in the weights' precision, the squashed Gaussian in fp32 (tanh/exp of log_std)
-        mean, log_std = self._pi(self.task_emb(self._in(z), task)).float().chunk(2, dim=-1)
+        mean, log_std = self.pi_head(z, task).float().chunk(2, dim=-1)
         log_std = self.log_std_min + 0.5 * self.log_std_dif * (torch.tanh(log_std) + 1)
         eps = torch.randn_like(mean) if eps is None else eps.to(mean.dtype)
         if self.cfg.multitask:  # unused action dims: zero mean, zero log_std, zero noise
@@ -171,6 +171,10 @@ class WorldModel(nn.Module):
                     scaled_entropy=-log_prob * entropy_scale)
         return action, info
 
+    def pi_head(self, z, task):
+        """The policy MLP's raw output [..., 2 * action_dim]: mean and unsquashed log_std."""
+        return self._pi(self.task_emb(self._in(z), task))
+
     def pi(self, z, task, eps=None):
         """(sampled action, deterministic mean action), both squashed to [-1, 1]."""
         action, info = self.pi_info(z, task, eps)
@@ -186,5 +190,9 @@ class WorldModel(nn.Module):
             return out
         if qidx is None:
             qidx = torch.randperm(self.cfg.num_q, device=out.device)[:2]
-        Q = two_hot_inv(out[qidx], self.cfg.num_bins, self.cfg.vmin, self.cfg.vmax)
+        return self._decode_Q(out[qidx], return_type)
+
+    def _decode_Q(self, logits, return_type):
+        """Logits of the 2 chosen heads [2, ..., bins] -> their 'min' or 'avg' decoded value [..., 1]."""
+        Q = two_hot_inv(logits, self.cfg.num_bins, self.cfg.vmin, self.cfg.vmax)
         return Q.min(0).values if return_type == "min" else Q.sum(0) / 2
