@@ -6,8 +6,8 @@
 #    identical observations and noise (|delta action|), also with the noise drawn on the device; closed-loop
 #    scores on three MT30 tasks;
 # 3. the same for torch.compile'd + CUDA-graphed fp16: plain, with the rollout's reward and dynamics MLPs
-#    stacked (torch-compile-fused), and with each MLP one Triton kernel (torch-compile-triton), in its own
-#    process (compiling takes about a minute per runtime);
+#    stacked (torch-compile-fused), and with each MLP one Triton kernel (torch-compile-triton; and those
+#    kernels without Inductor, torch-cuda-graph-triton), in its own process (about a minute per compile);
 # 2 and 3 also count each runtime's CUDA kernels per step (--profile).
 # Each stage has its own time limit and writes its numbers under OUT_DIR as soon as it has them. All three take
 # about 14 minutes; STAGES (default "tests,speed,compile") picks some, to split them over two device calls.
@@ -32,7 +32,7 @@ stages=,${STAGES:-tests,speed,compile},
   --json "$out/gpu-speed.json" 2>&1 | tee "$out/gpu-speed.txt"
 
 [[ $stages == *,compile,* ]] && timeout "${COMPILE_S:-420}" python3 -m edge_tdmpc.compile.speed "$ckpt" --device cuda \
-  --runtimes "${COMPILE_RUNTIMES:-torch-compile,torch-compile-fused,torch-compile-triton}" --precisions "${COMPILE_PRECISIONS:-fp16}" \
+  --runtimes "${COMPILE_RUNTIMES:-torch-compile,torch-compile-fused,torch-compile-triton,torch-cuda-graph-triton}" --precisions "${COMPILE_PRECISIONS:-fp16}" \
   --steps 100 --own-noise --profile --tasks "$tasks" \
   --json "$out/gpu-compile.json" 2>&1 | tee "$out/gpu-compile.txt"
 true  # a skipped last stage is not a failure

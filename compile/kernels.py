@@ -80,18 +80,23 @@ if triton is not None:
         """A row block back from scratch, once every thread's chunk is written (and before any is overwritten)."""
         tl.debug_barrier()
         cols = tl.arange(0, NP)
-        y = tl.load(src + rows[:, None] * stride + cols[None, :], mask=row_ok[:, None] & (cols < N)[None, :], other=0.0)
+        y = tl.load(src + rows[:, None] * stride + cols[None, :], mask=row_ok[:, None] & (cols < N)[None, :],
+                    other=0.0)
         tl.debug_barrier()
         return y
 
     @triton.jit
     def _mlp_kernel(x_ptr, a_ptr, task_ptr, head_ptr,
-                    w0, wa0, b0, g0, e0, w1, b1, g1, e1, w2, b2, g2, e2, out_ptr, scratch_ptr, M,
+                    w0, wa0, b0, g0, e0, w1, b1, g1, e1, w2, b2, g2, e2, out_ptr, z_ptr, scratch_ptr, M,
                     KX: tl.constexpr, KXP: tl.constexpr, KA: tl.constexpr, KAP: tl.constexpr,
-                    H: tl.constexpr, HP: tl.constexpr, NO: tl.constexpr, NOP: tl.constexpr, TASKS: tl.constexpr,
-                    SIMNORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                    EPS: tl.constexpr):
-        """out[j, rows] = MLP_head(x[rows], a[rows]) for head = heads[j]; SIMNORM > 0: LayerNorm + SimNorm head."""
+                    H: tl.constexpr, HP: tl.constexpr, NO: tl.constexpr, NL: tl.constexpr, NS: tl.constexpr,
+                    SW: tl.constexpr,
+                    TASKS: tl.constexpr, LATENT: tl.constexpr, SIMNORM: tl.constexpr, DECODE: tl.constexpr,
+                    VMIN: tl.constexpr, VMAX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    PREC: tl.constexpr, EPS: tl.constexpr):
+        """Head heads[j] of a stack of 3-layer MLPs on rows [x, a], output layers stacked NS wide. Head j == LATENT
+        is a latent head (LayerNorm + SimNorm over its NL outputs -> z); the others give NO outputs -> out[j], or
+        with DECODE their two-hot value."""
         j = tl.program_id(1)
         head = tl.load(head_ptr + j)
         task = tl.load(task_ptr)
@@ -106,59 +111,89 @@ if triton is not None:
             ka = tl.arange(0, KAP)
             a = tl.load(a_ptr + rows[:, None] * KA + ka[None, :], mask=row_ok[:, None] & (ka < KA)[None, :],
                         other=0.0).to(dt)
-        scratch = scratch_ptr + j * M * HP
+        scratch = scratch_ptr + j * M * SW
         # layer 0: x @ W_z + a @ W_a + (bias + W_e e_task)
         _dense(x, w0 + head * KX * H, KX, KXP, a, wa0 + head * KA * H, KA, KAP, b0 + (head * TASKS + task) * H,
-               H, HP, BN, scratch, HP, rows, row_ok, PREC)
-        h = _mish(_layer_norm(_reload(scratch, HP, rows, row_ok, H, HP), g0 + head * H, e0 + head * H, H, HP, EPS))
+               H, HP, BN, scratch, SW, rows, row_ok, PREC)
+        h = _mish(_layer_norm(_reload(scratch, SW, rows, row_ok, H, HP), g0 + head * H, e0 + head * H, H, HP, EPS))
         # layer 1
-        _dense(h.to(dt), w1 + head * H * H, H, HP, h, w1, 0, 16, b1 + head * H, H, HP, BN, scratch, HP, rows,
+        _dense(h.to(dt), w1 + head * H * H, H, HP, h, w1, 0, 16, b1 + head * H, H, HP, BN, scratch, SW, rows,
                row_ok, PREC)
-        h = _mish(_layer_norm(_reload(scratch, HP, rows, row_ok, H, HP), g1 + head * H, e1 + head * H, H, HP, EPS))
-        # head
-        out = out_ptr + j * M * NO
-        if SIMNORM > 0:
-            _dense(h.to(dt), w2 + head * H * NO, H, HP, h, w2, 0, 16, b2 + head * NO, NO, NOP, BN, scratch, HP,
-                   rows, row_ok, PREC)
-            y = _layer_norm(_reload(scratch, HP, rows, row_ok, NO, NOP), g2, e2, NO, NOP, EPS)
-            y = tl.reshape(y, (BM, NOP // SIMNORM, SIMNORM))
+        h = _mish(_layer_norm(_reload(scratch, SW, rows, row_ok, H, HP), g1 + head * H, e1 + head * H, H, HP, EPS))
+        # output layer: heads stacked NS wide (each head's weights beyond its width are 0)
+        _dense(h.to(dt), w2 + head * H * NS, H, HP, h, w2, 0, 16, b2 + head * NS, NS, NS, BN, scratch, SW, rows,
+               row_ok, PREC)
+        cols = tl.arange(0, NS)
+        if j == LATENT:
+            y = _layer_norm(_reload(scratch, SW, rows, row_ok, NL, NS), g2, e2, NL, NS, EPS)
+            y = tl.reshape(y, (BM, NS // SIMNORM, SIMNORM))  # groups past NL are padding, never stored
             p = tl.exp(y - tl.max(y, 2)[:, :, None])
-            y = tl.reshape(p / tl.sum(p, 2)[:, :, None], (BM, NOP))
-            cols = tl.arange(0, NOP)
-            tl.store(out + rows[:, None] * NO + cols[None, :], y, mask=row_ok[:, None])
+            y = tl.reshape(p / tl.sum(p, 2)[:, :, None], (BM, NS))
+            tl.store(z_ptr + rows[:, None] * NL + cols[None, :], y, mask=row_ok[:, None] & (cols < NL)[None, :])
         else:
-            _dense(h.to(dt), w2 + head * H * NO, H, HP, h, w2, 0, 16, b2 + head * NO, NO, NOP, BN, out, NO, rows,
-                   row_ok, PREC)
+            y = _reload(scratch, SW, rows, row_ok, NO, NS)
+            if DECODE:  # two_hot_inv: softmax over NO symlog bins, expectation, symexp
+                y = tl.where((cols < NO)[None, :], y, float("-inf"))
+                p = tl.exp(y - tl.max(y, 1)[:, None])
+                bins = VMIN + cols.to(tl.float32) * ((VMAX - VMIN) / (NO - 1))
+                v = tl.sum(p * bins[None, :], 1) / tl.sum(p, 1)
+                v = tl.where(v < 0, -1.0, 1.0) * (tl.exp(tl.abs(v)) - 1.0)
+                tl.store(out_ptr + j * M + rows, v, mask=row_ok)
+            else:
+                tl.store(out_ptr + j * M * NO + rows[:, None] * NO + cols[None, :], y,
+                         mask=row_ok[:, None] & (cols < NO)[None, :])
 
 
-def _stacked(net):
-    """An mlp (nn.Sequential) or a Q Ensemble -> per layer (weight [n, out, in], bias [n, out], ln_w, ln_b)."""
-    if isinstance(net, Ensemble):
-        return [(l.weight, l.bias, l.ln.weight if l.ln is not None else None,
-             l.ln.bias if l.ln is not None else None) for l in net.params]
-    one = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731
-    return [(one(m.weight), one(m.bias), one(m.ln.weight) if isinstance(m, NormedLinear) else None,
-             one(m.ln.bias) if isinstance(m, NormedLinear) else None) for m in net]
+def _stacked(nets):
+    """mlps (nn.Sequential) or one Q Ensemble -> per layer (weight [n, out, in], bias [n, out], ln_w, ln_b),
+    the output layers zero-padded to a power of two at least as wide as the widest head."""
+    if isinstance(nets, Ensemble):
+        layers = [(m.weight, m.bias, None if m.ln is None else m.ln.weight, None if m.ln is None else m.ln.bias)
+                  for m in nets.params]
+    else:
+        layers = []
+        for i in range(len(nets[0])):
+            ms = [net[i] for net in nets]
+            width = max(m.out_features for m in ms)  # only the output layers may differ
+            pad = lambda t, n=width: F.pad(t, (0, 0) * (t.ndim - 1) + (0, n - t.shape[0]))  # noqa: E731
+            norm = i < len(nets[0]) - 1
+            layers.append((torch.stack([pad(m.weight) for m in ms]), torch.stack([pad(m.bias) for m in ms]),
+                           torch.stack([m.ln.weight for m in ms]) if norm else None,
+                           torch.stack([m.ln.bias for m in ms]) if norm else None))
+    w, b, _, _ = layers[-1]
+    n = _pow2(w.shape[1]) - w.shape[1]
+    layers[-1] = (F.pad(w, (0, 0, 0, n)), F.pad(b, (0, n)), None, None)
+    return layers
 
 
 class TritonMLP(nn.Module):
-    """A TD-MPC2 MLP over [z, task embedding, a] (3 layers; heads stacked for an ensemble) as one launch."""
+    """TD-MPC2 MLPs over [z, task embedding, a] (3 layers each) run side by side as one launch: the heads of a
+    Q ensemble, or several networks on the same input (reward and dynamics: one rollout step). At most one
+    of them may be a latent head (NormedLinear + SimNorm, the dynamics); `decode` returns the others' two-hot
+    values instead of their logits."""
     BM, BN, WARPS = 16, 64, 4  # rows per program, output columns per GEMM chunk
 
-    def __init__(self, net, z_dim: int, a_dim: int, emb: torch.Tensor | None):
+    def __init__(self, nets, z_dim: int, a_dim: int, emb: torch.Tensor | None, decode=None):
         super().__init__()
-        layers = _stacked(net)
-        if len(layers) != 3:
-            raise ValueError(f"TritonMLP runs 3-layer TD-MPC2 MLPs, not {len(layers)} layers")
-        (w0, b0, g0, e0), (w1, b1, g1, e1), (w2, b2, g2, e2) = layers
+        seqs = [] if isinstance(nets, Ensemble) else list(nets)
+        if any(len(net) != 3 for net in seqs) or (isinstance(nets, Ensemble) and len(nets.params) != 3):
+            raise ValueError("TritonMLP runs 3-layer TD-MPC2 MLPs (2 hidden layers and a head)")
+        latent = [i for i, net in enumerate(seqs) if isinstance(net[-1], NormedLinear)]
+        self.latent = latent[0] if latent else -1
+        (w0, b0, g0, e0), (w1, b1, g1, e1), (w2, b2, _, _) = _stacked(nets)
         e_dim = w0.shape[2] - z_dim - a_dim
-        self.z_dim, self.a_dim, self.hidden, self.out_dim = z_dim, a_dim, w1.shape[1], w2.shape[1]
-        self.simnorm = 0
-        if g2 is not None:  # a latent head: NormedLinear with SimNorm
-            self.simnorm = net[-1].act.dim
-            if self.out_dim != _pow2(self.out_dim) or self.out_dim % self.simnorm:
-                raise ValueError(f"a SimNorm head needs a power-of-two width, not {self.out_dim}")
-            g2, e2 = g2[0], e2[0]
+        plain = [net[-1].out_features for i, net in enumerate(seqs) if i != self.latent] if seqs else \
+            [nets.params[-1].weight.shape[1]]
+        self.z_dim, self.a_dim, self.hidden = z_dim, a_dim, w1.shape[1]
+        self.out_dim, self.stacked = (plain[0] if plain else 1), w2.shape[1]
+        if len(set(plain)) > 1:
+            raise ValueError(f"the plain heads of one TritonMLP must have one width, not {plain}")
+        self.simnorm, self.latent_dim, self.decode = 0, 1, decode
+        if self.latent >= 0:
+            head = seqs[self.latent][-1]
+            self.simnorm, self.latent_dim = head.act.dim, head.out_features
+            if self.latent_dim % self.simnorm or self.stacked % self.simnorm:
+                raise ValueError(f"SimNorm groups of {self.simnorm} must divide the latent ({self.latent_dim})")
         # per-task first-layer bias: b0 + W_e e_t, with e_t the max_norm=1 row nn.Embedding would look up
         if emb is not None and e_dim:
             bias = b0.unsqueeze(1) + torch.einsum("te,nhe->nth", emb.to(w0.dtype), w0[:, :, z_dim:z_dim + e_dim])
@@ -170,8 +205,9 @@ class TritonMLP(nn.Module):
         self._buf("b0", bias)
         for name, v in dict(g0=g0, e0=e0, w1=t(w1), b1=b1, g1=g1, e1=e1, w2=t(w2), b2=b2).items():
             self._buf(name, v)
-        self._buf("g2", g2 if g2 is not None else b2)  # unread without a SimNorm head
-        self._buf("e2", e2 if e2 is not None else b2)
+        ln = seqs[self.latent][-1].ln if self.latent >= 0 else None
+        self._buf("g2", ln.weight if ln is not None else b2)  # unread without a latent head
+        self._buf("e2", ln.bias if ln is not None else b2)
         self._buf("all_heads", torch.arange(w0.shape[0]))
         self.tasks = bias.shape[1]
 
@@ -180,25 +216,33 @@ class TritonMLP(nn.Module):
         self.register_buffer(name, value.detach().clone().contiguous(), persistent=False)
 
     def forward(self, x, a=None, task=None, heads=None):
-        """x [..., z_dim], a [..., a_dim] -> [..., out] (or [len(heads), ..., out] when heads is given)."""
+        """x [..., z_dim], a [..., a_dim] -> (out [n, ..., out_dim], or [n, ..., 1] values with `decode`;
+        z [..., latent_dim] when there is a latent head), n = len(heads), all heads by default."""
         lead, dev = x.shape[:-1], x.device
         x = x.reshape(-1, self.z_dim).contiguous()
         a = x if a is None else a.reshape(-1, self.a_dim).contiguous()
         task = torch.zeros(1, dtype=torch.long, device=dev) if task is None or self.tasks == 1 else (
             torch.tensor([task], device=dev) if isinstance(task, int) else task.reshape(-1)[:1].long())
-        sel = self.all_heads[:1] if heads is None else heads.reshape(-1).long()
-        M, n = x.shape[0], sel.shape[0]
-        HP = _pow2(self.hidden)
-        out = torch.empty(n, M, self.out_dim, device=dev, dtype=self.w1.dtype)
-        scratch = torch.empty(n, M, HP, device=dev, dtype=torch.float32)
-        prec = "ieee" if self.w1.dtype == torch.float32 else "tf32"  # tf32 is ignored for fp16/bf16 operands
+        sel = self.all_heads if heads is None else heads.reshape(-1).long()
+        M, n, HP = x.shape[0], sel.shape[0], _pow2(self.hidden)
+        SW = max(HP, self.stacked)
+        out = (torch.empty(n, M, device=dev) if self.decode else
+               torch.empty(n, M, self.out_dim, device=dev, dtype=self.w1.dtype))
+        z = torch.empty(M, self.latent_dim, device=dev, dtype=self.w1.dtype)
+        scratch = torch.empty(n, M, SW, device=dev, dtype=torch.float32)
+        bins, vmin, vmax = self.decode or (self.out_dim, 0.0, 0.0)
+        if bins != self.out_dim:
+            raise ValueError(f"decode expects {bins} bins, the heads give {self.out_dim}")
+        prec = "ieee" if self.w1.dtype == torch.float32 else None  # fp32: no TF32 rounding; else Triton's default
         _mlp_kernel[(triton.cdiv(M, self.BM), n)](
             x, a, task, sel, self.w0, self.wa0, self.b0, self.g0, self.e0, self.w1, self.b1, self.g1, self.e1,
-            self.w2, self.b2, self.g2, self.e2, out, scratch, M,
+            self.w2, self.b2, self.g2, self.e2, out, z, scratch, M,
             KX=self.z_dim, KXP=_pow2(self.z_dim), KA=self.a_dim, KAP=_pow2(max(self.a_dim, 1)), H=self.hidden,
-            HP=HP, NO=self.out_dim, NOP=_pow2(self.out_dim), TASKS=self.tasks, SIMNORM=self.simnorm, BM=self.BM,
-            BN=min(self.BN, HP), PREC=prec, EPS=1e-5, num_warps=self.WARPS)
-        return out.reshape(*lead, self.out_dim) if heads is None else out.reshape(n, *lead, self.out_dim)
+            HP=HP, NO=self.out_dim, NL=self.latent_dim, NS=self.stacked, SW=SW, TASKS=self.tasks, LATENT=self.latent,
+            SIMNORM=self.simnorm, DECODE=bool(self.decode), VMIN=float(vmin), VMAX=float(vmax), BM=self.BM,
+            BN=min(self.BN, HP, self.stacked), PREC=prec, EPS=1e-5, num_warps=self.WARPS)
+        out = out.reshape(n, *lead, 1 if self.decode else self.out_dim)
+        return (out, z.reshape(*lead, self.latent_dim)) if self.latent >= 0 else out
 
 
 class TritonWorldModel(WorldModel):
@@ -220,25 +264,26 @@ class TritonWorldModel(WorldModel):
             m._task_emb.max_norm = model._task_emb.max_norm
             emb = F.embedding(torch.arange(len(c.tasks), device=p.device), model._task_emb.weight.detach().clone(),
                               max_norm=model._task_emb.max_norm)
-        z, a = c.latent_dim, c.action_dim
-        m._k_next = TritonMLP(m._dynamics, z, a, emb)
-        m._k_reward = TritonMLP(m._reward, z, a, emb)
-        m._k_pi = TritonMLP(m._pi, z, 0, emb)
-        m._k_Q = TritonMLP(m._Qs, z, a, emb)
+        z, a, two_hot = c.latent_dim, c.action_dim, (c.num_bins, c.vmin, c.vmax)
+        m._k_rollout = TritonMLP([m._reward, m._dynamics], z, a, emb, decode=two_hot)  # one launch per step
+        m._k_next = TritonMLP([m._dynamics], z, a, emb)
+        m._k_pi = TritonMLP([m._pi], z, 0, emb)
+        m._k_Q = TritonMLP(m._Qs, z, a, emb, decode=two_hot)
         return m
 
-    def next(self, z, a, task):
-        return self._k_next(z, a, task)
+    def rollout_step(self, z, a, task):
+        reward, z = self._k_rollout(z, a, task)
+        return reward[0], z  # row 1 belongs to the dynamics head, whose output is z
 
-    def reward(self, z, a, task):
-        return self._k_reward(z, a, task)
+    def next(self, z, a, task):
+        return self._k_next(z, a, task)[1]
 
     def pi_head(self, z, task):
-        return self._k_pi(z, None, task)
+        return self._k_pi(z, None, task)[0]
 
     def Q(self, z, a, task, return_type="all", target=False, qidx=None):
         if target or return_type == "all" or self.training:
             return super().Q(z, a, task, return_type, target, qidx)
         if qidx is None:
             qidx = torch.randperm(self.cfg.num_q, device=z.device)[:2]
-        return self._decode_Q(self._k_Q(z, a, task, heads=qidx), return_type)
+        return self._pair_value(self._k_Q(z, a, task, heads=qidx), return_type)

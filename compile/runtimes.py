@@ -8,6 +8,7 @@
     torch-compile     the same, with `plan` first fused by torch.compile (Inductor/Triton kernels), then captured
     torch-compile-fused  torch-compile with the rollout's reward and dynamics MLPs stacked into one (fused.py)
     torch-compile-triton torch-compile with each planner MLP one Triton kernel launch (kernels.py)
+    torch-cuda-graph-triton  those kernels in the CUDA graph without torch.compile
 
 `model` is a WorldModel (compiled on first use into the cache, keyed by weights, precision and planner) or
 the path of a compiled artifact. Without `noise`, each step's noise is drawn as `planner.Agent` draws it
@@ -264,6 +265,13 @@ class TorchCompileFusedRuntime(TorchCompileRuntime):
     network, one GEMM per layer for both, so fewer kernels per step. Kept beside torch-compile until a GPU run
     shows which is faster."""
     world = FusedWorldModel
+
+
+@register_runtime("torch-cuda-graph-triton")
+class TorchCudaGraphTritonRuntime(TorchCudaGraphRuntime):
+    """torch-cuda-graph over a TritonWorldModel, without Inductor: the Triton MLP kernels alone, and a fallback
+    where torch.compile will not take them."""
+    world = TritonWorldModel
 
 
 @register_runtime("torch-compile-triton")

@@ -435,7 +435,8 @@ def test_tensorrt_engine_builds_matches_and_round_trips(prec, model, cache, tmp_
                                             ("torch-cuda-graph", "bf16", 0.5), ("torch-compile", "fp32", 1e-4),
                                             ("torch-compile-fused", "fp16", 5e-2),
                                             ("torch-compile-triton", "fp32", 1e-4),
-                                            ("torch-compile-triton", "fp16", 5e-2)])
+                                            ("torch-compile-triton", "fp16", 5e-2),
+                                            ("torch-cuda-graph-triton", "fp16", 5e-2)])
 def test_torch_cuda_graph_matches_plan(name, prec, atol, model):
     rt = make_runtime(name, model, prec, SMALL, seed=0)
     feed = _feed(model, SMALL, seed=6, t0=True)
@@ -521,15 +522,15 @@ def test_fused_rollout_plans_as_the_reference(model, dtype, atol):
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 2e-2)])
 def test_triton_kernels_compute_the_networks_and_plan_as_the_reference(dtype, atol):
     """TritonWorldModel (each planner MLP one Triton kernel, what torch-compile-triton runs; without a GPU, in
-    Triton's interpreter) gives the networks' outputs - next latent with SimNorm, reward logits, policy head,
-    the two Q heads q_idx picks out of 5 - for a hidden width that is not a power of two (48, padded to 64),
-    and plans the reference's step (fp32)."""
+    Triton's interpreter) gives the networks' outputs - next latent with SimNorm, policy head, a rollout step
+    (decoded reward and next latent in one launch), the two Q heads q_idx picks out of 5, decoded - for widths
+    that are not powers of two (hidden 48, latent 24, 101 bins: all padded), and plans the reference's step."""
     pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
     from edge_tdmpc.compile.kernels import TritonWorldModel
     from edge_tdmpc.compile.runtimes import graph_step
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(1)
-    ref = WorldModel(make_config("mt30", size=None, enc_dim=32, mlp_dim=48, latent_dim=16, num_q=5, task_dim=16))
+    ref = WorldModel(make_config("mt30", size=None, enc_dim=32, mlp_dim=48, latent_dim=24, num_q=5, task_dim=16))
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -537,12 +538,12 @@ def test_triton_kernels_compute_the_networks_and_plan_as_the_reference(dtype, at
     ours = TritonWorldModel.of(ref)
     assert ours.state_dict().keys() == ref.state_dict().keys()
     g = torch.Generator().manual_seed(3)
-    z = torch.randn(40, 16, generator=g).softmax(-1).to(dev, dtype)
+    z = torch.randn(40, 24, generator=g).softmax(-1).to(dev, dtype)
     a = (torch.rand(40, 6, generator=g) * 2 - 1).to(dev)
     heads = torch.tensor([3, 1], device=dev)
     for task in (5, torch.tensor([17], device=dev)):
-        pairs = [(ours.next(z, a, task), ref.next(z, a, task)), (ours.reward(z, a, task), ref.reward(z, a, task)),
-                 (ours.pi_head(z, task), ref.pi_head(z, task))]
+        pairs = [(ours.next(z, a, task), ref.next(z, a, task)), (ours.pi_head(z, task), ref.pi_head(z, task))]
+        pairs += zip(ours.rollout_step(z, a, task), ref.rollout_step(z, a, task))
         pairs += [(ours.Q(z, a, task, q, qidx=heads), ref.Q(z, a, task, q, qidx=heads)) for q in ("avg", "min")]
         for x, y in pairs:
             assert x.dtype == y.dtype and x.shape == y.shape

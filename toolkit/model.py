@@ -149,6 +149,11 @@ class WorldModel(nn.Module):
         compute both in one batched pass (`edge_tdmpc.compile.fused`); here they are the two networks."""
         return self.reward(z, a, task), self.next(z, a, task)
 
+    def rollout_step(self, z, a, task):
+        """(decoded reward [..., 1], next latent) of (z, a): what each step of the planner's rollout needs."""
+        reward, z = self.reward_next(z, a, task)
+        return two_hot_inv(reward, self.cfg.num_bins, self.cfg.vmin, self.cfg.vmax), z
+
     def pi_info(self, z, task, eps=None):
         """Policy prior: (sampled action, info with mean/log_std/entropy); `eps` fixes the noise."""
         # the head in the weights' precision, the squashed Gaussian in fp32 (tanh/exp of log_std)
@@ -190,9 +195,9 @@ class WorldModel(nn.Module):
             return out
         if qidx is None:
             qidx = torch.randperm(self.cfg.num_q, device=out.device)[:2]
-        return self._decode_Q(out[qidx], return_type)
+        return self._pair_value(two_hot_inv(out[qidx], self.cfg.num_bins, self.cfg.vmin, self.cfg.vmax), return_type)
 
-    def _decode_Q(self, logits, return_type):
-        """Logits of the 2 chosen heads [2, ..., bins] -> their 'min' or 'avg' decoded value [..., 1]."""
-        Q = two_hot_inv(logits, self.cfg.num_bins, self.cfg.vmin, self.cfg.vmax)
+    @staticmethod
+    def _pair_value(Q, return_type):
+        """Decoded values of the 2 chosen heads [2, ..., 1] -> their 'min' or 'avg'."""
         return Q.min(0).values if return_type == "min" else Q.sum(0) / 2

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from edge_tdmpc.model import WorldModel, two_hot_inv
+from edge_tdmpc.model import WorldModel
 from edge_tdmpc.tasks import MT30_DIMS, discount
 
 
@@ -73,8 +73,8 @@ def estimate_value(model: WorldModel, z, actions, task, gamma, q_idx, q_pi):
     """G = sum_t gamma^t r(z_t, a_t) + gamma^H Q_avg(z_H, pi(z_H)); actions [H, N, A] -> [N, 1]."""
     G, disc = 0, 1
     for t in range(actions.shape[0]):
-        reward, z = model.reward_next(z, actions[t], task)
-        G = G + disc * two_hot_inv(reward)
+        reward, z = model.rollout_step(z, actions[t], task)
+        G = G + disc * reward
         disc = disc * gamma
     action, _ = model.pi(z, task, eps=q_pi)  # a sampled (not mean) policy action, as in the official code
     return G + disc * model.Q(z, action, task, return_type="avg", qidx=q_idx)

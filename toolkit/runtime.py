@@ -17,7 +17,8 @@ RUNTIMES: dict[str, type["Runtime"]] = {}
 # runtimes provided by other subpackages, imported on first use (keeps `import edge_tdmpc` light)
 _PLUGINS = {"onnxruntime": "edge_tdmpc.compile.runtimes", "tensorrt": "edge_tdmpc.compile.runtimes",
             "torch-cuda-graph": "edge_tdmpc.compile.runtimes", "torch-compile": "edge_tdmpc.compile.runtimes",
-            "torch-compile-fused": "edge_tdmpc.compile.runtimes", "torch-compile-triton": "edge_tdmpc.compile.runtimes"}
+            "torch-compile-fused": "edge_tdmpc.compile.runtimes", "torch-compile-triton": "edge_tdmpc.compile.runtimes",
+            "torch-cuda-graph-triton": "edge_tdmpc.compile.runtimes"}
 
 
 def register_runtime(name: str):
