@@ -8,13 +8,18 @@ so a rollout step is two launches (reward, dynamics) and the Q value one (both c
 axis reading q_idx on the device). Exact rewrites, as in the ONNX graph: the task embedding's share of the
 first layer is a per-task bias row, and the first layer takes z and a as two operands (no concatenation).
 
-Hidden activations round-trip through a per-program scratch block (it stays in L2): a register tile cannot be
-sliced into the N-chunks a GEMM needs, nor a row's LayerNorm be computed before all its chunks exist.
+Hidden activations round-trip through per-program scratch rows (they stay in L1/L2): the GEMMs run on small
+[BM, BK] x [BK, BN] tiles, so that no thread holds a whole [BM, hidden] row block in registers (that spilled
+heavily: ptxas reported 255 registers and 4.7 KB of spills per thread), and a row's LayerNorm needs all of its
+chunks first.
 
 Without a CUDA GPU the same kernels run in Triton's interpreter, on CPU tensors: that is how the tests check
 them against the PyTorch networks here. Only a GPU gives them speed.
 """
 import os
+import re
+import subprocess
+import tempfile
 
 import torch
 import torch.nn as nn
@@ -46,7 +51,7 @@ if triton is not None:
 
     @triton.jit
     def _layer_norm(y, g_ptr, b_ptr, N: tl.constexpr, NP: tl.constexpr, EPS: tl.constexpr):
-        """LayerNorm over the first N of NP columns (the rest are 0 and stay 0)."""
+        """LayerNorm of a whole row tile [BM, NP] over its first N columns (the rest come out 0)."""
         cols = tl.arange(0, NP)
         keep = cols < N
         mean = tl.sum(y, 1) / N
@@ -57,81 +62,97 @@ if triton is not None:
         return d * rstd[:, None] * g[None, :] + b[None, :]
 
     @triton.jit
-    def _dense(x, w_ptr, K: tl.constexpr, KP: tl.constexpr, a, wa_ptr, KA: tl.constexpr, KAP: tl.constexpr,
-               bias_ptr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr, dst, stride: tl.constexpr, rows,
-               row_ok, PREC: tl.constexpr):
-        """dst[rows, :N] = x @ w[:K, :N] (+ a @ wa[:KA, :N]) + bias, in N-chunks of BN; w is [K, N] row-major."""
-        k = tl.arange(0, KP)
-        for n0 in tl.static_range(0, NP, BN):
+    def _gemm(x_ptr, K: tl.constexpr, a_ptr, KA: tl.constexpr, KAP: tl.constexpr, w_ptr, wa_ptr, bias_ptr,
+              N: tl.constexpr, dst, rows, row_ok, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+              PREC: tl.constexpr):
+        """dst[rows, :N] = x[rows, :K] @ w[:K, :N] (+ a[rows, :KA] @ wa[:KA, :N]) + bias, fp32. Inputs have row
+        strides K and KA, w and dst N. Small [BM, BK] x [BK, BN] tiles: registers stay free of spills."""
+        dt = w_ptr.dtype.element_ty
+        for n0 in tl.static_range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
             col_ok = cols < N
-            w = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=(k < K)[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(x, w, input_precision=PREC)
-            if KA > 0:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in tl.range(0, K, BK):
+                ks = k0 + tl.arange(0, BK)
+                k_ok = ks < K
+                x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptr + ks[:, None] * N + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc += tl.dot(x.to(dt), w, input_precision=PREC)
+            if KA > 0:  # the first layer's action operand (KA <= KAP, one tile)
                 ka = tl.arange(0, KAP)
+                a = tl.load(a_ptr + rows[:, None] * KA + ka[None, :], mask=row_ok[:, None] & (ka < KA)[None, :],
+                            other=0.0)
                 wa = tl.load(wa_ptr + ka[:, None] * N + cols[None, :], mask=(ka < KA)[:, None] & col_ok[None, :],
                              other=0.0)
-                acc += tl.dot(a, wa, input_precision=PREC)
+                acc += tl.dot(a.to(dt), wa, input_precision=PREC)
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(dst + rows[:, None] * stride + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+            tl.store(dst + rows[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def _reload(src, stride: tl.constexpr, rows, row_ok, N: tl.constexpr, NP: tl.constexpr):
-        """A row block back from scratch, once every thread's chunk is written (and before any is overwritten)."""
-        tl.debug_barrier()
-        cols = tl.arange(0, NP)
-        y = tl.load(src + rows[:, None] * stride + cols[None, :], mask=row_ok[:, None] & (cols < N)[None, :],
-                    other=0.0)
-        tl.debug_barrier()
-        return y
+    def _norm_mish(src, dst, g_ptr, b_ptr, N: tl.constexpr, rows, row_ok, BM: tl.constexpr, BN: tl.constexpr,
+                   EPS: tl.constexpr):
+        """dst = Mish(LayerNorm(src)) over rows of N, chunk by chunk (mean, then variance, then the output)."""
+        tl.debug_barrier()  # every thread's GEMM chunks are in src
+        s = tl.zeros((BM,), dtype=tl.float32)
+        for n0 in tl.static_range(0, N, BN):
+            cols = n0 + tl.arange(0, BN)
+            s += tl.sum(tl.load(src + rows[:, None] * N + cols[None, :], mask=row_ok[:, None] & (cols < N)[None, :],
+                                other=0.0), 1)
+        mean = s / N
+        v = tl.zeros((BM,), dtype=tl.float32)
+        for n0 in tl.static_range(0, N, BN):
+            cols = n0 + tl.arange(0, BN)
+            ok = row_ok[:, None] & (cols < N)[None, :]
+            d = tl.where(ok, tl.load(src + rows[:, None] * N + cols[None, :], mask=ok, other=0.0) - mean[:, None], 0.0)
+            v += tl.sum(d * d, 1)
+        rstd = 1.0 / tl.sqrt(v / N + EPS)
+        for n0 in tl.static_range(0, N, BN):
+            cols = n0 + tl.arange(0, BN)
+            col_ok = cols < N
+            ok = row_ok[:, None] & col_ok[None, :]
+            y = tl.load(src + rows[:, None] * N + cols[None, :], mask=ok, other=0.0)
+            g = tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            y = _mish((y - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :])
+            tl.store(dst + rows[:, None] * N + cols[None, :], y, mask=ok)
+        tl.debug_barrier()  # dst is whole before the next GEMM reads it, src read before it is overwritten
 
     @triton.jit
     def _mlp_kernel(x_ptr, a_ptr, task_ptr, head_ptr,
-                    w0, wa0, b0, g0, e0, w1, b1, g1, e1, w2, b2, g2, e2, out_ptr, z_ptr, scratch_ptr, M,
-                    KX: tl.constexpr, KXP: tl.constexpr, KA: tl.constexpr, KAP: tl.constexpr,
-                    H: tl.constexpr, HP: tl.constexpr, NO: tl.constexpr, NL: tl.constexpr, NS: tl.constexpr,
-                    SW: tl.constexpr,
-                    TASKS: tl.constexpr, LATENT: tl.constexpr, SIMNORM: tl.constexpr, DECODE: tl.constexpr,
-                    VMIN: tl.constexpr, VMAX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    PREC: tl.constexpr, EPS: tl.constexpr):
+                    w0, wa0, b0, g0, e0, w1, b1, g1, e1, w2, b2, g2, e2, out_ptr, z_ptr, pre_ptr, act_ptr, M,
+                    KX: tl.constexpr, KA: tl.constexpr, KAP: tl.constexpr, H: tl.constexpr, NO: tl.constexpr,
+                    NL: tl.constexpr, NS: tl.constexpr, PW: tl.constexpr, TASKS: tl.constexpr, LATENT: tl.constexpr,
+                    SIMNORM: tl.constexpr, DECODE: tl.constexpr, VMIN: tl.constexpr, VMAX: tl.constexpr,
+                    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):
         """Head heads[j] of a stack of 3-layer MLPs on rows [x, a], output layers stacked NS wide. Head j == LATENT
         is a latent head (LayerNorm + SimNorm over its NL outputs -> z); the others give NO outputs -> out[j], or
-        with DECODE their two-hot value."""
+        with DECODE their two-hot value. pre (fp32) and act (weights' type) hold this program's rows between
+        layers: pre-activations [M, PW = max(H, NS)], activations [M, H]."""
         j = tl.program_id(1)
         head = tl.load(head_ptr + j)
         task = tl.load(task_ptr)
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         row_ok = rows < M
-        dt = w1.dtype.element_ty
-        kx = tl.arange(0, KXP)
-        x = tl.load(x_ptr + rows[:, None] * KX + kx[None, :], mask=row_ok[:, None] & (kx < KX)[None, :],
-                    other=0.0).to(dt)
-        a = x
-        if KA > 0:
-            ka = tl.arange(0, KAP)
-            a = tl.load(a_ptr + rows[:, None] * KA + ka[None, :], mask=row_ok[:, None] & (ka < KA)[None, :],
-                        other=0.0).to(dt)
-        scratch = scratch_ptr + j * M * SW
+        pre, act = pre_ptr + j * M * PW, act_ptr + j * M * H
         # layer 0: x @ W_z + a @ W_a + (bias + W_e e_task)
-        _dense(x, w0 + head * KX * H, KX, KXP, a, wa0 + head * KA * H, KA, KAP, b0 + (head * TASKS + task) * H,
-               H, HP, BN, scratch, SW, rows, row_ok, PREC)
-        h = _mish(_layer_norm(_reload(scratch, SW, rows, row_ok, H, HP), g0 + head * H, e0 + head * H, H, HP, EPS))
+        _gemm(x_ptr, KX, a_ptr, KA, KAP, w0 + head * KX * H, wa0 + head * KA * H, b0 + (head * TASKS + task) * H,
+              H, pre, rows, row_ok, BM, BK, BN, PREC)
+        _norm_mish(pre, act, g0 + head * H, e0 + head * H, H, rows, row_ok, BM, BN, EPS)
         # layer 1
-        _dense(h.to(dt), w1 + head * H * H, H, HP, h, w1, 0, 16, b1 + head * H, H, HP, BN, scratch, SW, rows,
-               row_ok, PREC)
-        h = _mish(_layer_norm(_reload(scratch, SW, rows, row_ok, H, HP), g1 + head * H, e1 + head * H, H, HP, EPS))
+        _gemm(act, H, act, 0, 16, w1 + head * H * H, w1, b1 + head * H, H, pre, rows, row_ok, BM, BK, BN, PREC)
+        _norm_mish(pre, act, g1 + head * H, e1 + head * H, H, rows, row_ok, BM, BN, EPS)
         # output layer: heads stacked NS wide (each head's weights beyond its width are 0)
-        _dense(h.to(dt), w2 + head * H * NS, H, HP, h, w2, 0, 16, b2 + head * NS, NS, NS, BN, scratch, SW, rows,
-               row_ok, PREC)
+        _gemm(act, H, act, 0, 16, w2 + head * H * NS, w2, b2 + head * NS, NS, pre, rows, row_ok, BM, BK, BN, PREC)
+        tl.debug_barrier()
         cols = tl.arange(0, NS)
+        y = tl.load(pre + rows[:, None] * NS + cols[None, :], mask=row_ok[:, None], other=0.0)
         if j == LATENT:
-            y = _layer_norm(_reload(scratch, SW, rows, row_ok, NL, NS), g2, e2, NL, NS, EPS)
+            y = _layer_norm(tl.where((cols < NL)[None, :], y, 0.0), g2, e2, NL, NS, EPS)
             y = tl.reshape(y, (BM, NS // SIMNORM, SIMNORM))  # groups past NL are padding, never stored
-            p = tl.exp(y - tl.max(y, 2)[:, :, None])
-            y = tl.reshape(p / tl.sum(p, 2)[:, :, None], (BM, NS))
+            g = tl.exp(y - tl.max(y, 2)[:, :, None])  # (names differ per branch: Triton types each once)
+            y = tl.reshape(g / tl.sum(g, 2)[:, :, None], (BM, NS))
             tl.store(z_ptr + rows[:, None] * NL + cols[None, :], y, mask=row_ok[:, None] & (cols < NL)[None, :])
         else:
-            y = _reload(scratch, SW, rows, row_ok, NO, NS)
             if DECODE:  # two_hot_inv: softmax over NO symlog bins, expectation, symexp
                 y = tl.where((cols < NO)[None, :], y, float("-inf"))
                 p = tl.exp(y - tl.max(y, 1)[:, None])
@@ -171,7 +192,7 @@ class TritonMLP(nn.Module):
     Q ensemble, or several networks on the same input (reward and dynamics: one rollout step). At most one
     of them may be a latent head (NormedLinear + SimNorm, the dynamics); `decode` returns the others' two-hot
     values instead of their logits."""
-    BM, BN, WARPS = 16, 64, 4  # rows per program, output columns per GEMM chunk
+    BM, BK, BN, WARPS = 16, 64, 64, 4  # rows per program; GEMM tiles [BM, BK] x [BK, BN]
 
     def __init__(self, nets, z_dim: int, a_dim: int, emb: torch.Tensor | None, decode=None):
         super().__init__()
@@ -208,7 +229,7 @@ class TritonMLP(nn.Module):
         ln = seqs[self.latent][-1].ln if self.latent >= 0 else None
         self._buf("g2", ln.weight if ln is not None else b2)  # unread without a latent head
         self._buf("e2", ln.bias if ln is not None else b2)
-        self._buf("all_heads", torch.arange(w0.shape[0]))
+        self._buf("all_heads", torch.arange(w0.shape[0], device=w0.device))
         self.tasks = bias.shape[1]
 
     def _buf(self, name, value):
@@ -224,25 +245,57 @@ class TritonMLP(nn.Module):
         task = torch.zeros(1, dtype=torch.long, device=dev) if task is None or self.tasks == 1 else (
             torch.tensor([task], device=dev) if isinstance(task, int) else task.reshape(-1)[:1].long())
         sel = self.all_heads if heads is None else heads.reshape(-1).long()
-        M, n, HP = x.shape[0], sel.shape[0], _pow2(self.hidden)
-        SW = max(HP, self.stacked)
+        M, n = x.shape[0], sel.shape[0]
         out = (torch.empty(n, M, device=dev) if self.decode else
                torch.empty(n, M, self.out_dim, device=dev, dtype=self.w1.dtype))
         z = torch.empty(M, self.latent_dim, device=dev, dtype=self.w1.dtype)
-        scratch = torch.empty(n, M, SW, device=dev, dtype=torch.float32)
+        pre = torch.empty(n, M, max(self.hidden, self.stacked), device=dev, dtype=torch.float32)
+        act = torch.empty(n, M, self.hidden, device=dev, dtype=self.w1.dtype)
+        _mlp_kernel[(triton.cdiv(M, self.BM), n)](
+            x, a, task, sel, self.w0, self.wa0, self.b0, self.g0, self.e0, self.w1, self.b1, self.g1, self.e1,
+            self.w2, self.b2, self.g2, self.e2, out, z, pre, act, M, **self._constants(), num_warps=self.WARPS)
+        out = out.reshape(n, *lead, 1 if self.decode else self.out_dim)
+        return (out, z.reshape(*lead, self.latent_dim)) if self.latent >= 0 else out
+
+
+    def _constants(self):
         bins, vmin, vmax = self.decode or (self.out_dim, 0.0, 0.0)
         if bins != self.out_dim:
             raise ValueError(f"decode expects {bins} bins, the heads give {self.out_dim}")
-        prec = "ieee" if self.w1.dtype == torch.float32 else None  # fp32: no TF32 rounding; else Triton's default
-        _mlp_kernel[(triton.cdiv(M, self.BM), n)](
-            x, a, task, sel, self.w0, self.wa0, self.b0, self.g0, self.e0, self.w1, self.b1, self.g1, self.e1,
-            self.w2, self.b2, self.g2, self.e2, out, z, scratch, M,
-            KX=self.z_dim, KXP=_pow2(self.z_dim), KA=self.a_dim, KAP=_pow2(max(self.a_dim, 1)), H=self.hidden,
-            HP=HP, NO=self.out_dim, NL=self.latent_dim, NS=self.stacked, SW=SW, TASKS=self.tasks, LATENT=self.latent,
-            SIMNORM=self.simnorm, DECODE=bool(self.decode), VMIN=float(vmin), VMAX=float(vmax), BM=self.BM,
-            BN=min(self.BN, HP, self.stacked), PREC=prec, EPS=1e-5, num_warps=self.WARPS)
-        out = out.reshape(n, *lead, 1 if self.decode else self.out_dim)
-        return (out, z.reshape(*lead, self.latent_dim)) if self.latent >= 0 else out
+        return dict(KX=self.z_dim, KA=self.a_dim, KAP=_pow2(max(self.a_dim, 1)), H=self.hidden, NO=self.out_dim,
+                    NL=self.latent_dim, NS=self.stacked, PW=max(self.hidden, self.stacked), TASKS=self.tasks,
+                    LATENT=self.latent, SIMNORM=self.simnorm or 1, DECODE=bool(self.decode), VMIN=float(vmin),
+                    VMAX=float(vmax), BM=self.BM, BK=self.BK, BN=self.BN, EPS=1e-5,
+                    PREC="ieee" if self.w1.dtype == torch.float32 else None)  # fp32: no TF32 rounding
+
+    def ptxas_report(self, arch: int) -> dict:
+        """Compile this launch for an NVIDIA GPU of compute capability `arch` (90: H100/H200, 87: Jetson Orin)
+        without one: registers and spills per thread from Triton's own ptxas, shared memory per program."""
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import get_ptxas
+        from triton.compiler import ASTSource
+        if not isinstance(_mlp_kernel, triton.runtime.JITFunction):
+            raise RuntimeError("kernels are in Triton's interpreter: set TRITON_INTERPRET=0 before importing")
+        ty = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64"}
+        dt, f32, i64 = self.w1.dtype, torch.float32, torch.int64
+        ptrs = dict(x_ptr=dt, a_ptr=f32 if self.a_dim else dt, task_ptr=i64, head_ptr=i64, w0=dt, wa0=dt,
+                    b0=dt, g0=dt, e0=dt, w1=dt, b1=dt, g1=dt, e1=dt, w2=dt, b2=dt, g2=dt, e2=dt,
+                    out_ptr=f32 if self.decode else dt, z_ptr=dt, pre_ptr=f32, act_ptr=dt)
+        consts = self._constants()
+        signature = {k: ty[v] for k, v in ptrs.items()} | {"M": "i32"} | {k: "constexpr" for k in consts}
+        names = _mlp_kernel.arg_names
+        src = ASTSource(_mlp_kernel, signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=self.WARPS))
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = os.path.join(tmp, "mlp.ptx")
+            with open(ptx, "w") as f:
+                f.write(kernel.asm["ptx"])
+            log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}",
+                                  ptx, "-o", os.path.join(tmp, "mlp.cubin")], capture_output=True, text=True,
+                                 check=True).stderr
+        num = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
+        return dict(registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
+                    spill_loads=num(r"(\d+) bytes spill loads"), shared=kernel.metadata.shared)
 
 
 class TritonWorldModel(WorldModel):
@@ -287,3 +340,55 @@ class TritonWorldModel(WorldModel):
         if qidx is None:
             qidx = torch.randperm(self.cfg.num_q, device=z.device)[:2]
         return self._pair_value(self._k_Q(z, a, task, heads=qidx), return_type)
+
+
+def _bench(argv=None):
+    """GPU: one rollout step, Q and policy head as Triton launches vs the PyTorch networks (eager and
+    torch.compile'd), per rows-per-program BM - the per-kernel numbers behind the planning step's latency."""
+    import argparse
+
+    from edge_tdmpc.checkpoint import load_model
+    ap = argparse.ArgumentParser(description=_bench.__doc__.splitlines()[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"))
+    ap.add_argument("--rows", type=int, default=512)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the kernel benchmark needs a CUDA GPU")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
+    ref = load_model(args.checkpoint).to("cuda", dtype).eval()
+    z = torch.randn(args.rows, ref.cfg.latent_dim, device="cuda").softmax(-1).to(dtype)
+    a = torch.rand(args.rows, ref.cfg.action_dim, device="cuda") * 2 - 1
+    task, heads = torch.tensor([3], device="cuda"), torch.tensor([1, 0], device="cuda")
+
+    def time_us(fn, n=200):
+        for _ in range(10):
+            fn()
+        graph = torch.cuda.CUDAGraph()  # replayed, as the planner runs: launch cost out of the way
+        with torch.cuda.graph(graph):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return 1000 * start.elapsed_time(end) / n
+
+    calls = lambda m: {"rollout_step": lambda: m.rollout_step(z, a, task),  # noqa: E731
+                       "Q avg": lambda: m.Q(z, a, task, "avg", qidx=heads), "pi head": lambda: m.pi_head(z, task)}
+    rows = {"torch eager": calls(ref)}
+    compiled = {k: torch.compile(f, fullgraph=True, dynamic=False) for k, f in calls(ref).items()}
+    rows["torch.compile"] = compiled
+    for bm in (16, 32, 64):
+        m = TritonWorldModel.of(ref)
+        for k in ("_k_rollout", "_k_pi", "_k_Q"):
+            getattr(m, k).BM = bm
+        rows[f"triton BM={bm}"] = calls(m)
+    print(f"{args.rows} rows, {args.precision}, {torch.cuda.get_device_name()}: us per call (CUDA graph replay)")
+    for name, fns in rows.items():
+        print(f"{name:16s}" + "".join(f"  {k} {time_us(f):7.1f}" for k, f in fns.items()))
+
+
+if __name__ == "__main__":
+    _bench()
