@@ -266,7 +266,8 @@ class TritonMLP(nn.Module):
                     NL=self.latent_dim, NS=self.stacked, PW=max(self.hidden, self.stacked), TASKS=self.tasks,
                     LATENT=self.latent, SIMNORM=self.simnorm or 1, DECODE=bool(self.decode), VMIN=float(vmin),
                     VMAX=float(vmax), BM=self.BM, BK=self.BK, BN=self.BN, EPS=1e-5,
-                    PREC="ieee" if self.w1.dtype == torch.float32 else None)  # fp32: no TF32 rounding
+                    PREC="ieee" if self.w1.dtype == torch.float32 else "tf32")  # fp32 without TF32 rounding;
+        # "tf32" is Triton's default for every dot and means nothing to fp16/bf16 operands
 
     def ptxas_report(self, arch: int) -> dict:
         """Compile this launch for an NVIDIA GPU of compute capability `arch` (90: H100/H200, 87: Jetson Orin)
