@@ -32,7 +32,8 @@ stages=,${STAGES:-tests,speed,kernels,compile},
   --device cuda --runtimes torch-cuda-graph --precisions fp32,fp16,bf16 --steps 100 --own-noise --profile --tasks "$tasks" \
   --json "$out/gpu-speed.json" 2>&1 | tee "$out/gpu-speed.txt"
 
-[[ $stages == *,kernels,* ]] && timeout "${KERNELS_S:-150}" python3 -m edge_tdmpc.compile.kernels "$ckpt" \
+[[ $stages == *,kernels,* ]] && timeout "${KERNELS_S:-150}" python3 -c \
+  'import sys; from edge_tdmpc.compile.kernels import bench_main; bench_main(sys.argv[1:])' "$ckpt" \
   2>&1 | tee "$out/triton-kernels.txt"
 
 [[ $stages == *,compile,* ]] && timeout "${COMPILE_S:-420}" python3 -m edge_tdmpc.compile.speed "$ckpt" --device cuda \

@@ -187,6 +187,38 @@ def _stacked(nets):
     return layers
 
 
+_PARAMS = ("w0", "wa0", "b0", "g0", "e0", "w1", "b1", "g1", "e1", "w2", "b2", "g2", "e2")
+_INTS = ("KX", "KA", "KAP", "H", "NO", "NL", "NS", "PW", "TASKS", "LATENT", "SIMNORM", "DECODE", "BM", "BK", "BN")
+
+
+# A custom op, so that torch.compile sees one opaque call (its fake below gives the shapes) whatever Triton
+# version Dynamo would otherwise have to trace into; Inductor fuses the planner's glue around it.
+@torch.library.custom_op("edge_tdmpc::triton_mlp", mutates_args=())
+def triton_mlp(x: torch.Tensor, a: torch.Tensor, task: torch.Tensor, heads: torch.Tensor,
+               params: list[torch.Tensor], ints: list[int], floats: list[float], prec: str,
+               warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """_mlp_kernel on rows x [M, KX], a [M, KA] for heads [n] -> (out [n, M] or [n, M, NO], z [M, NL])."""
+    c = dict(zip(_INTS, ints))
+    M, n, dev, dt = x.shape[0], heads.shape[0], x.device, params[5].dtype
+    out = torch.empty(n, M, device=dev) if c["DECODE"] else torch.empty(n, M, c["NO"], device=dev, dtype=dt)
+    z = torch.empty(M, c["NL"], device=dev, dtype=dt)
+    pre = torch.empty(n, M, c["PW"], device=dev, dtype=torch.float32)
+    act = torch.empty(n, M, c["H"], device=dev, dtype=dt)
+    c["DECODE"] = bool(c["DECODE"])
+    _mlp_kernel[(triton.cdiv(M, c["BM"]), n)](x, a, task, heads, *params, out, z, pre, act, M, **c,
+                                              VMIN=floats[0], VMAX=floats[1], EPS=floats[2], PREC=prec,
+                                              num_warps=warps)
+    return out, z
+
+
+@triton_mlp.register_fake
+def _(x, a, task, heads, params, ints, floats, prec, warps):
+    c = dict(zip(_INTS, ints))
+    M, n, dt = x.shape[0], heads.shape[0], params[5].dtype
+    out = x.new_empty(n, M, dtype=torch.float32) if c["DECODE"] else x.new_empty(n, M, c["NO"], dtype=dt)
+    return out, x.new_empty(M, c["NL"], dtype=dt)
+
+
 class TritonMLP(nn.Module):
     """TD-MPC2 MLPs over [z, task embedding, a] (3 layers each) run side by side as one launch: the heads of a
     Q ensemble, or several networks on the same input (reward and dynamics: one rollout step). At most one
@@ -245,15 +277,9 @@ class TritonMLP(nn.Module):
         task = torch.zeros(1, dtype=torch.long, device=dev) if task is None or self.tasks == 1 else (
             torch.tensor([task], device=dev) if isinstance(task, int) else task.reshape(-1)[:1].long())
         sel = self.all_heads if heads is None else heads.reshape(-1).long()
-        M, n = x.shape[0], sel.shape[0]
-        out = (torch.empty(n, M, device=dev) if self.decode else
-               torch.empty(n, M, self.out_dim, device=dev, dtype=self.w1.dtype))
-        z = torch.empty(M, self.latent_dim, device=dev, dtype=self.w1.dtype)
-        pre = torch.empty(n, M, max(self.hidden, self.stacked), device=dev, dtype=torch.float32)
-        act = torch.empty(n, M, self.hidden, device=dev, dtype=self.w1.dtype)
-        _mlp_kernel[(triton.cdiv(M, self.BM), n)](
-            x, a, task, sel, self.w0, self.wa0, self.b0, self.g0, self.e0, self.w1, self.b1, self.g1, self.e1,
-            self.w2, self.b2, self.g2, self.e2, out, z, pre, act, M, **self._constants(), num_warps=self.WARPS)
+        n, c = sel.shape[0], self._constants()
+        out, z = triton_mlp(x, a, task, sel, [getattr(self, p) for p in _PARAMS], [int(c[k]) for k in _INTS],
+                            [c["VMIN"], c["VMAX"], c["EPS"]], c["PREC"], self.WARPS)
         out = out.reshape(n, *lead, 1 if self.decode else self.out_dim)
         return (out, z.reshape(*lead, self.latent_dim)) if self.latent >= 0 else out
 
@@ -343,13 +369,13 @@ class TritonWorldModel(WorldModel):
         return self._pair_value(self._k_Q(z, a, task, heads=qidx), return_type)
 
 
-def _bench(argv=None):
+def bench_main(argv=None):
     """GPU: one rollout step, Q and policy head as Triton launches vs the PyTorch networks (eager and
     torch.compile'd), per rows-per-program BM - the per-kernel numbers behind the planning step's latency."""
     import argparse
 
     from edge_tdmpc.checkpoint import load_model
-    ap = argparse.ArgumentParser(description=_bench.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=bench_main.__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
     ap.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"))
     ap.add_argument("--rows", type=int, default=512)
@@ -390,6 +416,3 @@ def _bench(argv=None):
     for name, fns in rows.items():
         print(f"{name:16s}" + "".join(f"  {k} {time_us(f):7.1f}" for k, f in fns.items()))
 
-
-if __name__ == "__main__":
-    _bench()
