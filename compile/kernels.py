@@ -4,9 +4,10 @@ Why: a CUDA-graphed planning step costs about one kernel's latency (a few micros
 torch-compile still runs each layer as a GEMM kernel plus a LayerNorm/Mish kernel: ~50 launches per MPPI
 iteration, 1.8 ms a step on an H200 against the 0.5 ms goal. Here one program takes a block of rows through
 all three layers - Linear -> LayerNorm -> Mish twice, then the head (plus LayerNorm -> SimNorm for a latent) -
-so a rollout step is two launches (reward, dynamics) and the Q value one (both chosen heads, a second grid
-axis reading q_idx on the device). Exact rewrites, as in the ONNX graph: the task embedding's share of the
-first layer is a per-task bias row, and the first layer takes z and a as two operands (no concatenation).
+and a second grid axis runs networks side by side: a rollout step (reward and dynamics) is one launch, and so
+is the Q value (both heads q_idx picks, read on the device), with the two-hot decode done in the kernel.
+Exact rewrites, as in the ONNX graph: the task embedding's share of the first layer is a per-task bias row,
+and the first layer takes z and a as two operands (no concatenation).
 
 Hidden activations round-trip through per-program scratch rows (they stay in L1/L2): the GEMMs run on small
 [BM, BK] x [BK, BN] tiles, so that no thread holds a whole [BM, hidden] row block in registers (that spilled
@@ -282,7 +283,6 @@ class TritonMLP(nn.Module):
                             [c["VMIN"], c["VMAX"], c["EPS"]], c["PREC"], self.WARPS)
         out = out.reshape(n, *lead, 1 if self.decode else self.out_dim)
         return (out, z.reshape(*lead, self.latent_dim)) if self.latent >= 0 else out
-
 
     def _constants(self):
         bins, vmin, vmax = self.decode or (self.out_dim, 0.0, 0.0)
