@@ -22,7 +22,6 @@ import torch
 
 from edge_tdmpc.compile import artifact
 from edge_tdmpc.compile.fused import FusedWorldModel
-from edge_tdmpc.compile.kernels import TritonWorldModel
 from edge_tdmpc.compile.record import plan_feed
 from edge_tdmpc.planner import Noise, PlannerConfig, plan, sample_noise
 from edge_tdmpc.runtime import PRECISIONS, TORCH_DTYPES, Runtime, register_runtime
@@ -163,7 +162,7 @@ class TorchCudaGraphRuntime(Runtime):
     runtime holds when `noise` is passed (then a second graph reads it from static buffers).
     """
     precisions = ("fp32", "fp16", "bf16")
-    world = None  # a WorldModel subclass whose `of(model)` swaps in faster networks (fused.py, kernels.py)
+    world = None  # model -> the same model with faster networks (fused.py, kernels.py)
 
     def __init__(self, model, precision="fp32", planner=None, seed=0, device=None):
         if isinstance(model, (str, Path)):
@@ -185,7 +184,7 @@ class TorchCudaGraphRuntime(Runtime):
                                         m._task_emb.max_norm, 2.0)
             m._task_emb.max_norm = None
         if self.world is not None:
-            m = self.world.of(m)
+            m = self.world(m)
         self.model, c = m, m.cfg
         self.gammas = [discount(L) for L in c.episode_lengths] if c.multitask else [0.99]
         # static buffers, fp32 as plan() keeps its inputs and statistics (the model casts to its precision)
@@ -264,14 +263,19 @@ class TorchCompileFusedRuntime(TorchCompileRuntime):
     """torch-compile over a FusedWorldModel: each rollout step runs the reward and dynamics MLPs as one stacked
     network, one GEMM per layer for both, so fewer kernels per step. Kept beside torch-compile until a GPU run
     shows which is faster."""
-    world = FusedWorldModel
+    world = staticmethod(FusedWorldModel.of)
+
+
+def _triton_world(model):
+    from edge_tdmpc.compile.kernels import TritonWorldModel  # imported here: needs triton, built for a GPU
+    return TritonWorldModel.of(model)
 
 
 @register_runtime("torch-cuda-graph-triton")
 class TorchCudaGraphTritonRuntime(TorchCudaGraphRuntime):
     """torch-cuda-graph over a TritonWorldModel, without Inductor: the Triton MLP kernels alone, and a fallback
     where torch.compile will not take them."""
-    world = TritonWorldModel
+    world = staticmethod(_triton_world)
 
 
 @register_runtime("torch-compile-triton")
@@ -279,4 +283,4 @@ class TorchCompileTritonRuntime(TorchCompileRuntime):
     """torch-compile over a TritonWorldModel: dynamics, reward, policy and the chosen Q heads each run as one
     Triton kernel (all three layers of an MLP in one launch), Inductor fuses the planner's statistics around
     them, and the step is captured in one CUDA graph: ~15 launches per MPPI iteration instead of ~50."""
-    world = TritonWorldModel
+    world = staticmethod(_triton_world)
