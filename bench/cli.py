@@ -31,7 +31,8 @@ def bench():
 @click.option("--episodes", default=10, show_default=True,
               help="episodes per task (official MT30: 10; 0 with --check-actions: the check alone)")
 @click.option("--runtime", "runtimes", default=None,
-              help="comma-separated: torch, onnxruntime, tensorrt, torch-cuda-graph, torch-compile(-fused/-triton)  "
+              help="comma-separated: torch, onnxruntime, tensorrt, torch-cuda-graph(-triton), "
+                   "torch-compile(-fused/-triton)  "
                    "[default: torch; for an artifact: torch fp32 and the artifact]")
 @click.option("--precision", "precisions", default=None,
               help="comma-separated: fp32, fp16, bf16, int8  [default: fp32]")

@@ -7,7 +7,7 @@
     artifact.py   compile -> artifact directory + manifest, checksums, cache
     session.py    ONNX Runtime sessions (CPU / CUDA / TensorRT providers)
     trt.py        TensorRT engine build / run / verify (numpy + CUDA bindings only; ships as build_engine.py)
-    runtimes.py   the onnxruntime, tensorrt, torch-cuda-graph and torch-compile(-fused/-triton) runtimes
+    runtimes.py   the onnxruntime, tensorrt, torch-cuda-graph(-triton), torch-compile(-fused/-triton) runtimes
     fused.py      the rollout's reward and dynamics MLPs stacked into one network (fewer GPU kernels)
     kernels.py    each planner MLP as one Triton kernel launch (fewer still)
     targets.py    device profiles (targets/*.json)
