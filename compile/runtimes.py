@@ -145,9 +145,10 @@ def draw_noise(cfg: PlannerConfig, action_dim: int, num_q: int, device) -> Noise
 
 
 def graph_step(model, cfg: PlannerConfig, obs, task, prev_mean, t0, noise: Noise, gamma, explore):
-    """`plan` on tensors only (explore = 0 is eval mode, exactly): what the CUDA-graph runtimes capture and
-    torch-compile hands to torch.compile."""
+    """`plan` on tensors only (explore = 0 is eval mode, exactly; task may come as a float): what the CUDA-graph
+    runtimes capture and torch-compile hands to torch.compile."""
     noise = noise._replace(action=noise.action * explore)
+    task = None if task is None else task.long()
     action, mean, _ = plan(model, obs, task, prev_mean, t0, noise, cfg, gamma)
     return action, mean
 
@@ -160,9 +161,13 @@ class TorchCudaGraphRuntime(Runtime):
     bounds a PyTorch MPPI loop on a GPU (and on Jetson). Noise comes from the device's default generator
     (Philox, seeded by `seed`): a different stream from the CPU Agent's, so same-seed parity with the torch
     runtime holds when `noise` is passed (then a second graph reads it from static buffers).
+
+    Per step the host does one copy in (observation, task, t0, discount and exploration staged in one
+    page-locked buffer), one replay and one copy out; the warm-start mean stays on the device.
     """
     precisions = ("fp32", "fp16", "bf16")
     world = None  # model -> the same model with faster networks (fused.py, kernels.py)
+    capture = True  # False: run the step eagerly, without a CUDA graph (how the CPU tests check the rest)
 
     def __init__(self, model, precision="fp32", planner=None, seed=0, device=None):
         if isinstance(model, (str, Path)):
@@ -170,11 +175,11 @@ class TorchCudaGraphRuntime(Runtime):
             planner = planner or PlannerConfig(**manifest["planner"])
             model = artifact.load_model_for(manifest)
         super().__init__(model, precision, planner, seed, device)
-        if not torch.cuda.is_available():
+        if self.capture and not torch.cuda.is_available():
             raise ValueError(f"{self.name} needs a CUDA GPU (torch.cuda.is_available() is False): use "
                              "'onnxruntime' or 'torch' here")
-        self.device = torch.device(device or "cuda")
-        if self.device.type != "cuda":
+        self.device = torch.device(device or ("cuda" if self.capture else "cpu"))
+        if self.capture and self.device.type != "cuda":
             raise ValueError(f"{self.name} runs on a CUDA device, not '{device}': pass --device cuda")
         self.dtype = TORCH_DTYPES[precision]
         m = copy.deepcopy(model).to(self.device, self.dtype).eval()
@@ -189,58 +194,66 @@ class TorchCudaGraphRuntime(Runtime):
         self.gammas = [discount(L) for L in c.episode_lengths] if c.multitask else [0.99]
         # static buffers, fp32 as plan() keeps its inputs and statistics (the model casts to its precision)
         z = lambda *s, dtype=torch.float32: torch.zeros(*s, device=self.device, dtype=dtype)  # noqa: E731
-        H, A = self.planner.horizon, c.action_dim
-        self.obs, self.task, self.t0 = z(c.obs_dim), z(1, dtype=torch.long), z(())
-        self.prev_mean, self.gamma, self.explore = z(H, A), z(()), z(())
+        H, A, pin = self.planner.horizon, c.action_dim, self.device.type == "cuda"
+        self.host_in = torch.zeros(c.obs_dim + 4, pin_memory=pin)  # obs, task, t0, gamma, explore
+        self.host_action = torch.zeros(A, pin_memory=pin)  # page-locked: both copies are DMA, no staging
+        self.inputs, self.prev_mean = z(c.obs_dim + 4), z(H, A)
         self.noise_in = Noise(*(z(*t.shape, dtype=t.dtype) for t in sample_noise(self.planner, A, c.num_q)))
         self.graphs = {}
         self.step = graph_step
         self.reset(seed)
 
     def _plan(self, draw: bool):
-        c = self.model.cfg
+        c, D, x = self.model.cfg, self.model.cfg.obs_dim, self.inputs
         noise = draw_noise(self.planner, c.action_dim, c.num_q, self.device) if draw else self.noise_in
-        task = self.task if c.multitask else None
-        return self.step(self.model, self.planner, self.obs, task, self.prev_mean, self.t0, noise, self.gamma,
-                         self.explore)
+        task = x[D:D + 1] if c.multitask else None
+        action, mean = self.step(self.model, self.planner, x[:D], task, self.prev_mean, x[D + 1], noise, x[D + 2],
+                                 x[D + 3])
+        self.prev_mean.copy_(mean)  # the next step's warm start, without a trip through the host
+        return action.float()
 
-    def _graph(self, draw: bool):
+    def _run(self, draw: bool):
+        if not self.capture:
+            return self._plan(draw)
         if draw not in self.graphs:
+            warm_start = self.prev_mean.clone()
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):  # warm up outside the graph (allocator, cuBLAS handles)
                 for _ in range(2):
                     self._plan(draw)
             torch.cuda.current_stream().wait_stream(s)
+            self.prev_mean.copy_(warm_start)  # the warm-up steps moved it
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                outs = self._plan(draw)
-            self.graphs[draw] = (graph, outs)
-        return self.graphs[draw]
+                action = self._plan(draw)
+            self.graphs[draw] = (graph, action)
+        graph, action = self.graphs[draw]
+        graph.replay()
+        return action
 
     def reset(self, seed=None):
-        torch.cuda.manual_seed(self.seed if seed is None else seed)
+        (torch.cuda.manual_seed if self.capture else torch.manual_seed)(self.seed if seed is None else seed)
         self.prev_mean.zero_()
 
     @torch.no_grad()
     def act(self, obs, task, t0, eval_mode=False, noise=None):
-        c = self.model.cfg
-        obs = torch.as_tensor(_numpy(obs), dtype=torch.float32).reshape(-1)
-        if obs.numel() != c.obs_dim and c.multitask and task is not None:
-            obs = torch.cat([obs, obs.new_zeros(c.obs_dim - obs.numel())])
-        self.obs.copy_(obs)
-        if c.multitask:
-            self.task.fill_(int(task))
-        self.t0.fill_(float(bool(t0)))
-        self.gamma.fill_(self.gammas[task or 0])
-        self.explore.fill_(0.0 if eval_mode else 1.0)
+        c, D = self.model.cfg, self.model.cfg.obs_dim
+        obs = _numpy(obs).astype(np.float32, copy=False).reshape(-1)
+        if obs.size > D or (obs.size < D and not (c.multitask and task is not None)):
+            raise ValueError(f"observation has {obs.size} entries but the model expects {D} (multitask models "
+                             f"take a task's observation, zero-padded to {D})")
+        host = self.host_in.numpy()
+        host[:obs.size], host[obs.size:D] = obs, 0.0
+        host[D:] = (task or 0, float(bool(t0)), self.gammas[task or 0], 0.0 if eval_mode else 1.0)
+        self.inputs.copy_(self.host_in, non_blocking=True)
         if noise is not None:
             for buf, t in zip(self.noise_in, noise):
                 buf.copy_(torch.as_tensor(_numpy(t)))
-        graph, (action, mean) = self._graph(noise is None)
-        graph.replay()
-        self.prev_mean.copy_(mean)
-        return action.float().cpu().numpy()
+        self.host_action.copy_(self._run(noise is None), non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # host_action is written
+        return self.host_action.numpy().copy()
 
     def size_bytes(self):
         return sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -592,6 +592,36 @@ def test_triton_kernels_compile_for_gpus_without_spilling():
         assert r["spill_stores"] <= 64 and r["spill_loads"] <= 64, (name, r)
 
 
+def test_cuda_graph_runtime_stages_inputs_and_keeps_the_warm_start(model):
+    """What the CUDA-graph runtimes do around the captured step - observation, task (as a float), t0,
+    discount and exploration staged in one buffer; the warm-start mean kept on the device - run eagerly on
+    the CPU (capture off): consecutive steps equal planner.plan on the same noise, each warm-started from the
+    last, in stochastic and in eval mode; a wrong-size observation is refused."""
+    from edge_tdmpc.compile.runtimes import TorchCudaGraphRuntime
+
+    class Eager(TorchCudaGraphRuntime):
+        capture = False
+
+    rt = Eager(model, "fp32", SMALL, seed=0)
+    task, mean = 3, None  # cheetah-run: 17 of the 24 observation entries
+    for step, (t0, eval_mode) in enumerate([(True, False), (False, False), (False, True)]):
+        feed = _feed(model, SMALL, seed=10 + step, task=task, t0=t0)
+        feed["obs"][17:] = 0.0  # what the runtime pads a cheetah-run observation with
+        feed["noise_gumbel"][:] = 0.0  # the top elite: no near-tie between elites decides the comparison
+        if eval_mode:
+            feed["noise_action"][:] = 0.0
+        if mean is not None:
+            feed["prev_mean"] = mean
+        obs, _, _, _, noise = record.feed_to_torch(feed)
+        ref = record.reference_step(model, feed, SMALL)
+        a = rt.act(obs.numpy()[:17], task, t0, eval_mode=eval_mode, noise=noise)
+        np.testing.assert_allclose(a, ref["action"], atol=1e-5)
+        np.testing.assert_allclose(rt.prev_mean.numpy(), ref["mean"], atol=1e-5)
+        mean = ref["mean"]
+    with pytest.raises(ValueError, match="observation has 25 entries but the model expects 24"):
+        rt.act(np.zeros(25), task, False)
+
+
 def test_cuda_graph_noise_draws_match_sample_noise():
     """The torch-cuda-graph runtime's capturable draws (run here on the CPU) have sample_noise's shapes, dtypes
     and distributions, and plan() accepts them."""
