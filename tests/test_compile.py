@@ -592,14 +592,19 @@ def test_triton_kernels_compile_for_gpus_without_spilling():
         assert r["spill_stores"] <= 64 and r["spill_loads"] <= 64, (name, r)
 
 
-def test_cuda_graph_runtime_stages_inputs_and_keeps_the_warm_start(model):
+@pytest.mark.parametrize("name", ["torch-cuda-graph", "torch-cuda-graph-triton"])
+def test_cuda_graph_runtime_stages_inputs_and_keeps_the_warm_start(model, name):
     """What the CUDA-graph runtimes do around the captured step - observation, task (as a float), t0,
     discount and exploration staged in one buffer; the warm-start mean kept on the device - run eagerly on
-    the CPU (capture off): consecutive steps equal planner.plan on the same noise, each warm-started from the
-    last, in stochastic and in eval mode; a wrong-size observation is refused."""
-    from edge_tdmpc.compile.runtimes import TorchCudaGraphRuntime
+    the CPU (capture off; the Triton kernels in Triton's interpreter): consecutive steps equal planner.plan on
+    the same noise, each warm-started from the last, in stochastic and in eval mode; a wrong-size observation
+    is refused."""
+    import edge_tdmpc.compile.runtimes  # noqa: F401  (registers the runtimes)
+    from edge_tdmpc.runtime import RUNTIMES
+    if name.endswith("triton"):
+        pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
 
-    class Eager(TorchCudaGraphRuntime):
+    class Eager(RUNTIMES[name]):
         capture = False
 
     rt = Eager(model, "fp32", SMALL, seed=0)
