@@ -113,7 +113,9 @@ class Cuda:
                    self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
         fn()
         graph = self._call("cudaStreamEndCapture", self.stream)
-        return self._call("cudaGraphInstantiate", graph, 0)
+        # the WithFlags form: (graph, flags) -> (err, exec) in cuda-python 11 and 12 alike (plain
+        # cudaGraphInstantiate takes a log buffer in 11.x, the JetPack 5 bindings)
+        return self._call("cudaGraphInstantiateWithFlags", graph, 0)
 
     def launch(self, graph_exec):
         self._call("cudaGraphLaunch", graph_exec, self.stream)
@@ -196,8 +198,9 @@ def build_engine(onnx_path, engine_path, precision: str, timing_cache=None, dla_
         raise ValueError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-    if precision == "fp32":  # TF32 is on by default on Ampere and newer: fp32 should mean fp32
-        config.clear_flag(trt.BuilderFlag.TF32)
+    # TF32 is on by default on Ampere and newer: the graph's fp32 parts (all of fp32, the encoder kept fp32 in
+    # int8/mixed, the decode and MPPI statistics) should be fp32, as verified on the CPU
+    config.clear_flag(trt.BuilderFlag.TF32)
     if not strongly_typed:  # TensorRT 8.x: the graph's types are hints; enable the kernels they need
         if precision in ("fp16", "mixed"):
             config.set_flag(trt.BuilderFlag.FP16)
@@ -207,13 +210,18 @@ def build_engine(onnx_path, engine_path, precision: str, timing_cache=None, dla_
             raise ValueError(f"TensorRT {trt.__version__} has no bf16: use fp16, or TensorRT >= 10 (JetPack 6.1+)")
         if precision == "fp16":  # and keep the graph's fp32 islands (decode, MPPI statistics, LayerNorm) in fp32
             _pin_fp32(trt, network, config)
+    if dla_core is not None and precision in ("fp32", "bf16"):
+        raise ValueError(f"the DLA runs fp16 and int8 only, not {precision}: use --precision fp16 or int8, or "
+                         "build for the GPU")
     if dla_core is not None:  # unsupported layers (TopK, Gather, ...) fall back to the GPU
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).exists() else b""
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        # a cache from another TensorRT (e.g. before a JetPack upgrade) is refused: start a fresh one
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
