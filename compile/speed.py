@@ -168,7 +168,7 @@ def main(argv=None):
     ap.add_argument("--precisions", default="fp32,fp16,bf16,int8,mixed", help="precisions of the timed runtimes")
     ap.add_argument("--runtimes", default="onnxruntime",
                     help="runtimes timed against eager fp32 (comma-separated): onnxruntime, tensorrt, "
-                         "torch-cuda-graph, torch-compile, torch-compile-fused, torch-compile-triton")
+                         "torch-cuda-graph(-triton), torch-compile(-fused/-triton)")
     ap.add_argument("--device", default="cpu", help="eager baseline's device; cuda on a GPU machine")
     ap.add_argument("--steps", type=int, default=30, help="timed planning steps (0: no latency table)")
     ap.add_argument("--own-noise", action="store_true", help="also time each runtime drawing its own noise")
