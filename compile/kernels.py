@@ -243,6 +243,8 @@ class TritonMLP(nn.Module):
         if len(set(plain)) > 1:
             raise ValueError(f"the plain heads of one TritonMLP must have one width, not {plain}")
         self.simnorm, self.latent_dim, self.decode = 0, 1, decode
+        if decode and decode[0] != self.out_dim:
+            raise ValueError(f"decode expects {decode[0]} bins, the heads give {self.out_dim}")
         if self.latent >= 0:
             head = seqs[self.latent][-1]
             self.simnorm, self.latent_dim = head.act.dim, head.out_features
@@ -285,9 +287,7 @@ class TritonMLP(nn.Module):
         return (out, z.reshape(*lead, self.latent_dim)) if self.latent >= 0 else out
 
     def _constants(self):
-        bins, vmin, vmax = self.decode or (self.out_dim, 0.0, 0.0)
-        if bins != self.out_dim:
-            raise ValueError(f"decode expects {bins} bins, the heads give {self.out_dim}")
+        _, vmin, vmax = self.decode or (self.out_dim, 0.0, 0.0)
         return dict(KX=self.z_dim, KA=self.a_dim, KAP=_pow2(max(self.a_dim, 1)), H=self.hidden, NO=self.out_dim,
                     NL=self.latent_dim, NS=self.stacked, PW=max(self.hidden, self.stacked), TASKS=self.tasks,
                     LATENT=self.latent, SIMNORM=self.simnorm or 1, DECODE=bool(self.decode), VMIN=float(vmin),
