@@ -80,6 +80,18 @@ def estimate_value(model: WorldModel, z, actions, task, gamma, q_idx, q_pi):
     return G + disc * model.Q(z, action, task, return_type="avg", qidx=q_idx)
 
 
+def mppi_update(value, actions, mask, cfg: PlannerConfig):
+    """The elites (top-K values), their softmax scores at the temperature, and the score-weighted mean and std
+    of their actions -> (mean [H, A], std [H, A], elite actions [H, K, A], elite values [K], scores [K])."""
+    elite_value, elite_idxs = torch.topk(value, cfg.num_elites, dim=0)
+    elite_actions = actions[:, elite_idxs]
+    score = torch.exp(cfg.temperature * (elite_value - elite_value.max()))
+    score = score / score.sum()
+    mean = (score.view(1, -1, 1) * elite_actions).sum(1) / (score.sum() + 1e-9)
+    std = ((score.view(1, -1, 1) * (elite_actions - mean.unsqueeze(1)) ** 2).sum(1) / (score.sum() + 1e-9)).sqrt()
+    return mean * mask, std.clamp(cfg.min_std, cfg.max_std) * mask, elite_actions, elite_value, score
+
+
 def warm_start(prev_mean, t0):
     """Previous mean shifted one step ahead, last row 0; all zeros at the first step of an episode."""
     keep = 1.0 - torch.as_tensor(t0, dtype=prev_mean.dtype, device=prev_mean.device)
@@ -93,8 +105,7 @@ def plan(model: WorldModel, obs, task, prev_mean, t0, noise: Noise, cfg: Planner
 
     Actions, values and the MPPI statistics are fp32 whatever the model's precision (an fp16/bf16 model runs
     its layers in that type), as in the compiled graphs."""
-    H, P, S, K = cfg.horizon, cfg.num_pi_trajs, cfg.num_samples, cfg.num_elites
-    A = model.cfg.action_dim
+    H, P, S, A = cfg.horizon, cfg.num_pi_trajs, cfg.num_samples, model.cfg.action_dim
     f32 = dict(dtype=torch.float32, device=obs.device)
     mask = model.action_mask(task)
     mask = torch.ones(A, **f32) if mask is None else mask.reshape(-1).float()
@@ -115,26 +126,22 @@ def plan(model: WorldModel, obs, task, prev_mean, t0, noise: Noise, cfg: Planner
     std = torch.full((H, A), cfg.max_std, **f32)
     z = z.expand(S, -1)
 
-    # 3. MPPI iterations
+    # 3. MPPI iterations (a model may run the value and the update as fused kernels: compile/kernels.py)
+    value_fn = getattr(model, "fused_value", None) or (
+        lambda *args: estimate_value(model, *args).nan_to_num(0).squeeze(1))
+    update_fn = getattr(model, "fused_mppi", None) or mppi_update
     for i in range(cfg.iterations):
         sampled = (mean.unsqueeze(1) + std.unsqueeze(1) * noise.sample[i]).clamp(-1, 1)
         actions = torch.cat([pi_actions, sampled], dim=1) * mask
-        value = estimate_value(model, z, actions, task, gamma, noise.q_idx[i], noise.q_pi[i]).nan_to_num(0).squeeze(1)
-        elite_value, elite_idxs = torch.topk(value, K, dim=0)
-        elite_actions = actions[:, elite_idxs]
-        score = torch.exp(cfg.temperature * (elite_value - elite_value.max()))
-        score = score / score.sum()
-        mean = (score.view(1, K, 1) * elite_actions).sum(1) / (score.sum() + 1e-9)
-        std = ((score.view(1, K, 1) * (elite_actions - mean.unsqueeze(1)) ** 2).sum(1) / (score.sum() + 1e-9)).sqrt()
-        std = std.clamp(cfg.min_std, cfg.max_std) * mask
-        mean = mean * mask
+        value = value_fn(z, actions, task, gamma, noise.q_idx[i], noise.q_pi[i])
+        mean, std, elite_actions, elite_value, score = update_fn(value, actions, mask, cfg)
 
     # 4. pick one elite by a Gumbel-max draw over log(score); explore with std[0] unless evaluating
     idx = torch.argmax(torch.log(score) + noise.gumbel)
     action = elite_actions[0].index_select(0, idx.view(1)).squeeze(0)  # no .item(): a CUDA graph can capture it
     if not eval_mode:
         action = action + std[0] * noise.action
-    info = dict(elite_value=elite_value, score=score, std=std, value=value.max(), pick=idx)
+    info = dict(elite_value=elite_value, score=score, std=std, value=elite_value.max(), pick=idx)
     return action.clamp(-1, 1), mean, info
 
 
