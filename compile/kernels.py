@@ -1,4 +1,5 @@
-"""The planner's MLPs as Triton kernels: one launch runs a whole TD-MPC2 MLP (or the chosen Q heads).
+"""The planner's MLPs as Triton kernels: one launch runs a whole TD-MPC2 MLP (or the chosen Q heads), and
+the MPPI iteration's value and update as a few launches.
 
 Why: a CUDA-graphed planning step costs about one kernel's latency (a few microseconds) per op, and
 torch-compile still runs each layer as a GEMM kernel plus a LayerNorm/Mish kernel: ~50 launches per MPPI
@@ -8,6 +9,11 @@ and a second grid axis runs networks side by side: a rollout step (reward and dy
 is the Q value (both heads q_idx picks, read on the device), with the two-hot decode done in the kernel.
 Exact rewrites, as in the ONNX graph: the task embedding's share of the first layer is a per-task bias row,
 and the first layer takes z and a as two operands (no concatenation).
+
+Per MPPI iteration the rest is fused too, so that no elementwise glue is left between the launches: each
+rollout step adds its discounted reward to the return in the kernel, one program per row block runs the
+horizon's policy -> squashed-Gaussian sample -> 2 Q heads -> value, and one program does the MPPI update
+(top-k by a bitonic sort of (value, index) keys, the scores, the elites' mean and std).
 
 Hidden activations round-trip through per-program scratch rows (they stay in L1/L2): the GEMMs run on small
 [BM, BK] x [BK, BN] tiles, so that no thread holds a whole [BM, hidden] row block in registers (that spilled
@@ -605,11 +611,12 @@ class TritonWorldModel(WorldModel):
 
 
 def bench_main(argv=None):
-    """GPU: one rollout step, Q and policy head as Triton launches vs the PyTorch networks (eager and
-    torch.compile'd), per rows-per-program BM - the per-kernel numbers behind the planning step's latency."""
+    """GPU: one rollout step, Q, policy head, the horizon's value and an MPPI update as Triton launches vs
+    PyTorch (eager and torch.compile'd), per rows-per-program BM - the numbers behind a planning step."""
     import argparse
 
     from edge_tdmpc.checkpoint import load_model
+    from edge_tdmpc.planner import PlannerConfig, estimate_value, mppi_update
     ap = argparse.ArgumentParser(description=bench_main.__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
     ap.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"))
@@ -637,14 +644,26 @@ def bench_main(argv=None):
         torch.cuda.synchronize()
         return 1000 * start.elapsed_time(end) / n
 
-    calls = lambda m: {"rollout_step": lambda: m.rollout_step(z, a, task),  # noqa: E731
-                       "Q avg": lambda: m.Q(z, a, task, "avg", qidx=heads), "pi head": lambda: m.pi_head(z, task)}
+    cfg = PlannerConfig()
+    actions = torch.rand(cfg.horizon, args.rows, ref.cfg.action_dim, device="cuda") * 2 - 1
+    q_pi, value = torch.randn(args.rows, ref.cfg.action_dim, device="cuda"), torch.randn(args.rows, device="cuda")
+    mask, gamma = torch.ones(ref.cfg.action_dim, device="cuda"), torch.tensor(0.99, device="cuda")
+
+    def calls(m):
+        fused = isinstance(m, TritonWorldModel)
+        return {"rollout_step": lambda: m.rollout_step(z, a, task),
+                "Q avg": lambda: m.Q(z, a, task, "avg", qidx=heads), "pi head": lambda: m.pi_head(z, task),
+                "value": (lambda: m.fused_value(z, actions, task, gamma, heads, q_pi)) if fused else
+                (lambda: estimate_value(m, z, actions, task, gamma, heads, q_pi).nan_to_num(0)),
+                "mppi update": (lambda: m.fused_mppi(value, actions, mask, cfg)) if fused else
+                (lambda: mppi_update(value, actions, mask, cfg))}
+
     rows = {"torch eager": calls(ref)}
     compiled = {k: torch.compile(f, fullgraph=True, dynamic=False) for k, f in calls(ref).items()}
     rows["torch.compile"] = compiled
     for bm, warps in ((16, 4), (32, 8), (64, 8)):  # without spills on sm_90 (ptxas_report); 64 rows on 4
         m = TritonWorldModel.of(ref)             # warps spill 3 KB per thread
-        for k in ("_k_rollout", "_k_pi", "_k_Q"):
+        for k in ("_k_rollout", "_k_next", "_k_pi", "_k_Q"):
             getattr(m, k).BM, getattr(m, k).WARPS = bm, warps
         rows[f"triton {bm}x{warps}w"] = calls(m)
     print(f"{args.rows} rows, {args.precision}, {torch.cuda.get_device_name()}: us per call (CUDA graph replay)")

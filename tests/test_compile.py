@@ -570,6 +570,46 @@ def test_triton_kernels_compute_the_networks_and_plan_as_the_reference(dtype, at
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("multitask", [True, False])
+def test_triton_value_and_mppi_kernels_match_the_reference(multitask):
+    """The fused value (rollout steps adding their discounted rewards, then policy -> 2 Q heads -> value in one
+    program) equals planner.estimate_value(...).nan_to_num(0), and the one-program MPPI update equals
+    planner.mppi_update - the top-k order, scores, elite actions, masked mean and std - for counts that are
+    not powers of two (40 samples, 6 elites, 6 action dims), multi-task (masked action dims) and single-task;
+    in Triton's interpreter here, compiled on a GPU."""
+    pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
+    from edge_tdmpc.compile.kernels import TritonWorldModel
+    from edge_tdmpc.planner import estimate_value, mppi_update
+    torch.manual_seed(2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    kw = dict(enc_dim=32, mlp_dim=48, latent_dim=24, num_q=5)
+    cfg = make_config("mt30" if multitask else "cheetah-run", size=None, **kw, **(
+        dict(task_dim=16) if multitask else {}))
+    ref = WorldModel(cfg)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref = ref.eval().to(dev)
+    ours = TritonWorldModel.of(ref)
+    g = torch.Generator().manual_seed(4)
+    S, H, A = 40, 3, 6
+    for task in ((3, 4) if multitask else (None,)):  # cheetah-run: all 6 action dims; reacher-easy: 2
+        mask = ref.action_mask(task).float() if multitask else torch.ones(A, device=dev)
+        z = torch.randn(S, 24, generator=g).softmax(-1).to(dev)
+        actions = ((torch.rand(H, S, A, generator=g) * 2 - 1).to(dev)) * mask
+        q_idx, q_pi = torch.tensor([4, 2], device=dev), torch.randn(S, A, generator=g).to(dev)
+        value = ours.fused_value(z, actions, task, torch.tensor(0.95, device=dev), q_idx, q_pi)
+        expect = estimate_value(ref, z, actions, task, 0.95, q_idx, q_pi).nan_to_num(0).squeeze(1)
+        assert value.shape == expect.shape == (S,)
+        torch.testing.assert_close(value, expect, atol=1e-5 * max(1, expect.abs().max().item()), rtol=0)
+        plan_cfg = PlannerConfig.make(num_samples=S, num_elites=6, num_pi_trajs=4, min_std=0.1)
+        for x, y in zip(ours.fused_mppi(expect, actions, mask, plan_cfg), mppi_update(expect, actions, mask, plan_cfg)):
+            assert x.shape == y.shape
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+        if task == 4:
+            assert (ours.fused_mppi(expect, actions, mask, plan_cfg)[1][:, 2:] == 0).all()  # unused dims: std 0
+
+
 def test_triton_kernels_compile_for_gpus_without_spilling():
     """The 1M student's rollout and Q kernels compile for an H100/H200 (sm_90) and a Jetson Orin (sm_87) with
     Triton's own ptxas, no GPU needed, and so do the value (policy -> 2 Q heads in one program) and MPPI
