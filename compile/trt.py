@@ -12,6 +12,7 @@ Precision comes from the graph itself (strongly typed network: fp16/bf16 tensors
 ONNX); TensorRT < 10 has no strongly typed mode and gets the equivalent builder flags.
 """
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -62,6 +63,7 @@ class Cuda:
                 raise ValueError("no CUDA bindings: `pip install cuda-python` (or use an image with pycuda)") from None
             self.rt, self.pycuda = None, drv
         self.stream = self._call("cudaStreamCreate") if self.rt else self.pycuda.Stream()
+        self._pinned = []
 
     def _call(self, fn, *args):
         err, *out = getattr(self.rt, fn)(*args)
@@ -80,6 +82,27 @@ class Cuda:
             self._call("cudaFree", ptr)
         else:
             ptr.free()
+
+    def host_empty(self, shape, dtype) -> np.ndarray:
+        """A page-locked numpy array: copies from and to it run asynchronously on the stream (pageable memory
+        makes the driver stage each copy through a pinned buffer of its own, synchronously)."""
+        dtype = np.dtype(dtype)
+        if not self.rt:
+            return self.pycuda.pagelocked_empty(shape, dtype)
+        nbytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
+        ptr = int(self._call("cudaMallocHost", nbytes))
+        self._pinned.append(ptr)
+        buf = (ctypes.c_byte * nbytes).from_address(ptr)
+        return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def close(self):
+        """Release the page-locked buffers and the stream (device buffers are freed by their owner)."""
+        if self.rt:
+            for ptr in self._pinned:
+                self._call("cudaFreeHost", ptr)
+            if self.stream is not None:
+                self._call("cudaStreamDestroy", self.stream)
+        self._pinned, self.stream = [], None
 
     def htod(self, ptr, array: np.ndarray):
         if self.rt:
@@ -115,7 +138,9 @@ class Cuda:
         graph = self._call("cudaStreamEndCapture", self.stream)
         # the WithFlags form: (graph, flags) -> (err, exec) in cuda-python 11 and 12 alike (plain
         # cudaGraphInstantiate takes a log buffer in 11.x, the JetPack 5 bindings)
-        return self._call("cudaGraphInstantiateWithFlags", graph, 0)
+        graph_exec = self._call("cudaGraphInstantiateWithFlags", graph, 0)
+        self._call("cudaGraphDestroy", graph)  # the executable graph does not need its template
+        return graph_exec
 
     def launch(self, graph_exec):
         self._call("cudaGraphLaunch", graph_exec, self.stream)
@@ -134,7 +159,11 @@ class Cuda:
 
 def device_info() -> dict:
     """What an engine built here is tied to: TensorRT version, GPU name and compute capability."""
-    return {"tensorrt": _trt().__version__, **Cuda().device()}
+    cuda = Cuda()
+    try:
+        return {"tensorrt": _trt().__version__, **cuda.device()}
+    finally:
+        cuda.close()
 
 
 def check_compatible(built: dict, here: dict):
@@ -260,7 +289,7 @@ class Engine:
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
             shape = tuple(self.engine.get_tensor_shape(name))
-            host = np.zeros(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
+            host = self.cuda.host_empty(shape, trt.nptype(self.engine.get_tensor_dtype(name)))
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs)[name] = host
             self.ptrs[name] = self.cuda.malloc(host.nbytes)
@@ -292,9 +321,13 @@ class Engine:
         return out
 
     def close(self):
+        if self.graph is not None:
+            self.cuda._call("cudaGraphExecDestroy", self.graph)
+            self.graph = None
         for ptr in self.ptrs.values():
             self.cuda.free(ptr)
-        self.ptrs = {}
+        self.ptrs, self.inputs, self.outputs = {}, {}, {}  # the host arrays point into freed page-locked memory
+        self.cuda.close()
 
 
 def numpy_noise(engine: Engine, rng: np.random.Generator, num_q: int = 2) -> dict:
