@@ -10,9 +10,9 @@ import time
 import numpy as np
 import torch
 
-from edge_tdmpc.bench.runner import pad_obs
 from edge_tdmpc.planner import PlannerConfig, sample_noise
 from edge_tdmpc.runtime import make_runtime
+from edge_tdmpc.tasks import fit_obs
 
 # Bounds on the median over steps of max_j |Δa_j| against fp32 eager (actions live in [-1, 1]). The median, not
 # the max: MPPI picks elites by top-k and one trajectory by argmax, so a last-bit difference sometimes flips a
@@ -52,7 +52,7 @@ def record(model, tasks, n: int, planner: PlannerConfig, seed=1, eval_mode=False
         ref.reset(seed)
         seg = dict(task=task, task_index=index, action_dim=env.action_dim, obs=[], noise=[], actions=[])
         for t in range(k):
-            x = pad_obs(obs, model.cfg.obs_dim)
+            x = fit_obs(obs, model.cfg.obs_dim, task if model.cfg.multitask else None)
             noise = sample_noise(planner, model.cfg.action_dim, model.cfg.num_q, gen)
             a = ref.act(x, index, t0=t == 0, eval_mode=eval_mode, noise=noise)
             seg["obs"].append(x), seg["noise"].append(noise), seg["actions"].append(np.asarray(a))

@@ -25,21 +25,10 @@ from edge_tdmpc.bench.meters import MIB, PeakRss, device_memory_peak_mib, device
 from edge_tdmpc.checkpoint import atomic_write
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.runtime import make_runtime
+from edge_tdmpc.tasks import fit_obs
 
 EPISODES_FILE, RUN_FILE = "episodes.jsonl", "run.json"
 PROGRESS_EVERY = 10  # steps between progress messages from a worker
-
-
-def pad_obs(obs, obs_dim: int) -> np.ndarray:
-    """A task's own observation -> zero-padded to the model's obs_dim (the official multitask layout)."""
-    obs = np.asarray(obs, dtype=np.float32).reshape(-1)
-    if obs.size > obs_dim:
-        raise ValueError(f"observation has {obs.size} entries but the model takes at most {obs_dim}")
-    if obs.size == obs_dim:
-        return obs
-    out = np.zeros(obs_dim, np.float32)
-    out[: obs.size] = obs
-    return out
 
 
 def episode_seeds(seed: int, task: str, episode: int) -> tuple[int, int]:
@@ -86,7 +75,7 @@ def run_episode(runtime, task: str, task_index, env_seed: int, noise_seed: int, 
     device_memory_reset(device)
     latency_ns, env_ns, ret, wall, told = [], 0, 0.0, time.perf_counter(), 0
     for t in range(steps):
-        x = pad_obs(obs, obs_dim)
+        x = fit_obs(obs, obs_dim, task if task_index is not None else None)
         t0 = time.perf_counter_ns()
         action = runtime.act(x, task_index, t0=t == 0, eval_mode=eval_mode)
         t1 = time.perf_counter_ns()

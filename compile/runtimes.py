@@ -25,7 +25,7 @@ from edge_tdmpc.compile.fused import FusedWorldModel
 from edge_tdmpc.compile.record import plan_feed
 from edge_tdmpc.planner import Noise, PlannerConfig, plan, sample_noise
 from edge_tdmpc.runtime import PRECISIONS, TORCH_DTYPES, Runtime, register_runtime
-from edge_tdmpc.tasks import MT30_DIMS, discount
+from edge_tdmpc.tasks import discount, fit_obs
 
 
 def _numpy(t):
@@ -65,14 +65,7 @@ class _ArtifactRuntime(Runtime):
         self.prev_mean = np.zeros((self.planner.horizon, self.action_dim), np.float32)
 
     def _obs(self, obs, task):
-        obs = _numpy(obs).astype(np.float32).reshape(-1)
-        if obs.size != self.obs_dim and self.multitask and task is not None:
-            own = MT30_DIMS.get(self.tasks[task], (None,))[0]
-            if obs.size == own:  # the task's own observation: zero-pad as the multitask env does
-                obs = np.concatenate([obs, np.zeros(self.obs_dim - own, np.float32)])
-        if obs.size != self.obs_dim:
-            raise ValueError(f"observation has {obs.size} entries but the model expects {self.obs_dim}")
-        return obs
+        return fit_obs(_numpy(obs), self.obs_dim, self.tasks[task] if self.multitask and task is not None else None)
 
     def feed(self, obs, task, t0, eval_mode=False, noise: Noise | None = None) -> dict:
         if self.multitask and (task is None or not 0 <= task < len(self.tasks)):
@@ -239,12 +232,8 @@ class TorchCudaGraphRuntime(Runtime):
     @torch.no_grad()
     def act(self, obs, task, t0, eval_mode=False, noise=None):
         c, D = self.model.cfg, self.model.cfg.obs_dim
-        obs = _numpy(obs).astype(np.float32, copy=False).reshape(-1)
-        if obs.size > D or (obs.size < D and not (c.multitask and task is not None)):
-            raise ValueError(f"observation has {obs.size} entries but the model expects {D} (multitask models "
-                             f"take a task's observation, zero-padded to {D})")
         host = self.host_in.numpy()
-        host[:obs.size], host[obs.size:D] = obs, 0.0
+        host[:D] = fit_obs(_numpy(obs), D, c.tasks[task] if c.multitask and task is not None else None)
         host[D:] = (task or 0, float(bool(t0)), self.gammas[task or 0], 0.0 if eval_mode else 1.0)
         self.inputs.copy_(self.host_in, non_blocking=True)
         if noise is not None:

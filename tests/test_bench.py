@@ -12,10 +12,11 @@ from click.testing import CliRunner
 from conftest import make_tiny_model
 
 from edge_tdmpc import save_model
-from edge_tdmpc.bench import TOLERANCE, check_actions, compare, episode_seeds, load_report, pad_obs, run_bench
+from edge_tdmpc.bench import TOLERANCE, check_actions, compare, episode_seeds, load_report, run_bench
 from edge_tdmpc.bench.meters import deadline_misses, latency_stats
 from edge_tdmpc.cli import main
 from edge_tdmpc.planner import PlannerConfig
+from edge_tdmpc.tasks import fit_obs
 
 TASKS = "cartpole-swingup,pendulum-spin"
 SMALL = dict(num_samples=64, num_elites=16, iterations=2)  # a fast planner for tiny models
@@ -60,10 +61,14 @@ def test_latency_stats_and_deadlines():
     assert deadline_misses(ms, None) is None
 
 
-def test_pad_obs_and_seeds():
-    assert pad_obs(np.ones(3), 24).tolist() == [1.0] * 3 + [0.0] * 21
-    with pytest.raises(ValueError, match="at most 24"):
-        pad_obs(np.ones(25), 24)
+def test_fit_obs_and_seeds():
+    """A multi-task model takes a task's own observation zero-padded (pendulum's 3 of 24), and nothing else
+    short of its full width; a single-task model only its own width."""
+    assert fit_obs(np.ones(3), 24, "pendulum-swingup").tolist() == [1.0] * 3 + [0.0] * 21
+    assert fit_obs(np.ones(24), 24, "pendulum-swingup").dtype == np.float32
+    for n, task in ((25, "pendulum-swingup"), (5, "pendulum-swingup"), (3, None)):
+        with pytest.raises(ValueError, match=f"observation has {n} entries but the model expects 24"):
+            fit_obs(np.ones(n), 24, task)
     assert episode_seeds(1, "walker-walk", 0) == episode_seeds(1, "walker-walk", 0)
     seeds = {episode_seeds(s, t, e) for s in (1, 2) for t in ("walker-walk", "cheetah-run") for e in range(3)}
     assert len(seeds) == 12

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from edge_tdmpc.model import WorldModel
-from edge_tdmpc.tasks import MT30_DIMS, discount
+from edge_tdmpc.tasks import discount, fit_obs
 
 
 @dataclass(frozen=True)
@@ -167,16 +167,10 @@ class Agent:
         self.gammas = [discount(L) for L in model.cfg.episode_lengths] if tasks else [0.99]
 
     def _obs(self, obs, task):
-        obs = torch.as_tensor(np.asarray(obs, dtype=np.float32) if not torch.is_tensor(obs) else obs)
-        obs = obs.to(self.device, torch.float32).reshape(-1)
-        full = self.model.cfg.obs_dim
-        if obs.numel() != full and self.model.cfg.multitask and task is not None:
-            own = MT30_DIMS.get(self.model.cfg.tasks[task], (None,))[0]
-            if obs.numel() == own:  # the task's own observation: zero-pad like the official multitask env
-                obs = torch.cat([obs, obs.new_zeros(full - own)])
-        if obs.numel() != full:
-            raise ValueError(f"observation has {obs.numel()} entries but the model expects {full}")
-        return obs
+        c = self.model.cfg
+        obs = obs.detach().cpu() if torch.is_tensor(obs) else obs
+        obs = fit_obs(obs, c.obs_dim, c.tasks[task] if c.multitask and task is not None else None)
+        return torch.from_numpy(obs).to(self.device)
 
     def noise(self) -> Noise:
         return sample_noise(self.cfg, self.model.cfg.action_dim, self.model.cfg.num_q, self.generator, self.device)

@@ -1,6 +1,8 @@
 """Task sets as plain data: names, dims and episode lengths (no simulator import needed)."""
 import difflib
 
+import numpy as np
+
 # (obs_dim, action_dim) per task, in the official MT30 order (task index = position).
 MT30_DIMS = {
     "walker-stand": (24, 6), "walker-walk": (24, 6), "walker-run": (24, 6), "cheetah-run": (17, 6),
@@ -43,3 +45,16 @@ def discount(episode_length: int, denom=5, lo=0.95, hi=0.995) -> float:
     """TD-MPC2's heuristic: longer episodes -> larger discount (500 steps -> 0.99)."""
     frac = episode_length / denom
     return min(max((frac - 1) / frac, lo), hi)
+
+
+def fit_obs(obs, obs_dim: int, task: str | None = None) -> np.ndarray:
+    """An observation as a model takes it: obs_dim float32 entries. A multi-task model (pass the task's name)
+    also takes the task's own observation and zero-pads it, as the official multitask env does."""
+    obs = np.asarray(obs, dtype=np.float32).reshape(-1)
+    own = MT30_DIMS.get(task, (None,))[0]
+    if obs.size == obs_dim:
+        return obs
+    if obs.size == own and own < obs_dim:
+        return np.concatenate([obs, np.zeros(obs_dim - own, np.float32)])
+    also = f" or {task}'s own {own}, zero-padded" if own else ""
+    raise ValueError(f"observation has {obs.size} entries but the model expects {obs_dim}{also}")
