@@ -74,11 +74,12 @@ if triton is not None:
         return d * rstd[:, None] * g[None, :] + b[None, :]
 
     @triton.jit
-    def _gemm(x_ptr, K: tl.constexpr, a_ptr, KA: tl.constexpr, KAP: tl.constexpr, w_ptr, wa_ptr, bias_ptr,
-              N: tl.constexpr, dst, rows, row_ok, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-              PREC: tl.constexpr):
+    def _gemm(x_ptr, K: tl.constexpr, XS: tl.constexpr, a_ptr, KA: tl.constexpr, KAP: tl.constexpr, w_ptr,
+              wa_ptr, bias_ptr, N: tl.constexpr, dst, rows, row_ok, BM: tl.constexpr, BK: tl.constexpr,
+              BN: tl.constexpr, PREC: tl.constexpr):
         """dst[rows, :N] = x[rows, :K] @ w[:K, :N] (+ a[rows, :KA] @ wa[:KA, :N]) + bias, fp32. Inputs have row
-        strides K and KA, w and dst N. Small [BM, BK] x [BK, BN] tiles: registers stay free of spills."""
+        strides XS (0: one row broadcast) and KA, w and dst N. Small [BM, BK] x [BK, BN] tiles: registers stay
+        free of spills."""
         dt = w_ptr.dtype.element_ty
         for n0 in tl.static_range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
@@ -87,7 +88,7 @@ if triton is not None:
             for k0 in tl.range(0, K, BK):
                 ks = k0 + tl.arange(0, BK)
                 k_ok = ks < K
-                x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                x = tl.load(x_ptr + rows[:, None] * XS + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptr + ks[:, None] * N + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc += tl.dot(x.to(dt), w, input_precision=PREC)
             if KA > 0:  # the first layer's action operand (KA <= KAP, one tile)
@@ -130,21 +131,21 @@ if triton is not None:
         tl.debug_barrier()  # dst is whole before the next GEMM reads it, src read before it is overwritten
 
     @triton.jit
-    def _mlp_layers(x_ptr, KX: tl.constexpr, a_ptr, KA: tl.constexpr, KAP: tl.constexpr, task, head,
+    def _mlp_layers(x_ptr, KX: tl.constexpr, XS: tl.constexpr, a_ptr, KA: tl.constexpr, KAP: tl.constexpr, task, head,
                     w0, wa0, b0, g0, e0, w1, b1, g1, e1, w2, b2, pre, act, rows, row_ok, H: tl.constexpr,
                     NS: tl.constexpr, TASKS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
                     PREC: tl.constexpr, EPS: tl.constexpr):
         """Head `head` of a stack of 3-layer MLPs on rows [x, a] -> its output layer's pre-activations in
         pre[rows, :NS] (fp32, output layers stacked NS wide). act (weights' type) holds the hidden rows."""
         # layer 0: x @ W_z + a @ W_a + (bias + W_e e_task)
-        _gemm(x_ptr, KX, a_ptr, KA, KAP, w0 + head * KX * H, wa0 + head * KA * H, b0 + (head * TASKS + task) * H,
+        _gemm(x_ptr, KX, XS, a_ptr, KA, KAP, w0 + head * KX * H, wa0 + head * KA * H, b0 + (head * TASKS + task) * H,
               H, pre, rows, row_ok, BM, BK, BN, PREC)
         _norm_mish(pre, act, g0 + head * H, e0 + head * H, H, rows, row_ok, BM, BN, EPS)
         # layer 1
-        _gemm(act, H, act, 0, 16, w1 + head * H * H, w1, b1 + head * H, H, pre, rows, row_ok, BM, BK, BN, PREC)
+        _gemm(act, H, H, act, 0, 16, w1 + head * H * H, w1, b1 + head * H, H, pre, rows, row_ok, BM, BK, BN, PREC)
         _norm_mish(pre, act, g1 + head * H, e1 + head * H, H, rows, row_ok, BM, BN, EPS)
         # output layer: heads stacked NS wide (each head's weights beyond its width are 0)
-        _gemm(act, H, act, 0, 16, w2 + head * H * NS, w2, b2 + head * NS, NS, pre, rows, row_ok, BM, BK, BN, PREC)
+        _gemm(act, H, H, act, 0, 16, w2 + head * H * NS, w2, b2 + head * NS, NS, pre, rows, row_ok, BM, BK, BN, PREC)
         tl.debug_barrier()
 
     @triton.jit
@@ -167,11 +168,11 @@ if triton is not None:
     def _mlp_kernel(x_ptr, a_ptr, task_ptr, head_ptr,
                     w0, wa0, b0, g0, e0, w1, b1, g1, e1, w2, b2, g2, e2, out_ptr, z_ptr, pre_ptr, act_ptr, M,
                     g_ptr, gamma_ptr,
-                    KX: tl.constexpr, KA: tl.constexpr, KAP: tl.constexpr, H: tl.constexpr, NO: tl.constexpr,
-                    NL: tl.constexpr, NS: tl.constexpr, PW: tl.constexpr, TASKS: tl.constexpr, LATENT: tl.constexpr,
-                    SIMNORM: tl.constexpr, DECODE: tl.constexpr, STEP: tl.constexpr, VMIN: tl.constexpr,
-                    VMAX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                    EPS: tl.constexpr):
+                    KX: tl.constexpr, XS: tl.constexpr, KA: tl.constexpr, KAP: tl.constexpr, H: tl.constexpr,
+                    NO: tl.constexpr, NL: tl.constexpr, NS: tl.constexpr, PW: tl.constexpr, TASKS: tl.constexpr,
+                    LATENT: tl.constexpr, SIMNORM: tl.constexpr, DECODE: tl.constexpr, STEP: tl.constexpr,
+                    VMIN: tl.constexpr, VMAX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                    PREC: tl.constexpr, EPS: tl.constexpr):
         """Head heads[j] of a stack of 3-layer MLPs on rows [x, a]. Head j == LATENT is a latent head (LayerNorm
         + SimNorm over its NL outputs -> z); the others give NO outputs -> out[j], or with DECODE their two-hot
         value; at step STEP > 0 of a rollout, the return so far: out = g + gamma^STEP * value.
@@ -182,7 +183,7 @@ if triton is not None:
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         row_ok = rows < M
         pre, act = pre_ptr + j * M * PW, act_ptr + j * M * H
-        _mlp_layers(x_ptr, KX, a_ptr, KA, KAP, task, head, w0, wa0, b0, g0, e0, w1, b1, g1, e1, w2, b2, pre, act,
+        _mlp_layers(x_ptr, KX, XS, a_ptr, KA, KAP, task, head, w0, wa0, b0, g0, e0, w1, b1, g1, e1, w2, b2, pre, act,
                     rows, row_ok, H, NS, TASKS, BM, BK, BN, PREC, EPS)
         cols = tl.arange(0, NS)
         y = tl.load(pre + rows[:, None] * NS + cols[None, :], mask=row_ok[:, None], other=0.0)
@@ -224,7 +225,7 @@ if triton is not None:
         row_ok = rows < M
         pre, act = pre_ptr, act_ptr
         # policy head: mean | log_std, in the weights' type as the PyTorch head leaves them
-        _mlp_layers(z_ptr, KX, z_ptr, 0, 16, task, 0, pw0, pw0, pb0, pg0, pe0, pw1, pb1, pg1, pe1, pw2, pb2,
+        _mlp_layers(z_ptr, KX, KX, z_ptr, 0, 16, task, 0, pw0, pw0, pb0, pg0, pe0, pw1, pb1, pg1, pe1, pw2, pb2,
                     pre, act, rows, row_ok, H, NSP, TASKS, BM, BK, BN, PREC, EPS)
         ac = tl.arange(0, AP)
         ok = row_ok[:, None] & (ac < A)[None, :]
@@ -240,7 +241,7 @@ if triton is not None:
         cols = tl.arange(0, NSQ)
         q = tl.zeros((BM,), dtype=tl.float32)
         for k in tl.static_range(2):
-            _mlp_layers(z_ptr, KX, a_ptr, A, AP, task, tl.load(qidx_ptr + k), qw0, qwa0, qb0, qg0, qe0, qw1, qb1,
+            _mlp_layers(z_ptr, KX, KX, a_ptr, A, AP, task, tl.load(qidx_ptr + k), qw0, qwa0, qb0, qg0, qe0, qw1, qb1,
                         qg1, qe1, qw2, qb2, pre, act, rows, row_ok, H, NSQ, TASKS, BM, BK, BN, PREC, EPS)
             y = tl.load(pre + rows[:, None] * NSQ + cols[None, :], mask=row_ok[:, None], other=0.0)
             q += _two_hot_inv(y, cols, NO, VMIN, VMAX)
@@ -308,8 +309,8 @@ def _stacked(nets):
 
 
 _PARAMS = ("w0", "wa0", "b0", "g0", "e0", "w1", "b1", "g1", "e1", "w2", "b2", "g2", "e2")
-_INTS = ("KX", "KA", "KAP", "H", "NO", "NL", "NS", "PW", "TASKS", "LATENT", "SIMNORM", "DECODE", "STEP", "BM", "BK",
-         "BN")
+_INTS = ("KX", "XS", "KA", "KAP", "H", "NO", "NL", "NS", "PW", "TASKS", "LATENT", "SIMNORM", "DECODE", "STEP", "BM",
+         "BK", "BN")
 
 
 # A custom op, so that torch.compile sees one opaque call (its fake below gives the shapes) whatever Triton
@@ -397,10 +398,12 @@ class TritonMLP(nn.Module):
         z [..., latent_dim] when there is a latent head), n = len(heads), all heads by default. With `step` > 0
         (and `decode`), the decoded head returns g + gamma^step * value: the rollout's return so far."""
         lead, dev = x.shape[:-1], x.device
-        x = x.reshape(-1, self.z_dim).contiguous()
+        x = x.reshape(-1, self.z_dim)
+        broadcast = x.stride() == (0, 1)  # one latent expanded to all samples: read it in place, no copy
+        x = x if broadcast else x.contiguous()
         a = x if a is None else a.reshape(-1, self.a_dim).contiguous()
         sel = self.all_heads if heads is None else heads.reshape(-1).long()
-        n, c = sel.shape[0], self._constants(STEP=step)
+        n, c = sel.shape[0], self._constants(STEP=step, XS=0 if broadcast else self.z_dim)
         out, z = triton_mlp(x, a, self._task(task, dev), sel, [getattr(self, p) for p in _PARAMS],
                             x if g is None else g.reshape(-1), x if gamma is None else gamma,
                             [int(c[k]) for k in _INTS], [c["VMIN"], c["VMAX"], c["EPS"]], c["PREC"], self.WARPS)
@@ -414,9 +417,9 @@ class TritonMLP(nn.Module):
 
     def _constants(self, **override):
         _, vmin, vmax = self.decode or (self.out_dim, 0.0, 0.0)
-        return dict(KX=self.z_dim, KA=self.a_dim, KAP=_pow2(max(self.a_dim, 1)), H=self.hidden, NO=self.out_dim,
-                    NL=self.latent_dim, NS=self.stacked, PW=max(self.hidden, self.stacked), TASKS=self.tasks,
-                    LATENT=self.latent, SIMNORM=self.simnorm or 1, DECODE=bool(self.decode), STEP=0,
+        return dict(KX=self.z_dim, XS=self.z_dim, KA=self.a_dim, KAP=_pow2(max(self.a_dim, 1)), H=self.hidden,
+                    NO=self.out_dim, NL=self.latent_dim, NS=self.stacked, PW=max(self.hidden, self.stacked),
+                    TASKS=self.tasks, LATENT=self.latent, SIMNORM=self.simnorm or 1, DECODE=bool(self.decode), STEP=0,
                     VMIN=float(vmin), VMAX=float(vmax), BM=self.BM, BK=self.BK, BN=self.BN, EPS=1e-5,
                     PREC=_prec(self.w1.dtype)) | override
 
