@@ -165,6 +165,16 @@ if triton is not None:
         return d
 
     @triton.jit
+    def _latent_head(y, g2, e2, NL: tl.constexpr, NS: tl.constexpr, SIMNORM: tl.constexpr, BM: tl.constexpr,
+                     EPS: tl.constexpr):
+        """A latent head's pre-activations [BM, NS] -> LayerNorm over NL, then SimNorm (softmax per group)."""
+        cols = tl.arange(0, NS)
+        y = _layer_norm(tl.where((cols < NL)[None, :], y, 0.0), g2, e2, NL, NS, EPS)
+        y = tl.reshape(y, (BM, NS // SIMNORM, SIMNORM))  # groups past NL are padding, never stored
+        g = tl.exp(y - tl.max(y, 2)[:, :, None])
+        return tl.reshape(g / tl.sum(g, 2)[:, :, None], (BM, NS))
+
+    @triton.jit
     def _mlp_kernel(x_ptr, a_ptr, task_ptr, head_ptr,
                     w0, wa0, b0, g0, e0, w1, b1, g1, e1, w2, b2, g2, e2, out_ptr, z_ptr, pre_ptr, act_ptr, M,
                     g_ptr, gamma_ptr,
@@ -188,10 +198,7 @@ if triton is not None:
         cols = tl.arange(0, NS)
         y = tl.load(pre + rows[:, None] * NS + cols[None, :], mask=row_ok[:, None], other=0.0)
         if j == LATENT:
-            y = _layer_norm(tl.where((cols < NL)[None, :], y, 0.0), g2, e2, NL, NS, EPS)
-            y = tl.reshape(y, (BM, NS // SIMNORM, SIMNORM))  # groups past NL are padding, never stored
-            g = tl.exp(y - tl.max(y, 2)[:, :, None])  # (names differ per branch: Triton types each once)
-            y = tl.reshape(g / tl.sum(g, 2)[:, :, None], (BM, NS))
+            y = _latent_head(y, g2, e2, NL, NS, SIMNORM, BM, EPS)
             tl.store(z_ptr + rows[:, None] * NL + cols[None, :], y, mask=row_ok[:, None] & (cols < NL)[None, :])
         else:
             if DECODE:
@@ -206,6 +213,60 @@ if triton is not None:
     @triton.jit
     def _tanh(x):
         return 1.0 - 2.0 / (tl.exp(2.0 * tl.minimum(x, 20.0)) + 1.0)  # tanh(20) is 1 in fp32; no inf
+
+    @triton.jit
+    def _pi_sample(pre, rows, ok, eps_ptr, mask_ptr, task, dt: tl.constexpr, A: tl.constexpr, AP: tl.constexpr,
+                   NSP: tl.constexpr, LOG_STD_MIN: tl.constexpr, LOG_STD_DIF: tl.constexpr):
+        """The policy head's output rows (mean | log_std, in the weights' type dt as the PyTorch head leaves
+        them) -> the sampled action tanh(mean + eps * std) [BM, AP], fp32; a task's unused dims come out 0."""
+        ac = tl.arange(0, AP)
+        mu = tl.load(pre + rows[:, None] * NSP + ac[None, :], mask=ok, other=0.0).to(dt).to(tl.float32)
+        ls = tl.load(pre + rows[:, None] * NSP + A + ac[None, :], mask=ok, other=0.0).to(dt).to(tl.float32)
+        m = tl.load(mask_ptr + task * A + ac, mask=ac < A, other=0.0)[None, :]
+        log_std = (LOG_STD_MIN + 0.5 * LOG_STD_DIF * (_tanh(ls) + 1.0)) * m
+        eps = tl.load(eps_ptr + rows[:, None] * A + ac[None, :], mask=ok, other=0.0) * m
+        return _tanh(mu * m + eps * tl.exp(log_std))
+
+    @triton.jit
+    def _pi_rollout_kernel(z_ptr, eps_ptr, mask_ptr, task_ptr,
+                           pw0, pb0, pg0, pe0, pw1, pb1, pg1, pe1, pw2, pb2,
+                           dw0, dwa0, db0, dg0, de0, dw1, db1, dg1, de1, dw2, db2, dg2, de2,
+                           actions_ptr, zs_ptr, pre_ptr, act_ptr, M,
+                           KX: tl.constexpr, XS: tl.constexpr, A: tl.constexpr, AP: tl.constexpr, H: tl.constexpr,
+                           NSP: tl.constexpr, NSD: tl.constexpr, SIMNORM: tl.constexpr, TASKS: tl.constexpr,
+                           HZ: tl.constexpr, LOG_STD_MIN: tl.constexpr, LOG_STD_DIF: tl.constexpr, BM: tl.constexpr,
+                           BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):
+        """The policy-prior trajectories for a block of rows, all HZ steps in one program: a_t ~ pi(z_t) with
+        noise eps[t] -> actions[t]; z_t+1 = dynamics(z_t, a_t) through this program's scratch rows zs."""
+        task = tl.load(task_ptr)
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        row_ok = rows < M
+        ac = tl.arange(0, AP)
+        ok = row_ok[:, None] & (ac < A)[None, :]
+        cols = tl.arange(0, NSD)
+        for t in tl.static_range(HZ):
+            if t == 0:  # the encoded latent, read in place (XS 0: one row for all)
+                _mlp_layers(z_ptr, KX, XS, z_ptr, 0, 16, task, 0, pw0, pw0, pb0, pg0, pe0, pw1, pb1, pg1, pe1, pw2,
+                            pb2, pre_ptr, act_ptr, rows, row_ok, H, NSP, TASKS, BM, BK, BN, PREC, EPS)
+            else:
+                _mlp_layers(zs_ptr, KX, KX, zs_ptr, 0, 16, task, 0, pw0, pw0, pb0, pg0, pe0, pw1, pb1, pg1, pe1,
+                            pw2, pb2, pre_ptr, act_ptr, rows, row_ok, H, NSP, TASKS, BM, BK, BN, PREC, EPS)
+            a = _pi_sample(pre_ptr, rows, ok, eps_ptr + t * M * A, mask_ptr, task, pw1.dtype.element_ty, A, AP, NSP,
+                           LOG_STD_MIN, LOG_STD_DIF)
+            tl.store(actions_ptr + t * M * A + rows[:, None] * A + ac[None, :], a, mask=ok)
+            tl.debug_barrier()
+            if t < HZ - 1:
+                if t == 0:
+                    _mlp_layers(z_ptr, KX, XS, actions_ptr, A, AP, task, 0, dw0, dwa0, db0, dg0, de0, dw1, db1, dg1,
+                                de1, dw2, db2, pre_ptr, act_ptr, rows, row_ok, H, NSD, TASKS, BM, BK, BN, PREC, EPS)
+                else:
+                    _mlp_layers(zs_ptr, KX, KX, actions_ptr + t * M * A, A, AP, task, 0, dw0, dwa0, db0, dg0, de0,
+                                dw1, db1, dg1, de1, dw2, db2, pre_ptr, act_ptr, rows, row_ok, H, NSD, TASKS, BM, BK,
+                                BN, PREC, EPS)
+                y = tl.load(pre_ptr + rows[:, None] * NSD + cols[None, :], mask=row_ok[:, None], other=0.0)
+                y = _latent_head(y, dg2, de2, KX, NSD, SIMNORM, BM, EPS)
+                tl.store(zs_ptr + rows[:, None] * KX + cols[None, :], y, mask=row_ok[:, None] & (cols < KX)[None, :])
+                tl.debug_barrier()
 
     @triton.jit
     def _value_kernel(z_ptr, g_ptr, gamma_ptr, eps_ptr, mask_ptr, task_ptr, qidx_ptr,
@@ -229,13 +290,8 @@ if triton is not None:
                     pre, act, rows, row_ok, H, NSP, TASKS, BM, BK, BN, PREC, EPS)
         ac = tl.arange(0, AP)
         ok = row_ok[:, None] & (ac < A)[None, :]
-        dt = pw1.dtype.element_ty
-        mu = tl.load(pre + rows[:, None] * NSP + ac[None, :], mask=ok, other=0.0).to(dt).to(tl.float32)
-        ls = tl.load(pre + rows[:, None] * NSP + A + ac[None, :], mask=ok, other=0.0).to(dt).to(tl.float32)
-        m = tl.load(mask_ptr + task * A + ac, mask=ac < A, other=0.0)[None, :]
-        log_std = (LOG_STD_MIN + 0.5 * LOG_STD_DIF * (_tanh(ls) + 1.0)) * m
-        eps = tl.load(eps_ptr + rows[:, None] * A + ac[None, :], mask=ok, other=0.0) * m
-        a = _tanh(mu * m + eps * tl.exp(log_std))
+        a = _pi_sample(pre, rows, ok, eps_ptr, mask_ptr, task, pw1.dtype.element_ty, A, AP, NSP, LOG_STD_MIN,
+                       LOG_STD_DIF)
         tl.store(a_ptr + rows[:, None] * A + ac[None, :], a, mask=ok)
         tl.debug_barrier()  # a and the scratch rows are free for the Q heads
         cols = tl.arange(0, NSQ)
@@ -463,7 +519,30 @@ def _ptxas(kernel, args: dict, consts: dict, warps: int, arch: int) -> dict:
 _PI = ("w0", "b0", "g0", "e0", "w1", "b1", "g1", "e1", "w2", "b2")
 _Q = ("w0", "wa0", "b0", "g0", "e0", "w1", "b1", "g1", "e1", "w2", "b2")
 _VALUE_INTS = ("KX", "A", "AP", "H", "NSP", "NSQ", "NO", "TASKS", "STEP", "BM", "BK", "BN")
+_ROLLOUT_INTS = ("KX", "XS", "A", "AP", "H", "NSP", "NSD", "SIMNORM", "TASKS", "HZ", "BM", "BK", "BN")
 _MPPI_INTS = ("S", "SP", "K", "KP", "HZ", "A", "AP")
+
+
+@torch.library.custom_op("edge_tdmpc::triton_pi_rollout", mutates_args=())
+def triton_pi_rollout(z: torch.Tensor, eps: torch.Tensor, masks: torch.Tensor, task: torch.Tensor,
+                      params: list[torch.Tensor], ints: list[int], floats: list[float], prec: str,
+                      warps: int) -> torch.Tensor:
+    """_pi_rollout_kernel: latents z [M, KX] (row stride XS), noise eps [HZ, M, A] -> actions [HZ, M, A]."""
+    c = dict(zip(_ROLLOUT_INTS, ints))
+    M, dev, dt = z.shape[0], z.device, params[4].dtype
+    actions = torch.empty(c["HZ"], M, c["A"], device=dev)
+    zs = torch.empty(M, c["KX"], device=dev, dtype=dt)
+    pre = torch.empty(M, max(c["H"], c["NSP"], c["NSD"]), device=dev)
+    act = torch.empty(M, c["H"], device=dev, dtype=dt)
+    _pi_rollout_kernel[(triton.cdiv(M, c["BM"]),)](z, eps, masks, task, *params, actions, zs, pre, act, M, **c,
+                                                   LOG_STD_MIN=floats[0], LOG_STD_DIF=floats[1], EPS=floats[2],
+                                                   PREC=prec, num_warps=warps)
+    return actions
+
+
+@triton_pi_rollout.register_fake
+def _(z, eps, masks, task, params, ints, floats, prec, warps):
+    return eps.new_empty(eps.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("edge_tdmpc::triton_value", mutates_args=())
@@ -512,8 +591,10 @@ def _(value, actions, mask, ints, floats):
 
 class TritonWorldModel(WorldModel):
     """A WorldModel whose planner networks (dynamics, reward, policy, Q) run as TritonMLP launches, and which
-    offers `planner.plan` its hot loop as kernels: `fused_value` (estimate_value in horizon + 1 launches) and
-    `fused_mppi` (one MPPI update in one). The encoder (one row per step) and the sampling stay in PyTorch."""
+    offers `planner.plan` its hot loop as kernels: `fused_pi_rollout` (the policy trajectories in one launch),
+    `fused_value` (estimate_value in horizon + 1 launches) and `fused_mppi` (one MPPI update in one). The
+    encoder (one row per step) and the candidates' sampling stay in PyTorch."""
+    PI_ROLLOUT_WARPS = 8  # 5 MLPs in one program: on 4 warps ptxas spills ~100 B per thread for sm_87
 
     @classmethod
     def of(cls, model: WorldModel) -> "TritonWorldModel":
@@ -535,11 +616,31 @@ class TritonWorldModel(WorldModel):
         m._k_next = TritonMLP([m._dynamics], z, a, emb)
         m._k_pi = TritonMLP([m._pi], z, 0, emb)
         m._k_Q = TritonMLP(m._Qs, z, a, emb, decode=two_hot)
-        if m._k_pi.hidden != m._k_Q.hidden:
-            raise ValueError("the value kernel runs the policy and Q in one program: they need one hidden width")
+        if not m._k_pi.hidden == m._k_Q.hidden == m._k_next.hidden:
+            raise ValueError("the fused kernels run policy, dynamics and Q in one program: they need one hidden width")
         masks = model._action_masks if c.multitask else torch.ones(1, a, device=p.device)
         m.register_buffer("_k_masks", masks.detach().float().clone(), persistent=False)
         return m
+
+    def fused_pi_rollout(self, z, task, eps):
+        """planner.pi_rollout in one launch: each program takes its rows through all the horizon's policy and
+        dynamics steps."""
+        pi, dyn, c = self._k_pi, self._k_next, self._rollout_constants(eps.shape[0])
+        z = z.reshape(-1, pi.z_dim)
+        broadcast = z.stride() == (0, 1)
+        z = z if broadcast else z.contiguous()
+        c["XS"] = 0 if broadcast else pi.z_dim
+        params = [getattr(pi, k) for k in _PI] + [getattr(dyn, k) for k in _PARAMS]
+        return triton_pi_rollout(z, eps.float().contiguous(), self._k_masks, pi._task(task, z.device), params,
+                                 [int(c[k]) for k in _ROLLOUT_INTS], [c["LOG_STD_MIN"], c["LOG_STD_DIF"], c["EPS"]],
+                                 c["PREC"], self.PI_ROLLOUT_WARPS)
+
+    def _rollout_constants(self, horizon):
+        pi, dyn = self._k_pi, self._k_next
+        return dict(KX=pi.z_dim, XS=pi.z_dim, A=self.cfg.action_dim, AP=_pow2(self.cfg.action_dim), H=pi.hidden,
+                    NSP=pi.stacked, NSD=dyn.stacked, SIMNORM=dyn.simnorm, TASKS=pi.tasks, HZ=horizon, BM=pi.BM,
+                    BK=pi.BK, BN=pi.BN, LOG_STD_MIN=float(self.cfg.log_std_min),
+                    LOG_STD_DIF=float(self.cfg.log_std_max - self.cfg.log_std_min), EPS=1e-5, PREC=_prec(pi.w1.dtype))
 
     def fused_value(self, z, actions, task, gamma, q_idx, q_pi):
         """planner.estimate_value(...).nan_to_num(0) [S] in horizon + 1 launches: each rollout step adds its
@@ -575,7 +676,8 @@ class TritonWorldModel(WorldModel):
         return dict(S=S, SP=_pow2(S), K=cfg.num_elites, KP=_pow2(cfg.num_elites, 1), HZ=HZ, A=A, AP=_pow2(A),
                     TEMPERATURE=float(cfg.temperature), MIN_STD=float(cfg.min_std), MAX_STD=float(cfg.max_std))
 
-    def ptxas_report(self, arch: int, cfg=None, launches=("rollout", "next", "pi", "Q", "value", "mppi")) -> dict:
+    def ptxas_report(self, arch: int, cfg=None,
+                     launches=("rollout", "next", "pi", "Q", "value", "mppi", "pi_rollout")) -> dict:
         """ptxas's registers, spills and shared memory for the launches of a planning step on sm_`arch`
         (TritonMLP.ptxas_report), at the planner settings `cfg` (the official ones by default)."""
         from edge_tdmpc.planner import PlannerConfig
@@ -586,13 +688,17 @@ class TritonWorldModel(WorldModel):
         value |= dict(value_ptr=f32, a_ptr=f32, pre_ptr=f32, act_ptr=dt, M="i32")
         mppi = dict(value_ptr=f32, actions_ptr=f32, mask_ptr=f32, mean_ptr=f32, std_ptr=f32, elite_ptr=f32,
                     elite_value_ptr=f32, score_ptr=f32)
+        rollout = dict(z_ptr=dt, eps_ptr=f32, mask_ptr=f32, task_ptr=i64) | {f"p{k}": dt for k in _PI}
+        rollout |= {f"d{k}": dt for k in _PARAMS} | dict(actions_ptr=f32, zs_ptr=dt, pre_ptr=f32, act_ptr=dt, M="i32")
         shape = (cfg.horizon, cfg.num_samples, self.cfg.action_dim)
         report = {"rollout": lambda: self._k_rollout.ptxas_report(arch, step=1),
                   "next": lambda: self._k_next.ptxas_report(arch), "pi": lambda: self._k_pi.ptxas_report(arch),
                   "Q": lambda: self._k_Q.ptxas_report(arch),
                   "value": lambda: _ptxas(_value_kernel, value, self._value_constants(cfg.horizon),
                                           self._k_pi.WARPS, arch),
-                  "mppi": lambda: _ptxas(_mppi_kernel, mppi, self._mppi_constants(shape, cfg), 4, arch)}
+                  "mppi": lambda: _ptxas(_mppi_kernel, mppi, self._mppi_constants(shape, cfg), 4, arch),
+                  "pi_rollout": lambda: _ptxas(_pi_rollout_kernel, rollout, self._rollout_constants(cfg.horizon),
+                                               self.PI_ROLLOUT_WARPS, arch)}
         return {k: report[k]() for k in launches}
 
     def rollout_step(self, z, a, task):

@@ -571,15 +571,17 @@ def test_triton_kernels_compute_the_networks_and_plan_as_the_reference(dtype, at
 
 
 @pytest.mark.parametrize("multitask", [True, False])
-def test_triton_value_and_mppi_kernels_match_the_reference(multitask):
-    """The fused value (rollout steps adding their discounted rewards, then policy -> 2 Q heads -> value in one
-    program) equals planner.estimate_value(...).nan_to_num(0), and the one-program MPPI update equals
-    planner.mppi_update - the top-k order, scores, elite actions, masked mean and std - for counts that are
-    not powers of two (40 samples, 6 elites, 6 action dims), multi-task (masked action dims) and single-task;
-    in Triton's interpreter here, compiled on a GPU."""
+def test_triton_planner_kernels_match_the_reference(multitask):
+    """The policy trajectories in one program (policy -> sample -> dynamics over the horizon) equal
+    planner.pi_rollout, from one latent broadcast or from one per row; the fused value (rollout steps adding
+    their discounted rewards, then policy -> 2 Q heads -> value in one program) equals
+    planner.estimate_value(...).nan_to_num(0); and the one-program MPPI update equals planner.mppi_update -
+    the top-k order, scores, elite actions, masked mean and std. Counts are not powers of two (40 samples, 6
+    elites, 6 action dims, 5 trajectories), multi-task (masked action dims) and single-task; in Triton's
+    interpreter here, compiled on a GPU."""
     pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
     from edge_tdmpc.compile.kernels import TritonWorldModel
-    from edge_tdmpc.planner import estimate_value, mppi_update
+    from edge_tdmpc.planner import estimate_value, mppi_update, pi_rollout
     torch.manual_seed(2)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     kw = dict(enc_dim=32, mlp_dim=48, latent_dim=24, num_q=5)
@@ -598,6 +600,11 @@ def test_triton_value_and_mppi_kernels_match_the_reference(multitask):
         z = torch.randn(S, 24, generator=g).softmax(-1).to(dev)
         actions = ((torch.rand(H, S, A, generator=g) * 2 - 1).to(dev)) * mask
         q_idx, q_pi = torch.tensor([4, 2], device=dev), torch.randn(S, A, generator=g).to(dev)
+        eps = torch.randn(H, 5, A, generator=g).to(dev)
+        for z0 in (z[:1].expand(5, -1), z[:5]):
+            pi = ours.fused_pi_rollout(z0, task, eps)
+            assert pi.shape == (H, 5, A) and pi.dtype == torch.float32
+            torch.testing.assert_close(pi, pi_rollout(ref, z0, task, eps), atol=1e-5, rtol=0)
         value = ours.fused_value(z, actions, task, torch.tensor(0.95, device=dev), q_idx, q_pi)
         expect = estimate_value(ref, z, actions, task, 0.95, q_idx, q_pi).nan_to_num(0).squeeze(1)
         assert value.shape == expect.shape == (S,)
@@ -612,8 +619,8 @@ def test_triton_value_and_mppi_kernels_match_the_reference(multitask):
 
 def test_triton_kernels_compile_for_gpus_without_spilling():
     """The 1M student's rollout and Q kernels compile for an H100/H200 (sm_90) and a Jetson Orin (sm_87) with
-    Triton's own ptxas, no GPU needed, and so do the value (policy -> 2 Q heads in one program) and MPPI
-    update kernels for the Orin, where registers are tightest: within the registers and shared memory a
+    Triton's own ptxas, no GPU needed, and so do the value (policy -> 2 Q heads in one program), MPPI update
+    and policy-trajectory kernels for the Orin, where registers are tightest: within the registers and shared memory a
     program has, and without spilling to local memory (a whole-row-block design spilled 4.7 KB per thread;
     tens of bytes are noise)."""
     pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
@@ -624,12 +631,13 @@ def test_triton_kernels_compile_for_gpus_without_spilling():
         from edge_tdmpc.compile.kernels import TritonWorldModel
         m = TritonWorldModel.of(WorldModel(make_config("mt30", size=1)).eval().half())
         reports = {f"{k} sm_90": r for k, r in m.ptxas_report(90, launches=("rollout", "Q")).items()}
-        reports |= {f"{k} sm_87": r for k, r in m.ptxas_report(87, launches=("rollout", "Q", "value", "mppi")).items()}
+        reports |= {f"{k} sm_87": r for k, r in m.ptxas_report(87, launches=("rollout", "Q", "value", "mppi",
+                                                                             "pi_rollout")).items()}
         print(json.dumps(reports))"""
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     reports = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(reports) == 6
+    assert len(reports) == 7
     for name, r in reports.items():
         assert r["registers"] <= 255 and r["shared"] <= 96 * 1024, (name, r)
         assert r["spill_stores"] <= 64 and r["spill_loads"] <= 64, (name, r)

@@ -5,6 +5,7 @@ so every backend (eager, torch.compile, ONNX Runtime, TensorRT) runs the same co
 against this reference on the same noise. `Agent` is the small stateful wrapper the official code calls `act`.
 """
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -69,6 +70,18 @@ def sample_noise(cfg: PlannerConfig, action_dim: int, num_q: int, generator: tor
     )
 
 
+def pi_rollout(model: WorldModel, z, task, eps):
+    """Actions [H, P, A] of P trajectories of the policy prior from latents z [P, L]: a_t ~ pi(z_t) with noise
+    eps[t], z_t+1 = d(z_t, a_t)."""
+    actions = []
+    for t in range(eps.shape[0]):
+        a, _ = model.pi(z, task, eps=eps[t])
+        actions.append(a)
+        if t < eps.shape[0] - 1:
+            z = model.next(z, a, task)
+    return torch.stack(actions)
+
+
 def estimate_value(model: WorldModel, z, actions, task, gamma, q_idx, q_pi):
     """G = sum_t gamma^t r(z_t, a_t) + gamma^H Q_avg(z_H, pi(z_H)); actions [H, N, A] -> [N, 1]."""
     G, disc = 0, 1
@@ -111,22 +124,17 @@ def plan(model: WorldModel, obs, task, prev_mean, t0, noise: Noise, cfg: Planner
     mask = torch.ones(A, **f32) if mask is None else mask.reshape(-1).float()
     z = model.encode(obs.reshape(1, -1), task)
 
-    # 1. trajectories from the policy prior
-    pi_actions = []
-    _z = z.expand(P, -1)
-    for t in range(H):
-        a, _ = model.pi(_z, task, eps=noise.pi[t])
-        pi_actions.append(a)
-        if t < H - 1:
-            _z = model.next(_z, a, task)
-    pi_actions = torch.stack(pi_actions) if P else torch.zeros(H, 0, A, **f32)
+    # 1. trajectories from the policy prior (a model may run them, the value and the update as fused kernels:
+    # compile/kernels.py)
+    pi_fn = getattr(model, "fused_pi_rollout", None) or partial(pi_rollout, model)
+    pi_actions = pi_fn(z.expand(P, -1), task, noise.pi) if P else torch.zeros(H, 0, A, **f32)
 
     # 2. warm start from the previous step's plan
     mean = warm_start(prev_mean.float(), t0)
     std = torch.full((H, A), cfg.max_std, **f32)
     z = z.expand(S, -1)
 
-    # 3. MPPI iterations (a model may run the value and the update as fused kernels: compile/kernels.py)
+    # 3. MPPI iterations
     value_fn = getattr(model, "fused_value", None) or (
         lambda *args: estimate_value(model, *args).nan_to_num(0).squeeze(1))
     update_fn = getattr(model, "fused_mppi", None) or mppi_update
