@@ -525,7 +525,7 @@ def test_triton_kernels_compute_the_networks_and_plan_as_the_reference(dtype, at
     Triton's interpreter) gives the networks' outputs - next latent with SimNorm, policy head, a rollout step
     (decoded reward and next latent in one launch), the two Q heads q_idx picks out of 5, decoded - for widths
     that are not powers of two (hidden 48, latent 24, 101 bins: all padded), and plans the reference's step,
-    also traced whole by torch.compile."""
+    also compiled whole by torch.compile (Inductor)."""
     pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
     from edge_tdmpc.compile.kernels import TritonWorldModel
     from edge_tdmpc.compile.runtimes import graph_step
@@ -563,8 +563,9 @@ def test_triton_kernels_compute_the_networks_and_plan_as_the_reference(dtype, at
     out = graph_step(ours, *args)
     for x, y in zip(out, graph_step(ref, *args)):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
-    # one graph for torch.compile: each kernel launch is the opaque custom op edge_tdmpc::triton_mlp
-    traced = torch.compile(graph_step, backend="aot_eager", fullgraph=True, dynamic=False)(ours, *args)
+    # one graph for torch.compile, lowered by Inductor (its C++ backend here, Triton on a GPU): each kernel
+    # launch is an opaque custom op (edge_tdmpc::triton_*) and Inductor fuses the glue between them
+    traced = torch.compile(graph_step, fullgraph=True, dynamic=False)(ours, *args)
     for x, y in zip(traced, out):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
     torch._dynamo.reset()
