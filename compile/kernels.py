@@ -720,12 +720,13 @@ class TritonWorldModel(WorldModel):
 
 
 def bench_main(argv=None):
-    """GPU: one rollout step, Q, policy head, the horizon's value and an MPPI update as Triton launches vs
-    PyTorch (eager and torch.compile'd), per rows-per-program BM - the numbers behind a planning step."""
+    """GPU: the policy trajectories, one rollout step, Q, policy head, the horizon's value and an MPPI update as
+    Triton launches vs PyTorch (eager and torch.compile'd), per rows-per-program BM - the numbers behind a
+    planning step."""
     import argparse
 
     from edge_tdmpc.checkpoint import load_model
-    from edge_tdmpc.planner import PlannerConfig, estimate_value, mppi_update
+    from edge_tdmpc.planner import PlannerConfig, estimate_value, mppi_update, pi_rollout
     ap = argparse.ArgumentParser(description=bench_main.__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
     ap.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"))
@@ -757,10 +758,14 @@ def bench_main(argv=None):
     actions = torch.rand(cfg.horizon, args.rows, ref.cfg.action_dim, device="cuda") * 2 - 1
     q_pi, value = torch.randn(args.rows, ref.cfg.action_dim, device="cuda"), torch.randn(args.rows, device="cuda")
     mask, gamma = torch.ones(ref.cfg.action_dim, device="cuda"), torch.tensor(0.99, device="cuda")
+    z1, eps = z[:1].expand(cfg.num_pi_trajs, -1), torch.randn(cfg.horizon, cfg.num_pi_trajs, ref.cfg.action_dim,
+                                                                device="cuda")
 
     def calls(m):
         fused = isinstance(m, TritonWorldModel)
-        return {"rollout_step": lambda: m.rollout_step(z, a, task),
+        return {"pi trajectories": (lambda: m.fused_pi_rollout(z1, task, eps)) if fused else
+                (lambda: pi_rollout(m, z1, task, eps)),
+                "rollout_step": lambda: m.rollout_step(z, a, task),
                 "Q avg": lambda: m.Q(z, a, task, "avg", qidx=heads), "pi head": lambda: m.pi_head(z, task),
                 "value": (lambda: m.fused_value(z, actions, task, gamma, heads, q_pi)) if fused else
                 (lambda: estimate_value(m, z, actions, task, gamma, heads, q_pi).nan_to_num(0)),
