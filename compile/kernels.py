@@ -1,5 +1,5 @@
-"""The planner's MLPs as Triton kernels: one launch runs a whole TD-MPC2 MLP (or the chosen Q heads), and
-the MPPI iteration's value and update as a few launches.
+"""The planning step as Triton kernels: one launch runs a whole TD-MPC2 MLP (or the chosen Q heads), and the
+policy trajectories, the horizon's value and the MPPI update are one launch each.
 
 Why: a CUDA-graphed planning step costs about one kernel's latency (a few microseconds) per op, and
 torch-compile still runs each layer as a GEMM kernel plus a LayerNorm/Mish kernel: ~50 launches per MPPI
@@ -10,10 +10,11 @@ is the Q value (both heads q_idx picks, read on the device), with the two-hot de
 Exact rewrites, as in the ONNX graph: the task embedding's share of the first layer is a per-task bias row,
 and the first layer takes z and a as two operands (no concatenation).
 
-Per MPPI iteration the rest is fused too, so that no elementwise glue is left between the launches: each
-rollout step adds its discounted reward to the return in the kernel, one program per row block runs the
-horizon's policy -> squashed-Gaussian sample -> 2 Q heads -> value, and one program does the MPPI update
-(top-k by a bitonic sort of (value, index) keys, the scores, the elites' mean and std).
+The glue between the MLPs is fused too, so that almost no elementwise ops are left between the launches:
+one program per row block runs the policy-prior trajectories (policy -> squashed-Gaussian sample ->
+dynamics over the horizon); each rollout step adds its discounted reward to the return in the kernel; one
+program per row block runs the horizon's policy -> sample -> 2 Q heads -> value; and one program does the
+MPPI update (top-k by a bitonic sort of (value, index) keys, the scores, the elites' mean and std).
 
 Hidden activations round-trip through per-program scratch rows (they stay in L1/L2): the GEMMs run on small
 [BM, BK] x [BK, BN] tiles, so that no thread holds a whole [BM, hidden] row block in registers (that spilled
@@ -24,7 +25,6 @@ The kernels themselves and their launches are in `triton_ops.py`; this module ho
 Without a CUDA GPU the same kernels run in Triton's interpreter, on CPU tensors: that is how the tests check
 them against the PyTorch networks here. Only a GPU gives them speed.
 """
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
