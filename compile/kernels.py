@@ -161,6 +161,9 @@ class TritonWorldModel(WorldModel):
             raise ValueError("the Triton kernels need the 'triton' package (it ships with PyTorch's CUDA "
                              "builds): pip install triton, or use the torch-compile runtime")
         p = next(model.parameters())
+        if p.dtype == torch.bfloat16 and ops.INTERPRETED:
+            raise ValueError("Triton's interpreter (no CUDA GPU here) computes bf16 dots wrongly: run the bf16 "
+                             "kernels on a GPU, or use fp32/fp16")
         m = cls(model.cfg).to(p.device, p.dtype)
         m.load_state_dict(model.state_dict())
         m.train(model.training)

@@ -22,6 +22,7 @@ try:
     import triton.language as tl
 except ImportError:  # the runtime that needs it says so (see kernels.TritonWorldModel.of)
     triton = None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run in Triton's interpreter, on the CPU
 
 
 def dot_precision(dtype):

@@ -619,6 +619,19 @@ def test_triton_planner_kernels_match_the_reference(multitask):
             assert (ours.fused_mppi(expect, actions, mask, plan_cfg)[1][:, 2:] == 0).all()  # unused dims: std 0
 
 
+def test_triton_model_refuses_bf16_in_the_interpreter():
+    """Triton's interpreter computes tl.dot on bf16 operands wrongly (values ~1e10 off), so a bf16 TritonWorldModel
+    without a GPU is refused in one line instead of planning on garbage."""
+    pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
+    from edge_tdmpc.compile import triton_ops
+    from edge_tdmpc.compile.kernels import TritonWorldModel
+    if not triton_ops.INTERPRETED:
+        pytest.skip("kernels compile for the GPU here: bf16 is checked by the gpu tests")
+    with pytest.raises(ValueError, match="interpreter .* bf16"):
+        TritonWorldModel.of(WorldModel(make_config("mt30", size=None, enc_dim=32, mlp_dim=48, latent_dim=24,
+                                                   num_q=5, task_dim=16)).to(torch.bfloat16))
+
+
 def test_triton_kernels_compile_for_gpus_without_spilling():
     """The 1M student's rollout and Q kernels compile for an H100/H200 (sm_90) and a Jetson Orin (sm_87) with
     Triton's own ptxas, no GPU needed, and so do the value (policy -> 2 Q heads in one program), MPPI update
