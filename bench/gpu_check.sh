@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a CUDA machine with PyTorch (TensorRT where it imports):
-#   [STAGES=kernels,compile,tests] bash bench/gpu_check.sh OUT_DIR CHECKPOINT
+#   [STAGES=compile,kernels,tests] bash bench/gpu_check.sh OUT_DIR CHECKPOINT
 # Stages run in the order STAGES names them, each under its own time limit, each writing its numbers under
 # OUT_DIR as soon as it has them (a lent GPU has ~15 minutes in all: name the stages that matter first).
-#   kernels  the Triton MLP kernels alone against the PyTorch networks, per rows-per-program (compile/kernels.py)
-#   compile  planning-step latency, fp16: eager PyTorch vs torch.compile'd + CUDA-graphed (torch-compile),
-#            with reward and dynamics stacked (torch-compile-fused), with each MLP one Triton kernel
-#            (torch-compile-triton, and torch-cuda-graph-triton: those kernels without Inductor); kernels per
-#            step (--profile), |delta action| on identical noise, closed-loop scores on three MT30 tasks
+#   compile  planning-step latency, fp16: eager PyTorch vs torch.compile'd + CUDA-graphed (torch-compile), vs
+#            the Triton planning step (torch-compile-triton, and torch-cuda-graph-triton: those kernels without
+#            Inductor); kernels per step (--profile), |delta action| on identical noise, closed-loop scores on
+#            three MT30 tasks (COMPILE_RUNTIMES adds e.g. torch-compile-fused)
+#   kernels  each Triton launch of the planning step alone (policy trajectories, rollout step, Q, policy
+#            head, value, MPPI update) against PyTorch eager and torch.compile, per rows-per-program
 #   tests    the GPU/TensorRT tests (`pytest -m "gpu or trt"`; the TensorRT ones skip without tensorrt)
 #   speed    the CUDA-graph step without torch.compile in fp32/fp16/bf16 (measured in session 3)
-# Default: kernels,compile,tests (about 13 minutes).
+# Default: compile,kernels,tests (about 12 minutes): the whole step's latency first.
 set -u
 out=${1:?usage: gpu_check.sh OUT_DIR CHECKPOINT}
 ckpt=${2:?usage: gpu_check.sh OUT_DIR CHECKPOINT}
@@ -31,7 +32,7 @@ stage_kernels() {
 }
 stage_compile() {
   timeout "${COMPILE_S:-420}" python3 -m edge_tdmpc.compile.speed "$ckpt" --device cuda \
-    --runtimes "${COMPILE_RUNTIMES:-torch-compile,torch-compile-fused,torch-compile-triton,torch-cuda-graph-triton}" \
+    --runtimes "${COMPILE_RUNTIMES:-torch-compile,torch-compile-triton,torch-cuda-graph-triton}" \
     --precisions "${COMPILE_PRECISIONS:-fp16}" --steps 100 --own-noise --profile --tasks "$tasks" \
     --json "$out/gpu-compile.json" 2>&1 | tee "$out/gpu-compile.txt"
 }
@@ -44,5 +45,5 @@ stage_speed() {
     --precisions fp32,fp16,bf16 --steps 100 --own-noise --profile --tasks "$tasks" \
     --json "$out/gpu-speed.json" 2>&1 | tee "$out/gpu-speed.txt"
 }
-stages=${STAGES:-kernels,compile,tests}
+stages=${STAGES:-compile,kernels,tests}
 for s in ${stages//,/ }; do "stage_$s" || echo "stage $s: exit $?"; done
