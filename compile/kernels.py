@@ -119,8 +119,9 @@ class TritonMLP(nn.Module):
         sel = self.all_heads if heads is None else heads.reshape(-1).long()
         n, c = sel.shape[0], self._constants(STEP=step, XS=0 if broadcast else self.z_dim)
         out, z = ops.triton_mlp(x, a, self._task(task, dev), sel, [getattr(self, p) for p in ops.MLP_PARAMS],
-                            x if g is None else g.reshape(-1), x if gamma is None else gamma,
-                            [int(c[k]) for k in ops.MLP_INTS], [c["VMIN"], c["VMAX"], c["EPS"]], c["PREC"], self.WARPS)
+                                x if g is None else g.reshape(-1), x if gamma is None else gamma,
+                                [int(c[k]) for k in ops.MLP_INTS], [c["VMIN"], c["VMAX"], c["EPS"]], c["PREC"],
+                                self.WARPS)
         out = out.reshape(n, *lead, 1 if self.decode else self.out_dim)
         return (out, z.reshape(*lead, self.latent_dim)) if self.latent >= 0 else out
 
@@ -193,9 +194,9 @@ class TritonWorldModel(WorldModel):
         z = z if broadcast else z.contiguous()
         c["XS"] = 0 if broadcast else pi.z_dim
         params = [getattr(pi, k) for k in ops.PI_PARAMS] + [getattr(dyn, k) for k in ops.MLP_PARAMS]
+        floats = [c["LOG_STD_MIN"], c["LOG_STD_DIF"], c["EPS"]]
         return ops.triton_pi_rollout(z, eps.float().contiguous(), self._k_masks, pi._task(task, z.device), params,
-                                 [int(c[k]) for k in ops.ROLLOUT_INTS], [c["LOG_STD_MIN"], c["LOG_STD_DIF"], c["EPS"]],
-                                 c["PREC"], self.PI_ROLLOUT_WARPS)
+                                     [int(c[k]) for k in ops.ROLLOUT_INTS], floats, c["PREC"], self.PI_ROLLOUT_WARPS)
 
     def _rollout_constants(self, horizon):
         pi, dyn = self._k_pi, self._k_next
@@ -215,10 +216,10 @@ class TritonWorldModel(WorldModel):
             G = G[0].reshape(-1)  # head 0 is the reward; head 1, the dynamics, gave z
         pi, q, c = self._k_pi, self._k_Q, self._value_constants(actions.shape[0])
         params = [getattr(pi, k) for k in ops.PI_PARAMS] + [getattr(q, k) for k in ops.Q_PARAMS]
+        floats = [c[k] for k in ("LOG_STD_MIN", "LOG_STD_DIF", "VMIN", "VMAX", "EPS")]
         return ops.triton_value(z.contiguous(), G, gamma, q_pi.contiguous(), self._k_masks, pi._task(task, z.device),
-                            q_idx.reshape(-1).long(), params, [int(c[k]) for k in ops.VALUE_INTS],
-                            [c[k] for k in ("LOG_STD_MIN", "LOG_STD_DIF", "VMIN", "VMAX", "EPS")], c["PREC"],
-                            pi.WARPS)
+                                q_idx.reshape(-1).long(), params, [int(c[k]) for k in ops.VALUE_INTS], floats,
+                                c["PREC"], pi.WARPS)
 
     def _value_constants(self, horizon):
         pi, q, cfg = self._k_pi, self._k_Q, self.cfg
@@ -231,13 +232,14 @@ class TritonWorldModel(WorldModel):
         """planner.mppi_update in one launch (one program: the top-k, the scores, the new mean and std)."""
         c = self._mppi_constants(actions.shape, cfg)
         return ops.triton_mppi(value.contiguous(), actions.contiguous(), mask.float().contiguous(),
-                           [c[k] for k in ops.MPPI_INTS], [c["TEMPERATURE"], c["MIN_STD"], c["MAX_STD"]])
+                               [c[k] for k in ops.MPPI_INTS], [c["TEMPERATURE"], c["MIN_STD"], c["MAX_STD"]])
 
     @staticmethod
     def _mppi_constants(shape, cfg):
         HZ, S, A = shape
-        return dict(S=S, SP=ops.pow2(S), K=cfg.num_elites, KP=ops.pow2(cfg.num_elites, 1), HZ=HZ, A=A, AP=ops.pow2(A),
-                    TEMPERATURE=float(cfg.temperature), MIN_STD=float(cfg.min_std), MAX_STD=float(cfg.max_std))
+        return dict(S=S, SP=ops.pow2(S), K=cfg.num_elites, KP=ops.pow2(cfg.num_elites, 1), HZ=HZ, A=A,
+                    AP=ops.pow2(A), TEMPERATURE=float(cfg.temperature), MIN_STD=float(cfg.min_std),
+                    MAX_STD=float(cfg.max_std))
 
     def ptxas_report(self, arch: int, cfg=None,
                      launches=("rollout", "next", "pi", "Q", "value", "mppi", "pi_rollout")) -> dict:
@@ -259,10 +261,10 @@ class TritonWorldModel(WorldModel):
                   "next": lambda: self._k_next.ptxas_report(arch), "pi": lambda: self._k_pi.ptxas_report(arch),
                   "Q": lambda: self._k_Q.ptxas_report(arch),
                   "value": lambda: ops.ptxas(ops.value_kernel, value, self._value_constants(cfg.horizon),
-                                          self._k_pi.WARPS, arch),
+                                             self._k_pi.WARPS, arch),
                   "mppi": lambda: ops.ptxas(ops.mppi_kernel, mppi, self._mppi_constants(shape, cfg), 4, arch),
-                  "pi_rollout": lambda: ops.ptxas(ops.pi_rollout_kernel, rollout, self._rollout_constants(cfg.horizon),
-                                               self.PI_ROLLOUT_WARPS, arch)}
+                  "pi_rollout": lambda: ops.ptxas(ops.pi_rollout_kernel, rollout,
+                                                  self._rollout_constants(cfg.horizon), self.PI_ROLLOUT_WARPS, arch)}
         return {k: report[k]() for k in launches}
 
     def rollout_step(self, z, a, task):

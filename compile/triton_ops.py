@@ -344,8 +344,8 @@ def triton_mlp(x: torch.Tensor, a: torch.Tensor, task: torch.Tensor, heads: torc
     act = torch.empty(n, M, c["H"], device=dev, dtype=dt)
     c["DECODE"] = bool(c["DECODE"])
     mlp_kernel[(triton.cdiv(M, c["BM"]), n)](x, a, task, heads, *params, out, z, pre, act, M, g, gamma, **c,
-                                              VMIN=floats[0], VMAX=floats[1], EPS=floats[2], PREC=prec,
-                                              num_warps=warps)
+                                             VMIN=floats[0], VMAX=floats[1], EPS=floats[2], PREC=prec,
+                                             num_warps=warps)
     return out, z
 
 
@@ -377,8 +377,8 @@ def triton_pi_rollout(z: torch.Tensor, eps: torch.Tensor, masks: torch.Tensor, t
     pre = torch.empty(M, max(c["H"], c["NSP"], c["NSD"]), device=dev)
     act = torch.empty(M, c["H"], device=dev, dtype=dt)
     pi_rollout_kernel[(triton.cdiv(M, c["BM"]),)](z, eps, masks, task, *params, actions, zs, pre, act, M, **c,
-                                                   LOG_STD_MIN=floats[0], LOG_STD_DIF=floats[1], EPS=floats[2],
-                                                   PREC=prec, num_warps=warps)
+                                                  LOG_STD_MIN=floats[0], LOG_STD_DIF=floats[1], EPS=floats[2],
+                                                  PREC=prec, num_warps=warps)
     return actions
 
 
@@ -399,8 +399,8 @@ def triton_value(z: torch.Tensor, g: torch.Tensor, gamma: torch.Tensor, eps: tor
     pre = torch.empty(M, max(c["H"], c["NSP"], c["NSQ"]), device=dev)
     act = torch.empty(M, c["H"], device=dev, dtype=dt)
     value_kernel[(triton.cdiv(M, c["BM"]),)](z, g, gamma, eps, masks, task, q_idx, *params, value, a, pre, act, M,
-                                              **c, LOG_STD_MIN=floats[0], LOG_STD_DIF=floats[1], VMIN=floats[2],
-                                              VMAX=floats[3], EPS=floats[4], PREC=prec, num_warps=warps)
+                                             **c, LOG_STD_MIN=floats[0], LOG_STD_DIF=floats[1], VMIN=floats[2],
+                                             VMAX=floats[3], EPS=floats[4], PREC=prec, num_warps=warps)
     return value
 
 
