@@ -250,7 +250,7 @@ class TritonWorldModel(WorldModel):
         dt, f32, i64 = self._k_pi.w1.dtype, torch.float32, torch.int64
         value = dict(z_ptr=dt, g_ptr=f32, gamma_ptr=f32, eps_ptr=f32, mask_ptr=f32, task_ptr=i64, qidx_ptr=i64)
         value |= {f"p{k}": dt for k in ops.PI_PARAMS} | {f"q{k}": dt for k in ops.Q_PARAMS}
-        value |= dict(value_ptr=f32, a_ptr=f32, pre_ptr=f32, act_ptr=dt, M="i32")
+        value |= dict(value_ptr=f32, a_ptr=f32, pre=f32, act=dt, M="i32")
         mppi = dict(value_ptr=f32, actions_ptr=f32, mask_ptr=f32, mean_ptr=f32, std_ptr=f32, elite_ptr=f32,
                     elite_value_ptr=f32, score_ptr=f32)
         rollout = dict(z_ptr=dt, eps_ptr=f32, mask_ptr=f32, task_ptr=i64) | {f"p{k}": dt for k in ops.PI_PARAMS}

@@ -157,13 +157,13 @@ if triton is not None:
 
     @triton.jit
     def mlp_kernel(x_ptr, a_ptr, task_ptr, head_ptr,
-                    w0, wa0, b0, g0, e0, w1, b1, g1, e1, w2, b2, g2, e2, out_ptr, z_ptr, pre_ptr, act_ptr, M,
-                    g_ptr, gamma_ptr,
-                    KX: tl.constexpr, XS: tl.constexpr, KA: tl.constexpr, KAP: tl.constexpr, H: tl.constexpr,
-                    NO: tl.constexpr, NL: tl.constexpr, NS: tl.constexpr, PW: tl.constexpr, TASKS: tl.constexpr,
-                    LATENT: tl.constexpr, SIMNORM: tl.constexpr, DECODE: tl.constexpr, STEP: tl.constexpr,
-                    VMIN: tl.constexpr, VMAX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                    PREC: tl.constexpr, EPS: tl.constexpr):
+                   w0, wa0, b0, g0, e0, w1, b1, g1, e1, w2, b2, g2, e2, out_ptr, z_ptr, pre_ptr, act_ptr, M,
+                   g_ptr, gamma_ptr,
+                   KX: tl.constexpr, XS: tl.constexpr, KA: tl.constexpr, KAP: tl.constexpr, H: tl.constexpr,
+                   NO: tl.constexpr, NL: tl.constexpr, NS: tl.constexpr, PW: tl.constexpr, TASKS: tl.constexpr,
+                   LATENT: tl.constexpr, SIMNORM: tl.constexpr, DECODE: tl.constexpr, STEP: tl.constexpr,
+                   VMIN: tl.constexpr, VMAX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                   PREC: tl.constexpr, EPS: tl.constexpr):
         """Head heads[j] of a stack of 3-layer MLPs on rows [x, a]. Head j == LATENT is a latent head (LayerNorm
         + SimNorm over its NL outputs -> z); the others give NO outputs -> out[j], or with DECODE their two-hot
         value; at step STEP > 0 of a rollout, the return so far: out = g + gamma^STEP * value.
@@ -210,13 +210,13 @@ if triton is not None:
 
     @triton.jit
     def pi_rollout_kernel(z_ptr, eps_ptr, mask_ptr, task_ptr,
-                           pw0, pb0, pg0, pe0, pw1, pb1, pg1, pe1, pw2, pb2,
-                           dw0, dwa0, db0, dg0, de0, dw1, db1, dg1, de1, dw2, db2, dg2, de2,
-                           actions_ptr, zs_ptr, pre_ptr, act_ptr, M,
-                           KX: tl.constexpr, XS: tl.constexpr, A: tl.constexpr, AP: tl.constexpr, H: tl.constexpr,
-                           NSP: tl.constexpr, NSD: tl.constexpr, SIMNORM: tl.constexpr, TASKS: tl.constexpr,
-                           HZ: tl.constexpr, LOG_STD_MIN: tl.constexpr, LOG_STD_DIF: tl.constexpr, BM: tl.constexpr,
-                           BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):
+                          pw0, pb0, pg0, pe0, pw1, pb1, pg1, pe1, pw2, pb2,
+                          dw0, dwa0, db0, dg0, de0, dw1, db1, dg1, de1, dw2, db2, dg2, de2,
+                          actions_ptr, zs_ptr, pre_ptr, act_ptr, M,
+                          KX: tl.constexpr, XS: tl.constexpr, A: tl.constexpr, AP: tl.constexpr, H: tl.constexpr,
+                          NSP: tl.constexpr, NSD: tl.constexpr, SIMNORM: tl.constexpr, TASKS: tl.constexpr,
+                          HZ: tl.constexpr, LOG_STD_MIN: tl.constexpr, LOG_STD_DIF: tl.constexpr, BM: tl.constexpr,
+                          BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr):
         """The policy-prior trajectories for a block of rows, all HZ steps in one program: a_t ~ pi(z_t) with
         noise eps[t] -> actions[t]; z_t+1 = dynamics(z_t, a_t) through this program's scratch rows zs."""
         task = tl.load(task_ptr)
@@ -225,25 +225,21 @@ if triton is not None:
         ac = tl.arange(0, AP)
         ok = row_ok[:, None] & (ac < A)[None, :]
         cols = tl.arange(0, NSD)
+        # the start latent into this program's scratch rows (XS 0: one row broadcast to all)
+        z = tl.load(z_ptr + rows[:, None] * XS + cols[None, :], mask=row_ok[:, None] & (cols < KX)[None, :])
+        tl.store(zs_ptr + rows[:, None] * KX + cols[None, :], z, mask=row_ok[:, None] & (cols < KX)[None, :])
+        tl.debug_barrier()
         for t in tl.static_range(HZ):
-            if t == 0:  # the encoded latent, read in place (XS 0: one row for all)
-                _mlp_layers(z_ptr, KX, XS, z_ptr, 0, 16, task, 0, pw0, pw0, pb0, pg0, pe0, pw1, pb1, pg1, pe1, pw2,
-                            pb2, pre_ptr, act_ptr, rows, row_ok, H, NSP, TASKS, BM, BK, BN, PREC, EPS)
-            else:
-                _mlp_layers(zs_ptr, KX, KX, zs_ptr, 0, 16, task, 0, pw0, pw0, pb0, pg0, pe0, pw1, pb1, pg1, pe1,
-                            pw2, pb2, pre_ptr, act_ptr, rows, row_ok, H, NSP, TASKS, BM, BK, BN, PREC, EPS)
+            _mlp_layers(zs_ptr, KX, KX, zs_ptr, 0, 16, task, 0, pw0, pw0, pb0, pg0, pe0, pw1, pb1, pg1, pe1, pw2, pb2,
+                        pre_ptr, act_ptr, rows, row_ok, H, NSP, TASKS, BM, BK, BN, PREC, EPS)
             a = _pi_sample(pre_ptr, rows, ok, eps_ptr + t * M * A, mask_ptr, task, pw1.dtype.element_ty, A, AP, NSP,
                            LOG_STD_MIN, LOG_STD_DIF)
             tl.store(actions_ptr + t * M * A + rows[:, None] * A + ac[None, :], a, mask=ok)
             tl.debug_barrier()
             if t < HZ - 1:
-                if t == 0:
-                    _mlp_layers(z_ptr, KX, XS, actions_ptr, A, AP, task, 0, dw0, dwa0, db0, dg0, de0, dw1, db1, dg1,
-                                de1, dw2, db2, pre_ptr, act_ptr, rows, row_ok, H, NSD, TASKS, BM, BK, BN, PREC, EPS)
-                else:
-                    _mlp_layers(zs_ptr, KX, KX, actions_ptr + t * M * A, A, AP, task, 0, dw0, dwa0, db0, dg0, de0,
-                                dw1, db1, dg1, de1, dw2, db2, pre_ptr, act_ptr, rows, row_ok, H, NSD, TASKS, BM, BK,
-                                BN, PREC, EPS)
+                _mlp_layers(zs_ptr, KX, KX, actions_ptr + t * M * A, A, AP, task, 0, dw0, dwa0, db0, dg0, de0, dw1,
+                            db1, dg1, de1, dw2, db2, pre_ptr, act_ptr, rows, row_ok, H, NSD, TASKS, BM, BK, BN, PREC,
+                            EPS)
                 y = tl.load(pre_ptr + rows[:, None] * NSD + cols[None, :], mask=row_ok[:, None], other=0.0)
                 y = _latent_head(y, dg2, de2, KX, NSD, SIMNORM, BM, EPS)
                 tl.store(zs_ptr + rows[:, None] * KX + cols[None, :], y, mask=row_ok[:, None] & (cols < KX)[None, :])
@@ -251,21 +247,20 @@ if triton is not None:
 
     @triton.jit
     def value_kernel(z_ptr, g_ptr, gamma_ptr, eps_ptr, mask_ptr, task_ptr, qidx_ptr,
-                      pw0, pb0, pg0, pe0, pw1, pb1, pg1, pe1, pw2, pb2,
-                      qw0, qwa0, qb0, qg0, qe0, qw1, qb1, qg1, qe1, qw2, qb2,
-                      value_ptr, a_ptr, pre_ptr, act_ptr, M,
-                      KX: tl.constexpr, A: tl.constexpr, AP: tl.constexpr, H: tl.constexpr, NSP: tl.constexpr,
-                      NSQ: tl.constexpr, NO: tl.constexpr, TASKS: tl.constexpr,
-                      STEP: tl.constexpr, LOG_STD_MIN: tl.constexpr, LOG_STD_DIF: tl.constexpr, VMIN: tl.constexpr,
-                      VMAX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                      PREC: tl.constexpr, EPS: tl.constexpr):
+                     pw0, pb0, pg0, pe0, pw1, pb1, pg1, pe1, pw2, pb2,
+                     qw0, qwa0, qb0, qg0, qe0, qw1, qb1, qg1, qe1, qw2, qb2,
+                     value_ptr, a_ptr, pre, act, M,
+                     KX: tl.constexpr, A: tl.constexpr, AP: tl.constexpr, H: tl.constexpr, NSP: tl.constexpr,
+                     NSQ: tl.constexpr, NO: tl.constexpr, TASKS: tl.constexpr,
+                     STEP: tl.constexpr, LOG_STD_MIN: tl.constexpr, LOG_STD_DIF: tl.constexpr, VMIN: tl.constexpr,
+                     VMAX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                     PREC: tl.constexpr, EPS: tl.constexpr):
         """The end of estimate_value for a block of rows, in one program: a ~ pi(z_H) (policy head, squashed
         Gaussian with noise eps), Q_avg(z_H, a) over the 2 heads q_idx names, value = g + gamma^H Q_avg,
         nan_to_num(0). a (fp32) goes from the policy to the Q heads through this program's scratch rows."""
         task = tl.load(task_ptr)
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         row_ok = rows < M
-        pre, act = pre_ptr, act_ptr
         # policy head: mean | log_std, in the weights' type as the PyTorch head leaves them
         _mlp_layers(z_ptr, KX, KX, z_ptr, 0, 16, task, 0, pw0, pw0, pb0, pg0, pe0, pw1, pb1, pg1, pe1, pw2, pb2,
                     pre, act, rows, row_ok, H, NSP, TASKS, BM, BK, BN, PREC, EPS)
@@ -289,9 +284,9 @@ if triton is not None:
 
     @triton.jit
     def mppi_kernel(value_ptr, actions_ptr, mask_ptr, mean_ptr, std_ptr, elite_ptr, elite_value_ptr, score_ptr,
-                     S: tl.constexpr, SP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, HZ: tl.constexpr,
-                     A: tl.constexpr, AP: tl.constexpr, TEMPERATURE: tl.constexpr, MIN_STD: tl.constexpr,
-                     MAX_STD: tl.constexpr):
+                    S: tl.constexpr, SP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, HZ: tl.constexpr,
+                    A: tl.constexpr, AP: tl.constexpr, TEMPERATURE: tl.constexpr, MIN_STD: tl.constexpr,
+                    MAX_STD: tl.constexpr):
         """One MPPI update in one program: the top-K of S values (ties to the lower index), their softmax
         scores at the temperature, and the score-weighted mean and std of the elite actions per step."""
         i = tl.arange(0, SP)
