@@ -319,8 +319,8 @@ if triton is not None:
 
 
 MLP_PARAMS = ("w0", "wa0", "b0", "g0", "e0", "w1", "b1", "g1", "e1", "w2", "b2", "g2", "e2")
-MLP_INTS = ("KX", "XS", "KA", "KAP", "H", "NO", "NL", "NS", "PW", "TASKS", "LATENT", "SIMNORM", "DECODE", "STEP", "BM",
-         "BK", "BN")
+MLP_INTS = ("KX", "XS", "KA", "KAP", "H", "NO", "NL", "NS", "PW", "TASKS", "LATENT", "SIMNORM", "DECODE", "STEP",
+            "BM", "BK", "BN")
 
 
 # Custom ops, so that torch.compile sees one opaque call per launch (the fakes give the shapes) whatever Triton
