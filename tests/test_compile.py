@@ -435,8 +435,8 @@ def test_tensorrt_engine_builds_matches_and_round_trips(prec, model, cache, tmp_
                                             ("torch-cuda-graph", "bf16", 0.5), ("torch-compile", "fp32", 1e-4),
                                             ("torch-compile-fused", "fp16", 5e-2),
                                             ("torch-compile-triton", "fp16", 5e-2),
-                                            ("torch-compile-triton", "bf16", 0.5),  # the interpreter's bf16
-                                            ("torch-cuda-graph-triton", "fp16", 5e-2)])  # dot is wrong: GPU only
+                                            ("torch-compile-triton", "bf16", 0.5),  # not in the interpreter
+                                            ("torch-cuda-graph-triton", "fp16", 5e-2)])
 def test_torch_cuda_graph_matches_plan(name, prec, atol, model):
     rt = make_runtime(name, model, prec, SMALL, seed=0)
     feed = _feed(model, SMALL, seed=6, t0=True)
@@ -635,9 +635,9 @@ def test_triton_model_refuses_bf16_in_the_interpreter():
 def test_triton_kernels_compile_for_gpus_without_spilling():
     """The 1M student's rollout and Q kernels compile for an H100/H200 (sm_90) and a Jetson Orin (sm_87) with
     Triton's own ptxas, no GPU needed, and so do the value (policy -> 2 Q heads in one program), MPPI update
-    and policy-trajectory kernels for the Orin, where registers are tightest: within the registers and shared memory a
-    program has, and without spilling to local memory (a whole-row-block design spilled 4.7 KB per thread;
-    tens of bytes are noise)."""
+    and policy-trajectory kernels for the Orin, where registers are tightest: within the registers and shared
+    memory a program has, and without spilling to local memory (a whole-row-block design spilled 4.7 KB per
+    thread; tens of bytes are noise)."""
     pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
     code = """if True:
         import json, os
