@@ -34,6 +34,13 @@ from edge_tdmpc.layers import Ensemble, NormedLinear
 from edge_tdmpc.model import WorldModel
 
 
+def _latent_rows(z, width):
+    """z [..., width] -> (rows [M, width], row stride): one latent expanded to all rows is read in place (stride
+    0), not copied; anything else is made contiguous."""
+    z = z.reshape(-1, width)
+    return (z, 0) if z.stride() == (0, 1) else (z.contiguous(), width)
+
+
 def _stacked(nets):
     """mlps (nn.Sequential) or one Q Ensemble -> per layer (weight [n, out, in], bias [n, out], ln_w, ln_b),
     the output layers zero-padded to a power of two at least as wide as the widest head."""
@@ -112,12 +119,10 @@ class TritonMLP(nn.Module):
         z [..., latent_dim] when there is a latent head), n = len(heads), all heads by default. With `step` > 0
         (and `decode`), the decoded head returns g + gamma^step * value: the rollout's return so far."""
         lead, dev = x.shape[:-1], x.device
-        x = x.reshape(-1, self.z_dim)
-        broadcast = x.stride() == (0, 1)  # one latent expanded to all samples: read it in place, no copy
-        x = x if broadcast else x.contiguous()
+        x, xs = _latent_rows(x, self.z_dim)
         a = x if a is None else a.reshape(-1, self.a_dim).contiguous()
         sel = self.all_heads if heads is None else heads.reshape(-1).long()
-        n, c = sel.shape[0], self._constants(STEP=step, XS=0 if broadcast else self.z_dim)
+        n, c = sel.shape[0], self._constants(STEP=step, XS=xs)
         out, z = ops.triton_mlp(x, a, self._task(task, dev), sel, [getattr(self, p) for p in ops.MLP_PARAMS],
                                 x if g is None else g.reshape(-1), x if gamma is None else gamma,
                                 [int(c[k]) for k in ops.MLP_INTS], [c["VMIN"], c["VMAX"], c["EPS"]], c["PREC"],
@@ -189,10 +194,7 @@ class TritonWorldModel(WorldModel):
         """planner.pi_rollout in one launch: each program takes its rows through all the horizon's policy and
         dynamics steps."""
         pi, dyn, c = self._k_pi, self._k_next, self._rollout_constants(eps.shape[0])
-        z = z.reshape(-1, pi.z_dim)
-        broadcast = z.stride() == (0, 1)
-        z = z if broadcast else z.contiguous()
-        c["XS"] = 0 if broadcast else pi.z_dim
+        z, c["XS"] = _latent_rows(z, pi.z_dim)
         params = [getattr(pi, k) for k in ops.PI_PARAMS] + [getattr(dyn, k) for k in ops.MLP_PARAMS]
         floats = [c["LOG_STD_MIN"], c["LOG_STD_DIF"], c["EPS"]]
         return ops.triton_pi_rollout(z, eps.float().contiguous(), self._k_masks, pi._task(task, z.device), params,

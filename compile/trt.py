@@ -145,6 +145,9 @@ class Cuda:
     def launch(self, graph_exec):
         self._call("cudaGraphLaunch", graph_exec, self.stream)
 
+    def destroy(self, graph_exec):
+        self._call("cudaGraphExecDestroy", graph_exec)
+
     def device(self) -> dict:
         """Name and compute capability of the current GPU."""
         if self.rt:
@@ -322,7 +325,7 @@ class Engine:
 
     def close(self):
         if self.graph is not None:
-            self.cuda._call("cudaGraphExecDestroy", self.graph)
+            self.cuda.destroy(self.graph)
             self.graph = None
         for ptr in self.ptrs.values():
             self.cuda.free(ptr)
