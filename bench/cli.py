@@ -33,9 +33,9 @@ def bench():
 @click.option("--runtime", "runtimes", default=None,
               help="comma-separated: torch, onnxruntime, tensorrt, torch-cuda-graph(-triton), "
                    "torch-compile(-fused/-triton)  "
-                   "[default: torch; for an artifact: torch fp32 and the artifact]")
+                   "[default: torch; for an artifact: torch fp32 and the artifact, or the artifact's runtime]")
 @click.option("--precision", "precisions", default=None,
-              help="comma-separated: fp32, fp16, bf16, int8  [default: fp32]")
+              help="comma-separated: fp32, fp16, bf16, int8, mixed  [default: fp32, or an artifact's precision]")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory")
 @click.option("--mpc/--no-mpc", default=None, help="plan with MPPI (default) or act from the policy prior alone")
 @click.option("--workers", type=int, default=None, help="parallel episode processes  [default: CPU cores]")

@@ -118,8 +118,9 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
     """Closed-loop benchmark of `model` (checkpoint, artifact dir or WorldModel); returns report.json's dict.
 
     runtimes / precisions: comma-separated or lists (default torch / fp32; for an artifact: fp32 eager and the
-    artifact). planner: PlannerConfig or overrides such as {"mpc": False, "num_samples": 256}. model_tasks: the
-    task set a checkpoint was trained on (default mt30, or the benched task for a single-task file).
+    artifact, and the artifact's runtime or precision where only the other is given). planner: PlannerConfig
+    or overrides such as {"mpc": False, "num_samples": 256}. model_tasks: the task set a checkpoint was
+    trained on (default mt30, or the benched task for a single-task file).
     """
     # --- validate everything before the first episode ---
     tasks = resolve_tasks(tasks)
@@ -151,8 +152,10 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
         pairs = list(dict.fromkeys([report.REFERENCE, *artifacts]))
         for r, _ in pairs:
             runtime_class(r)
-    else:
-        pairs = resolve_pairs(runtimes or "torch", precisions or "fp32")
+    else:  # with an artifact, the option not given is the artifact's (--runtime onnxruntime: the artifact, not
+        # a fresh fp32 compile of its checkpoint)
+        (art_rt, art_prec), = artifacts or [("torch", "fp32")]
+        pairs = resolve_pairs(runtimes or art_rt, precisions or art_prec)
     missing = [t for t in tasks if t not in ref_model.cfg.tasks]
     if missing:
         raise ValueError(f"task '{missing[0]}' is not in this model's task set ({len(ref_model.cfg.tasks)} tasks: "

@@ -275,3 +275,10 @@ def test_compiled_artifact_directory(tmp_path, monkeypatch):
     assert rep["summary"][1]["size_bytes"] == artifact.artifact_size(art)
     with pytest.raises(ValueError, match="compiled with num_samples=64"):
         run_bench(art, tmp_path / "out2", tasks="pendulum-spin", planner=dict(num_samples=128), progress=False)
+    # --runtime alone runs the artifact at its own precision, not a fresh fp32 compile of its checkpoint
+    art16 = artifact.compile_model(model, "fp16", PlannerConfig.make(**SMALL), "cpu", out=tmp_path / "art16",
+                                   checkpoint=ckpt)
+    rep = run_bench(art16, tmp_path / "out3", tasks="pendulum-spin", runtimes="onnxruntime", episodes=1, steps=2,
+                    workers=1, progress=False, echo=lambda *_: None)
+    assert [(s["runtime"], s["precision"]) for s in rep["summary"]] == [("onnxruntime", "fp16")]
+    assert rep["summary"][0]["size_bytes"] == artifact.artifact_size(art16)
