@@ -202,11 +202,20 @@ def _sha256(path) -> str:
 
 def _pin_fp32(trt, network, config):
     """Weakly typed networks (TensorRT 8.x): ask for fp32 on every layer whose ONNX outputs are fp32, so the
-    FP16 flag speeds up the fp16 layers only (the strongly typed mode of TensorRT >= 9 does this by itself)."""
+    FP16 flag speeds up the fp16 layers only (the strongly typed mode of TensorRT >= 9 does this by itself).
+
+    Q/DQ layers and the MatMuls that read a DequantizeLinear output are left alone: explicit quantization
+    decides their precision (int8), and a constraint there would at best be ignored."""
     config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
+    qdq = (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE)
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    dequantized = {layer.get_output(k).name for layer in layers if layer.type == trt.LayerType.DEQUANTIZE
+                   for k in range(layer.num_outputs)}
+    for layer in layers:
         outs = [layer.get_output(k) for k in range(layer.num_outputs)]
+        ins = [layer.get_input(k) for k in range(layer.num_inputs)]
+        if layer.type in qdq or any(t is not None and t.name in dequantized for t in ins):
+            continue
         if outs and all(o.dtype == trt.float32 for o in outs):
             layer.precision = trt.float32
             for k in range(layer.num_outputs):
@@ -240,8 +249,8 @@ def build_engine(onnx_path, engine_path, precision: str, timing_cache=None, dla_
             config.set_flag(trt.BuilderFlag.INT8)
         if precision == "bf16":
             raise ValueError(f"TensorRT {trt.__version__} has no bf16: use fp16, or TensorRT >= 10 (JetPack 6.1+)")
-        if precision == "fp16":  # and keep the graph's fp32 islands (decode, MPPI statistics, LayerNorm) in fp32
-            _pin_fp32(trt, network, config)
+        if precision in ("fp16", "mixed"):  # and keep the graph's fp32 parts (encoder in mixed, decode, MPPI
+            _pin_fp32(trt, network, config)  # statistics) in fp32
     if dla_core is not None and precision in ("fp32", "bf16"):
         raise ValueError(f"the DLA runs fp16 and int8 only, not {precision}: use --precision fp16 or int8, or "
                          "build for the GPU")

@@ -403,6 +403,40 @@ def test_engine_from_another_gpu_or_tensorrt_is_refused():
         trt.check_compatible(built, {**built, "compute_capability": "9.0", "gpu": "H100"})
 
 
+
+def test_tensorrt_8_pins_fp32_layers_but_leaves_int8_matmuls_to_their_qdq():
+    """TensorRT 8.x (weakly typed) with FP16+INT8 for mixed: which layers get an fp32 constraint. TensorRT does
+    not install here, so this runs the selection on a stand-in network with TensorRT's layer/tensor interface."""
+    from types import SimpleNamespace as NS
+
+    class Layer:
+        def __init__(self, kind, ins, out, dtype):
+            self.type, self.ins, self.out, self.precision, self.types = kind, ins, NS(name=out, dtype=dtype), None, {}
+            self.num_inputs, self.num_outputs = len(ins), 1
+
+        def get_input(self, k):
+            return NS(name=self.ins[k])
+
+        def get_output(self, k):
+            return self.out
+
+        def set_output_type(self, k, t):
+            self.types[k] = t
+
+    fake = NS(float32="f32", float16="f16", int8="i8", LayerType=NS(QUANTIZE="Q", DEQUANTIZE="DQ", OTHER="op"),
+              BuilderFlag=NS(PREFER_PRECISION_CONSTRAINTS="prefer"))
+    layers = {"encoder": Layer("op", ["obs"], "z", "f32"),                  # fp32 in mixed: pinned
+              "q": Layer("Q", ["z"], "z_q", "i8"), "dq": Layer("DQ", ["z_q"], "z_dq", "f32"),
+              "int8_matmul": Layer("op", ["z_dq", "w_dq"], "h", "f32"),     # int8 through its Q/DQ: left alone
+              "fp16_layer": Layer("op", ["h"], "h16", "f16"),               # fp16: left to the FP16 flag
+              "decode": Layer("op", ["h16"], "r", "f32")}                   # fp32 island: pinned
+    network = NS(num_layers=len(layers), get_layer=lambda i: list(layers.values())[i])
+    flags = []
+    trt._pin_fp32(fake, network, NS(set_flag=flags.append))
+    assert flags == ["prefer"]
+    assert {n for n, la in layers.items() if la.precision == "f32"} == {"encoder", "decode"}
+    assert layers["decode"].types == {0: "f32"} and layers["int8_matmul"].types == {}
+
 # --- GPU (skipped here with a reason) ----------------------------------------------------------------------------
 def _has_tensorrt():
     try:
