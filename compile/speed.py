@@ -2,6 +2,7 @@
 
     python -m edge_tdmpc.compile.speed CHECKPOINT [--precisions fp32,fp16,int8] [--steps 30]
                                                  [--tasks cartpole-swingup,walker-walk] [--threads 1]
+                                                 [--artifacts out/my-mixed-plan]   # compiled with --plan
     # on a GPU machine: eager on the GPU against the CUDA-graph steps (and TensorRT where it imports);
     # bench/gpu_check.sh runs this and the GPU tests in one go
     python -m edge_tdmpc.compile.speed CHECKPOINT --device cuda --runtimes torch-cuda-graph,torch-compile \
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +39,22 @@ def _runtimes(model, precisions, planner, names=("onnxruntime",), device="cpu"):
                 continue
             ort_device = device if name == "onnxruntime" and device != "cpu" else None  # its CUDA provider
             out[(name, p)] = make_runtime(name, model, p, planner, device=ort_device)
+    return out
+
+
+def _artifacts(checkpoint, dirs, planner: PlannerConfig) -> dict:
+    """Compiled artifact directories (e.g. a mixed plan from `compile --plan`) as more runtimes to time, each
+    keyed (its runtime, 'precision (directory name)'); they must come from `checkpoint`, with `planner`'s
+    settings."""
+    from edge_tdmpc.checkpoint import file_sha256
+    from edge_tdmpc.compile.artifact import read_manifest
+    sha, out = file_sha256(checkpoint), {}
+    for d in dirs:
+        m = read_manifest(d)
+        if m.get("checkpoint_sha256") != sha:
+            raise ValueError(f"{d} was not compiled from {checkpoint} (sha256 differs): compile it from that file")
+        key = (m["runtime"], f"{m['precision']} ({Path(d).name})")
+        out[key] = make_runtime(m["runtime"], d, m["precision"], planner)
     return out
 
 
@@ -169,6 +187,7 @@ def main(argv=None):
     ap.add_argument("--runtimes", default="onnxruntime",
                     help="runtimes timed against eager fp32 (comma-separated): onnxruntime, tensorrt, "
                          "torch-cuda-graph(-triton), torch-compile(-fused/-triton)")
+    ap.add_argument("--artifacts", default="", help="compiled artifact directories to time too (comma-separated)")
     ap.add_argument("--device", default="cpu", help="eager baseline's device; cuda on a GPU machine")
     ap.add_argument("--steps", type=int, default=30, help="timed planning steps (0: no latency table)")
     ap.add_argument("--own-noise", action="store_true", help="also time each runtime drawing its own noise")
@@ -187,6 +206,7 @@ def main(argv=None):
     planner = PlannerConfig()
     rts = _runtimes(model, [p for p in args.precisions.split(",") if p], planner,
                     [r for r in args.runtimes.split(",") if r], args.device)
+    rts.update(_artifacts(args.checkpoint, [d for d in args.artifacts.split(",") if d], planner))
     gpu = args.device.startswith("cuda")
     result = {"torch_threads": torch.get_num_threads(), "episode_steps": args.episode_steps, "seed": args.seed,
               "device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()}
