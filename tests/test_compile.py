@@ -328,7 +328,7 @@ def test_mixed_plan_mixes_precisions(model, cache, tmp_path):
     proto = onnx.load(art / "plan.onnx")
     types = {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer}
     assert types["encoder.0.W_obs"] == "FLOAT" and types["dynamics.0.W_z.fp16"] == "FLOAT16"
-    assert types["dynamics.1.W_x.int8"] == "INT8"
+    assert types["reward.1.W_x.int8"] == "INT8" and types["dynamics.1.W_x.fp16"] == "FLOAT16"
 
 
 def test_runtime_compiles_on_the_fly_into_a_keyed_cache(model, cache):
