@@ -403,7 +403,6 @@ def test_engine_from_another_gpu_or_tensorrt_is_refused():
         trt.check_compatible(built, {**built, "compute_capability": "9.0", "gpu": "H100"})
 
 
-
 def test_tensorrt_8_pins_fp32_layers_but_leaves_int8_matmuls_to_their_qdq():
     """TensorRT 8.x (weakly typed) with FP16+INT8 for mixed: which layers get an fp32 constraint. TensorRT does
     not install here, so this runs the selection on a stand-in network with TensorRT's layer/tensor interface."""
@@ -423,7 +422,7 @@ def test_tensorrt_8_pins_fp32_layers_but_leaves_int8_matmuls_to_their_qdq():
         def set_output_type(self, k, t):
             self.types[k] = t
 
-    fake = NS(float32="f32", float16="f16", int8="i8", LayerType=NS(QUANTIZE="Q", DEQUANTIZE="DQ", OTHER="op"),
+    fake = NS(float32="f32", LayerType=NS(QUANTIZE="Q", DEQUANTIZE="DQ"),
               BuilderFlag=NS(PREFER_PRECISION_CONSTRAINTS="prefer"))
     layers = {"encoder": Layer("op", ["obs"], "z", "f32"),                  # fp32 in mixed: pinned
               "q": Layer("Q", ["z"], "z_q", "i8"), "dq": Layer("DQ", ["z_q"], "z_dq", "f32"),
@@ -436,6 +435,7 @@ def test_tensorrt_8_pins_fp32_layers_but_leaves_int8_matmuls_to_their_qdq():
     assert flags == ["prefer"]
     assert {n for n, la in layers.items() if la.precision == "f32"} == {"encoder", "decode"}
     assert layers["decode"].types == {0: "f32"} and layers["int8_matmul"].types == {}
+
 
 # --- GPU (skipped here with a reason) ----------------------------------------------------------------------------
 def _has_tensorrt():
@@ -760,13 +760,13 @@ def test_speed_bench_times_runtimes_on_identical_inputs(model, cache, tmp_path):
     lat = speed.latency(model, rts, SMALL, steps=3, warmup=1, settle=0)
     assert set(lat) == {("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16 (my-fp16)")}
     assert lat[("onnxruntime", "fp16 (my-fp16)")]["bytes"] == artifact.artifact_size(art)
+    assert lat[("torch", "fp32")]["speedup"] == 1.0 and lat[("onnxruntime", "fp32")]["p50_ms"] > 0
+    assert lat[("onnxruntime", "fp32")]["mean_daction"] < 1e-2
+    assert "| onnxruntime | fp32 |" in speed.markdown(lat)
     other = tmp_path / "other.pt"
     save_model(make_tiny_model(seed=1), other)
     with pytest.raises(ValueError, match="not compiled from .*other.pt"):
         speed._artifacts(other, [art], SMALL)
-    assert lat[("torch", "fp32")]["speedup"] == 1.0 and lat[("onnxruntime", "fp32")]["p50_ms"] > 0
-    assert lat[("onnxruntime", "fp32")]["mean_daction"] < 1e-2
-    assert "| onnxruntime | fp32 |" in speed.markdown(lat)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA GPU"):
             speed._runtimes(model, ["fp16"], SMALL, ["torch-cuda-graph"])
