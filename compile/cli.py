@@ -24,8 +24,9 @@ from edge_tdmpc.runtime import PRECISIONS
 @click.option("--calib-percentile", default=99.99, show_default=True,
               help="int8 activation range: this percentile of |x| per step (100: the max)")
 @click.option("--verify-episodes", default=2, show_default=True, help="recorded episodes checked against fp32")
-@click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="JSON {layer: precision} overriding the per-layer plan (e.g. for --precision mixed)")
+@click.option("--plan", "plan_file", default=None,
+              help="JSON {layer: precision}, inline or a file, overriding the per-layer plan (e.g. for "
+                   "--precision mixed: '{\"dynamics.1\": \"int8\"}')")
 def compile_cmd(checkpoint, precision, target, out, tasks, samples, iterations, horizon, elites, pi_trajs,
                 calib_episodes, calib_steps, calib_percentile, verify_episodes, plan_file):
     """Compile CHECKPOINT's whole planning step into a verified artifact (ONNX / TensorRT deploy bundle)."""

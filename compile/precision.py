@@ -55,14 +55,15 @@ def model_plan(model, precision: str, overrides=None) -> dict[str, str]:
     return precision_plan(precision, layer_names(model), overrides)
 
 
-def load_plan(path) -> dict[str, str]:
-    """A JSON file {layer: precision} (the --plan option of `edge-tdmpc compile`)."""
+def load_plan(text_or_path) -> dict[str, str]:
+    """{layer: precision} from inline JSON ('{"dynamics.1": "int8"}') or a JSON file (`compile --plan`)."""
+    inline = str(text_or_path).lstrip().startswith("{")
     try:
-        plan = json.loads(Path(path).read_text())
+        plan = json.loads(text_or_path if inline else Path(text_or_path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read precision plan {path}: {e}") from None
+        raise ValueError(f"cannot read precision plan {text_or_path}: {e}") from None
     if not isinstance(plan, dict):
-        raise ValueError(f"precision plan {path} must be a JSON object {{layer: precision}}")
+        raise ValueError(f"precision plan {text_or_path} must be a JSON object {{layer: precision}}")
     return plan
 
 

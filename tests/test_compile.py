@@ -192,7 +192,7 @@ def test_bf16_emulation_rounds_every_tensor():
     np.testing.assert_array_equal(y, ref.numpy())
 
 
-def test_precision_plans():
+def test_precision_plans(tmp_path):
     layers = export.layer_names(make_tiny_model())
     assert set(precision.precision_plan("fp16", layers).values()) == {"fp16"}
     mixed = precision.precision_plan("mixed", layers)
@@ -202,6 +202,15 @@ def test_precision_plans():
         precision.precision_plan("int8", layers, {"decoder.0": "fp32"})
     with pytest.raises(ValueError, match="unknown precision"):
         precision.precision_plan("fp8", layers)
+    # compile --plan: inline JSON or a file
+    (tmp_path / "plan.json").write_text('{"dynamics.1": "int8"}')
+    plan = precision.load_plan(tmp_path / "plan.json")
+    assert precision.load_plan(' {"dynamics.1": "int8"}') == plan
+    assert precision.precision_plan("mixed", layers, plan)["dynamics.1"] == "int8"
+    with pytest.raises(ValueError, match="cannot read precision plan"):
+        precision.load_plan('{"dynamics.1": int8}')
+    with pytest.raises(ValueError, match="cannot read precision plan"):
+        precision.load_plan(tmp_path / "missing.json")
 
 
 # --- artifacts --------------------------------------------------------------------------------------------------
