@@ -24,11 +24,11 @@ from edge_tdmpc.runtime import PRECISIONS
 @click.option("--calib-percentile", default=99.99, show_default=True,
               help="int8 activation range: this percentile of |x| per step (100: the max)")
 @click.option("--verify-episodes", default=2, show_default=True, help="recorded episodes checked against fp32")
-@click.option("--plan", "plan_file", default=None,
+@click.option("--plan", default=None,
               help="JSON {layer: precision}, inline or a file, overriding the per-layer plan (e.g. for "
                    "--precision mixed: '{\"dynamics.1\": \"int8\"}')")
 def compile_cmd(checkpoint, precision, target, out, tasks, samples, iterations, horizon, elites, pi_trajs,
-                calib_episodes, calib_steps, calib_percentile, verify_episodes, plan_file):
+                calib_episodes, calib_steps, calib_percentile, verify_episodes, plan):
     """Compile CHECKPOINT's whole planning step into a verified artifact (ONNX / TensorRT deploy bundle)."""
     from edge_tdmpc.checkpoint import load_model
     from edge_tdmpc.compile.artifact import compile_model, read_manifest
@@ -41,7 +41,7 @@ def compile_cmd(checkpoint, precision, target, out, tasks, samples, iterations, 
     profile = load_target(target)
     out = Path(out or Path("out") / f"{Path(checkpoint).stem}-{precision}-{profile['name']}")
     model = load_model(checkpoint, tasks=tasks)
-    overrides = load_plan(plan_file) if plan_file else None
+    overrides = load_plan(plan) if plan else None
     path = compile_model(model, precision, planner, profile["name"], out=out, checkpoint=checkpoint,
                          calib_episodes=calib_episodes, calib_steps=calib_steps, calib_percentile=calib_percentile,
                          verify_episodes=verify_episodes, plan_overrides=overrides, echo=click.echo)
