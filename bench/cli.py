@@ -43,6 +43,15 @@ def bench():
               help="env seed, as the official evaluation uses it (same initial states); noise seeds derive from it")
 @click.option("--resume", is_flag=True, help="continue a killed run in --out, skipping finished episodes")
 @click.option("--hz", type=float, default=None, help="control rate: report actions that miss its deadline")
+@click.option("--realtime", is_flag=True,
+              help="with --hz: run each runtime as a fixed-rate robot loop; a late plan's ticks take the fallback")
+@click.option("--latency-ms", type=float, default=None,
+              help="with --hz: as --realtime, but assume this planning latency (a what-if for another device)")
+@click.option("--fallback", type=click.Choice(["plan", "hold"]), default="plan", show_default=True,
+              help="a tick without a fresh plan: the last plan's mean for that step, or the last action held")
+@click.option("--smooth", type=float, default=1.0, show_default=True,
+              help="action low-pass a += alpha (u - a), alpha in (0, 1]; 1 = off")
+@click.option("--rate-limit", type=float, default=None, help="largest action change per tick (off by default)")
 @click.option("--check-actions", default=0, show_default=True,
               help="replay N recorded observations through every runtime with fp32 eager's noise; report |Δaction|")
 @click.option("--eval-mode/--stochastic", default=False, show_default=True,
@@ -56,8 +65,9 @@ def bench():
 @click.option("--device", default="cpu", show_default=True, help="torch device for the runtimes (cpu, cuda)")
 @click.option("--model-tasks", default=None,
               help="task set MODEL was trained on  [default: mt30, or the benched task for a single-task file]")
-def run_cmd(model, tasks, episodes, runtimes, precisions, out, mpc, workers, seed, resume, hz, check_actions,
-            eval_mode, steps, samples, elites, iterations, horizon, warmup, device, model_tasks):
+def run_cmd(model, tasks, episodes, runtimes, precisions, out, mpc, workers, seed, resume, hz, realtime, latency_ms,
+            fallback, smooth, rate_limit, check_actions, eval_mode, steps, samples, elites, iterations, horizon,
+            warmup, device, model_tasks):
     """Run closed-loop episodes of MODEL (checkpoint or compiled artifact directory); write report.json,
     report.md and plots to OUT."""
     from edge_tdmpc.bench.harness import run_bench
@@ -66,11 +76,13 @@ def run_cmd(model, tasks, episodes, runtimes, precisions, out, mpc, workers, see
     rep = run_bench(model, out, tasks=tasks, runtimes=runtimes, precisions=precisions, episodes=episodes, seed=seed,
                     steps=steps, eval_mode=eval_mode, planner=planner, workers=workers, resume=resume, hz=hz,
                     check_actions=check_actions, warmup=warmup, device=device, model_tasks=model_tasks,
-                    command=command, echo=click.echo)
+                    command=command, realtime=realtime, latency_ms=latency_ms, fallback=fallback, smooth=smooth,
+                    rate_limit=rate_limit, echo=click.echo)
     for s in rep["summary"]:
         lat = s["latency_ms"]
         click.echo(f"{s['runtime']}/{s['precision']:<5} score {s['score']:6.2f} over {s['tasks']} task(s)  "
-                   f"latency p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms  peak RSS {s['peak_rss_mib']:.0f} MiB")
+                   f"latency p50 {lat['p50']:.2f} ms  p99 {lat['p99']:.2f} ms  peak RSS {s['peak_rss_mib']:.0f} MiB"
+                   + (f"  fallback ticks {s['fallback_rate']:.1%}" if s["fallback_rate"] is not None else ""))
     for c in rep.get("check_actions") or []:
         click.echo(f"check {c['runtime']}/{c['precision']:<5} max |Δa| {c['max_abs']:.3g}  median {c['median_abs']:.3g}"
                    f"  (tolerance {c['tolerance']})")

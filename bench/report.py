@@ -18,7 +18,10 @@ def _stats(recs, hz, size_bytes) -> dict:
     steps = sum(r["steps"] for r in recs)
     busy = sum(r["agent_s"] + r["env_s"] for r in recs)
     device = [r["peak_device_mib"] for r in recs if r.get("peak_device_mib") is not None]
+    ticks = [r["control"] for r in recs if r.get("control")]
     return {
+        # with a fixed-rate loop (`--realtime`): the share of ticks that took the fallback, not a fresh plan
+        "fallback_rate": sum(t["fallback"] for t in ticks) / sum(t["ticks"] for t in ticks) if ticks else None,
         "latency_ms": latency_stats(ms),
         "deadline": deadline_misses(ms, hz),
         "env_step_ms": 1000 * sum(r["env_s"] for r in recs) / max(steps, 1),
@@ -139,12 +142,17 @@ def render_markdown(report: dict) -> str:
 
 def _summary_md(report: dict) -> str:
     env, hz = report["environment"], report["settings"].get("hz")
+    realtime = (report["settings"].get("control") or {}).get("hz")
     text = "## Summary per runtime x precision\n\n"
     text += "Score = mean over tasks of (mean return / 10). Latency: wall clock around `act` per action."
+    if realtime:
+        text += (f" Fixed-rate loop at {realtime:g} Hz (`--realtime`): latency is per planning step, and a tick"
+                 " that no fresh plan reached took the fallback.")
     if report["summary"][0].get("reference"):
         text += f" Δ against {report['summary'][0]['reference']} (latency as a ratio, < 1 is faster)."
     header = ["runtime", "precision", "tasks", "score", "Δ score", "p50 ms", "p99 ms", "max ms", "p50 ratio",
-              *([f"missed @ {hz:g} Hz"] if hz else []), "env ms/step", "steps/s", "peak RSS MiB",
+              *([f"missed @ {hz:g} Hz"] if hz else []), *(["fallback ticks"] if realtime else []), "env ms/step",
+              "steps/s", "peak RSS MiB",
               *(["peak GPU MiB"] if env.get("gpu") else []), "size MiB"]
     rows = []
     for s in report["summary"]:
@@ -152,7 +160,8 @@ def _summary_md(report: dict) -> str:
         rows.append([s["runtime"], s["precision"], s["tasks"], _f(s["score"]), _f(d.get("score"), "+.2f"),
                      _f(lat["p50"], ".1f"), _f(lat["p99"], ".1f"), _f(lat["max"], ".1f"),
                      _f(d.get("latency_p50_ratio"), ".2f"),
-                     *([f"{s['deadline']['rate']:.1%}"] if hz else []), _f(s["env_step_ms"], ".2f"),
+                     *([f"{s['deadline']['rate']:.1%}"] if hz else []),
+                     *([f"{s['fallback_rate']:.1%}"] if realtime else []), _f(s["env_step_ms"], ".2f"),
                      _f(s["throughput_steps_per_s"], ".1f"), _f(s["peak_rss_mib"], ".0f"),
                      *([_f(s["peak_device_mib"], ".0f")] if env.get("gpu") else []), _f(s["size_mib"], ".2f")])
     return text + "\n\n" + _table(header, rows) + "\n"

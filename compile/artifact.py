@@ -8,6 +8,7 @@
       verify.npz         planning inputs recorded in real closed-loop episodes + the torch fp32 outputs
       calibration.json   INT8 activation ranges (int8 / mixed)
       build_engine.py, verify.py   TensorRT targets: build and verify the engine on the device
+      control.py         TensorRT targets: the fixed-rate control loop (`edge_tdmpc.control`), numpy only
 
 The directory is written under a temporary name and renamed into place, so an interrupted compile leaves no
 half artifact; recordings (the slow part) are cached and reused by the next compile of the same model.
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edge_tdmpc import control
 from edge_tdmpc.checkpoint import atomic_write, file_sha256
 from edge_tdmpc.compile import export, record, verify
 from edge_tdmpc.compile.precision import model_plan, quantize_int8
@@ -46,6 +48,12 @@ Verification runs the recorded closed-loop inputs of verify.npz through the engi
 PyTorch fp32 outputs stored beside them, with the tolerances in manifest.json; it prints PASS or FAIL.
 An engine is tied to the GPU and TensorRT version that built it: rebuild after a JetPack upgrade.
 In your control loop: `from build_engine import Engine, Planner`; Planner(Engine("plan.engine")).act(obs, task, t0).
+At a fixed rate, planning in a thread (a late plan never holds a tick; smoothing and a rate limit optional):
+
+    from control import ActionFilter, RealtimeLoop
+    loop = RealtimeLoop(planner, hz=100, sense=read_sensors, actuate=send_to_motors, task=task,
+                        fallback="plan", action_filter=ActionFilter(alpha=0.5, max_delta=0.2))
+    print(loop.run(ticks=6000))   # fresh / fallback ticks, schedule lateness, planning latency
 """
 
 
@@ -240,6 +248,7 @@ def _engine_or_bundle(tmp: Path, profile: dict, precision: str, rows, expected, 
     here = Path(__file__).resolve().parent
     shutil.copy(here / "trt.py", tmp / "build_engine.py")
     shutil.copy(here / "verify.py", tmp / "verify.py")
+    shutil.copy(control.__file__, tmp / "control.py")
     (tmp / "README.txt").write_text(BUNDLE_README.format(target=profile["description"], precision=precision))
     try:
         from edge_tdmpc.compile import trt

@@ -376,7 +376,7 @@ def test_cli_compile_cpu_and_jetson_bundle(model, cache, tmp_path):
     m = artifact.read_manifest(tmp_path / "jetson")
     assert m["target"] == "orin-nano" and m["runtime"] == "tensorrt" and m["engine"]["status"] == "bundle"
     assert m["checkpoint_sha256"] == artifact.file_sha256(ckpt)
-    assert {"build_engine.py", "verify.py", "plan.onnx", "verify.npz"} <= set(m["files"])
+    assert {"build_engine.py", "verify.py", "control.py", "plan.onnx", "verify.npz"} <= set(m["files"])
     assert m["layernorm"] == "native" and m["tensorrt_min"] == "8.6.2"
     res = runner.invoke(main, ["compile", str(ckpt), "--precision", "fp16", "--target", "xavier-nx",
                                "--out", str(tmp_path / "xavier"), *small])
@@ -401,6 +401,11 @@ def test_bundle_builder_needs_no_torch(tmp_path):
             f"sys.argv = ['build_engine.py', '--help']; runpy.run_path({str(script)!r}, run_name='__main__')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert res.returncode == 0 and "Build (and verify) the TensorRT engine" in res.stdout, res.stderr
+    shutil.copy(ROOT / "toolkit" / "control.py", tmp_path / "control.py")  # the bundle's control loop too
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['edge_tdmpc'] = None; "
+            "from control import ActionFilter; print(ActionFilter(alpha=0.5)([0.4]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0 and "[0.4]" in res.stdout, res.stderr
 
 
 def test_engine_from_another_gpu_or_tensorrt_is_refused():

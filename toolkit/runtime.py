@@ -73,6 +73,10 @@ class TorchRuntime(Runtime):
     def act(self, obs, task, t0, eval_mode=False, noise=None):
         return self.agent.act(obs, t0=t0, eval_mode=eval_mode, task=task, noise=noise).numpy()
 
+    @property
+    def prev_mean(self):  # the warm-start mean after the last step, as the other runtimes keep it
+        return self.agent.prev_mean
+
     def size_bytes(self):
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 

@@ -1,0 +1,226 @@
+"""Fixed-rate control: act on a clock, plan in the background, never hold a control tick for the planner.
+
+A planning step can outlast the control period (a loaded CPU, a cold cache, a small board). A robot cannot wait
+for it: each tick must send an action. So the tick takes the newest planned action when one has landed since
+the last tick, and otherwise the last plan's own continuation, its MPPI mean for the step that has come (or the
+last action held). An optional filter (low-pass and rate limit) smooths what reaches the motors.
+
+`RealtimeLoop` is that loop on a robot (wall clock, planner in a thread). `DeadlineSim` is the same timing in
+simulated time, for the bench: each env step is one tick, and a plan's measured latency decides at which tick
+its action lands. Both take any planner with `act(obs, task, t0)`: a bench runtime, or the TensorRT `Planner`
+of a deploy bundle (numpy only; this module needs no torch).
+"""
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FALLBACKS = ("plan", "hold")
+
+
+class ActionFilter:
+    """a_t = clip(a_{t-1} + clamp(alpha (u_t - a_{t-1}), ±max_delta), ±1): a first-order low-pass (alpha < 1)
+    and a per-tick rate limit (max_delta), both off by default. Start of an episode: `reset()`."""
+
+    def __init__(self, alpha: float = 1.0, max_delta: float | None = None):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"smoothing alpha must be in (0, 1] (1 = off), got {alpha}")
+        if max_delta is not None and max_delta <= 0:
+            raise ValueError(f"rate limit must be positive (action change per tick), got {max_delta}")
+        self.alpha, self.max_delta, self.prev = alpha, max_delta, None
+
+    @property
+    def active(self) -> bool:
+        return self.alpha < 1 or self.max_delta is not None
+
+    def reset(self):
+        self.prev = None
+
+    def __call__(self, u) -> np.ndarray:
+        a = np.asarray(u, np.float32)
+        if self.prev is not None:  # the first action of an episode passes as planned
+            if self.alpha < 1:
+                a = self.prev + self.alpha * (a - self.prev)
+            if self.max_delta is not None:
+                a = self.prev + np.clip(a - self.prev, -self.max_delta, self.max_delta)
+        self.prev = np.clip(a, -1, 1).astype(np.float32)
+        return self.prev.copy()
+
+
+class Fallback:
+    """The action of a tick that no fresh plan reached: the last plan's mean for this step ("plan"; its last
+    step held once the horizon runs out) or the last planned action ("hold")."""
+
+    def __init__(self, mode: str = "plan"):
+        if mode not in FALLBACKS:
+            raise ValueError(f"unknown fallback '{mode}': choose from {list(FALLBACKS)}")
+        self.mode, self.action, self.mean, self.age = mode, None, None, 0
+
+    def fresh(self, action, mean=None, age: int = 0):
+        """A plan landed; it was made from the observation of `age` ticks ago."""
+        self.action = np.asarray(action, np.float32)
+        self.mean = None if mean is None else np.asarray(mean, np.float32).reshape(-1, self.action.shape[-1])
+        self.age = age
+
+    def __call__(self) -> np.ndarray:
+        if self.action is None:
+            raise RuntimeError("no plan has landed yet: the first tick must wait for one")
+        self.age += 1
+        if self.mode == "hold" or self.mean is None:
+            return self.action.copy()
+        return np.clip(self.mean[min(self.age, len(self.mean) - 1)], -1, 1)
+
+
+def planned_mean(planner):
+    """The planner's warm-start mean after its last step (H x A), or None (policy-only planners)."""
+    mean = getattr(planner, "prev_mean", None)
+    cfg = getattr(planner, "planner", None)  # a bench runtime's PlannerConfig: without MPC the mean stays 0
+    if mean is None or (cfg is not None and not getattr(cfg, "mpc", True)):
+        return None
+    return mean.detach().float().cpu().numpy().copy() if hasattr(mean, "detach") else np.array(mean, np.float32)
+
+
+@dataclass
+class TickStats:
+    """Per tick: was the action fresh, and (wall clock only) how late the tick ran against its schedule."""
+    fresh: list = field(default_factory=list)
+    late_ms: list = field(default_factory=list)
+    plan_ms: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        fresh = np.asarray(self.fresh, bool)
+        out = {"ticks": int(fresh.size), "fresh": int(fresh.sum()), "fallback": int((~fresh).sum()),
+               "fallback_rate": float((~fresh).mean()) if fresh.size else 0.0}
+        if self.late_ms:
+            out["late_ms_p50"], out["late_ms_p99"] = (float(np.percentile(self.late_ms, q)) for q in (50, 99))
+        if self.plan_ms:
+            out["plan_ms_p50"], out["plan_ms_p99"] = (float(np.percentile(self.plan_ms, q)) for q in (50, 99))
+        return out
+
+
+class DeadlineSim:
+    """Simulated time: the planner runs when idle, on the newest observation; its action lands
+    ceil(latency / period) - 1 ticks later (at once if it fits in one period); ticks between take the fallback.
+    The latency is the measured wall time of `act`, or `latency_ms` when given (reproducible what-ifs).
+    Without `hz` every plan lands at once (the filter alone). As on the robot, an episode's first plan is
+    waited for."""
+
+    def __init__(self, planner, hz: float | None = None, fallback: str = "plan",
+                 action_filter: ActionFilter | None = None, latency_ms: float | None = None):
+        if hz is not None and hz <= 0:
+            raise ValueError(f"control rate must be positive, got {hz} Hz")
+        self.planner, self.latency_ms = planner, latency_ms
+        self.period_ms = 1000.0 / hz if hz else math.inf
+        self.mode, self.filter = fallback, action_filter or ActionFilter()
+        self.fallback, self.stats = Fallback(fallback), TickStats()
+        self._episode()
+
+    def _episode(self):
+        self.fallback = Fallback(self.mode)
+        self.filter.reset()
+        self.tick, self.pending = 0, None
+
+    def reset(self, seed=None):
+        if hasattr(self.planner, "reset"):
+            self.planner.reset(seed)
+        self._episode()
+        self.stats = TickStats()
+
+    def act(self, obs, task=None, t0=False, eval_mode=False):
+        if t0:
+            self._episode()
+        if self.pending is None:  # the planner is idle: it starts on this tick's observation
+            start = time.perf_counter()
+            action = self.planner.act(obs, task, t0=t0, eval_mode=eval_mode)
+            self.stats.plan_ms.append((time.perf_counter() - start) * 1e3)
+            ms = self.stats.plan_ms[-1] if self.latency_ms is None else self.latency_ms
+            late = 0 if self.fallback.action is None else max(math.ceil(ms / self.period_ms) - 1, 0)
+            self.pending = (self.tick + late, self.tick, np.asarray(action, np.float32), planned_mean(self.planner))
+        lands, made, action, mean = self.pending
+        fresh = lands <= self.tick
+        if fresh:
+            self.fallback.fresh(action, mean, age=self.tick - made)
+            self.pending, out = None, action
+        else:
+            out = self.fallback()
+        self.stats.fresh.append(fresh)
+        self.tick += 1
+        return self.filter(out)
+
+
+class RealtimeLoop:
+    """A robot's control loop at `hz`: every period, `sense()` -> observation and `actuate(action)`.
+
+    The planner runs in a worker thread on the newest observation (older ones are dropped, never queued), so a
+    slow step delays only its own action. Ticks follow an absolute schedule (no drift); a tick that overran
+    its period is run at once, not skipped. The first tick waits for the first plan."""
+
+    def __init__(self, planner, hz: float, sense, actuate, task=None, fallback: str = "plan",
+                 action_filter: ActionFilter | None = None, eval_mode=False):
+        if hz <= 0:
+            raise ValueError(f"control rate must be positive, got {hz} Hz")
+        self.planner, self.period, self.sense, self.actuate = planner, 1.0 / hz, sense, actuate
+        self.task, self.eval_mode = task, eval_mode
+        self.fallback, self.filter = Fallback(fallback), action_filter or ActionFilter()
+        self._cv = threading.Condition()
+        self._obs = self._result = self._error = None
+        self._stop = False
+
+    def _plan_worker(self):
+        t0 = True
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._obs is not None or self._stop)
+                if self._stop:
+                    return
+                (obs, tick), self._obs = self._obs, None
+            try:
+                start = time.perf_counter()
+                action = self.planner.act(obs, self.task, t0=t0, eval_mode=self.eval_mode)
+                result = (tick, np.asarray(action, np.float32), planned_mean(self.planner),
+                          (time.perf_counter() - start) * 1e3)
+            except Exception as e:  # surfaced on the control thread, which stops the loop
+                result, self._error = None, e
+            t0 = False
+            with self._cv:
+                self._result = result
+                self._cv.notify_all()
+
+    def run(self, ticks: int) -> dict:
+        """Run `ticks` control ticks; returns `TickStats.summary()`. A planner error stops the loop and is
+        raised here."""
+        stats = TickStats()
+        worker = threading.Thread(target=self._plan_worker, daemon=True)
+        worker.start()
+        try:
+            start = time.perf_counter()
+            for tick in range(ticks):
+                due = start + tick * self.period
+                time.sleep(max(due - time.perf_counter(), 0))
+                stats.late_ms.append((time.perf_counter() - due) * 1e3)
+                obs = self.sense()
+                with self._cv:
+                    self._obs = (obs, tick)
+                    self._cv.notify_all()
+                    if tick == 0:  # nothing to fall back on yet
+                        self._cv.wait_for(lambda: self._result is not None or self._error is not None)
+                    result, self._result = self._result, None
+                if self._error is not None:
+                    raise RuntimeError(f"planner failed at tick {tick}: {self._error}") from self._error
+                if result is not None:
+                    made, action, mean, ms = result
+                    self.fallback.fresh(action, mean, age=tick - made)
+                    stats.plan_ms.append(ms)
+                    out = action
+                else:
+                    out = self.fallback()
+                stats.fresh.append(result is not None)
+                self.actuate(self.filter(out))
+        finally:
+            with self._cv:
+                self._stop = True
+                self._cv.notify_all()
+            worker.join(timeout=10)
+        return stats.summary()
