@@ -7,7 +7,7 @@ import pytest
 from conftest import make_tiny_model
 
 from edge_tdmpc.bench import run_bench
-from edge_tdmpc.control import ActionFilter, DeadlineSim, Fallback, RealtimeLoop, planned_mean
+from edge_tdmpc.control import ActionFilter, DeadlineSim, Fallback, RealtimeLoop, advance_mean, planned_mean
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.runtime import make_runtime
 
@@ -80,7 +80,9 @@ def test_a_late_plan_lands_later_and_the_ticks_between_take_the_fallback(mode):
     a0 = ref.act(obs[0], TASK, t0=True)
     mean0 = planned_mean(ref)
     a1 = ref.act(obs[1], TASK, t0=False)  # started at tick 1, lands at tick 3
-    assert np.array_equal(got[0], a0) and np.array_equal(got[3], a1)
+    advance_mean(ref, 2)  # the next plan starts at tick 4: 3 ticks on, the mean moves 2 more than one step
+    a4 = ref.act(obs[4], TASK, t0=False)
+    assert np.array_equal(got[0], a0) and np.array_equal(got[3], a1) and np.array_equal(got[6], a4)
     if mode == "plan":
         assert np.allclose(got[1], mean0[1]) and np.allclose(got[2], mean0[2])
         assert not np.allclose(got[1], a0)
@@ -105,6 +107,21 @@ def test_deadline_that_fits_and_filter():
     assert got == pytest.approx(want, abs=1e-6)
     with pytest.raises(ValueError, match="control rate must be positive"):
         DeadlineSim(ref, hz=0)
+
+
+def test_advance_mean_shifts_in_place():
+    rt = _runtime()
+    rt.act(_observations(1)[0], TASK, t0=True)
+    before, buf = planned_mean(rt), rt.prev_mean
+    advance_mean(rt, 1)
+    assert rt.prev_mean is buf  # same buffer (a CUDA graph reads it in place)
+    assert np.array_equal(planned_mean(rt)[:-1], before[1:]) and not planned_mean(rt)[-1].any()
+    advance_mean(rt, 10)
+    assert not planned_mean(rt).any()
+    mean = np.arange(6, dtype=np.float32).reshape(3, 2)  # numpy means (ONNX Runtime, TensorRT) too
+    holder = type("P", (), {"prev_mean": mean})()
+    advance_mean(holder, 2)
+    assert mean.tolist() == [[4, 5], [0, 0], [0, 0]]
 
 
 def test_policy_only_runtime_falls_back_to_holding():

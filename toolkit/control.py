@@ -82,6 +82,17 @@ def planned_mean(planner):
     return mean.detach().float().cpu().numpy().copy() if hasattr(mean, "detach") else np.array(mean, np.float32)
 
 
+def advance_mean(planner, ticks: int):
+    """Warm start across skipped ticks: a planner shifts its mean by one step per call, but `ticks` more have
+    passed since its last plan, so shift those too (in place: a CUDA graph's input buffer stays put)."""
+    mean = getattr(planner, "prev_mean", None)
+    if ticks <= 0 or planned_mean(planner) is None:
+        return
+    tail = mean[ticks:] * 1  # a copy, for numpy arrays and torch tensors alike
+    mean[:len(tail)] = tail
+    mean[len(tail):] = 0  # as the official warm start leaves the new last step
+
+
 @dataclass
 class TickStats:
     """Per tick: was the action fresh, and (wall clock only) how late the tick ran against its schedule."""
@@ -120,7 +131,7 @@ class DeadlineSim:
     def _episode(self):
         self.fallback = Fallback(self.mode)
         self.filter.reset()
-        self.tick, self.pending = 0, None
+        self.tick, self.last, self.pending = 0, 0, None
 
     def reset(self, seed=None):
         if hasattr(self.planner, "reset"):
@@ -132,6 +143,9 @@ class DeadlineSim:
         if t0:
             self._episode()
         if self.pending is None:  # the planner is idle: it starts on this tick's observation
+            if not t0:
+                advance_mean(self.planner, self.tick - self.last - 1)
+            self.last = self.tick
             start = time.perf_counter()
             action = self.planner.act(obs, task, t0=t0, eval_mode=eval_mode)
             self.stats.plan_ms.append((time.perf_counter() - start) * 1e3)
@@ -169,13 +183,17 @@ class RealtimeLoop:
         self._stop = False
 
     def _plan_worker(self):
-        t0 = True
+        last = None  # the tick of the last plan's observation
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: self._obs is not None or self._stop)
                 if self._stop:
                     return
                 (obs, tick), self._obs = self._obs, None
+            t0 = last is None
+            if not t0:
+                advance_mean(self.planner, tick - last - 1)
+            last = tick
             try:
                 start = time.perf_counter()
                 action = self.planner.act(obs, self.task, t0=t0, eval_mode=self.eval_mode)
@@ -183,7 +201,6 @@ class RealtimeLoop:
                           (time.perf_counter() - start) * 1e3)
             except Exception as e:  # surfaced on the control thread, which stops the loop
                 result, self._error = None, e
-            t0 = False
             with self._cv:
                 self._result = result
                 self._cv.notify_all()
