@@ -23,11 +23,15 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")
 
 # The encoder runs once per step on one row: int8 there saves nothing and costs the most (it sees raw
 # observations of 30 tasks at different scales through one per-tensor scale; measured, docs/results).
-INT8_KEEP_FP32 = ("encoder.0", "encoder.1")
+ENCODER = ("encoder.0", "encoder.1")
+# int8 keeps the two-hot output layers (101 bins each) in fp32 too: their rounding was 8x the value error and
+# cost cup-spin on every seed; fp32 there brought it back and MT30 to fp32's level over 3 seeds, for +12% time
+# on this CPU and +0.34 MB (docs/results/bench-cpu.md)
+INT8_KEEP_FP32 = (*ENCODER, "reward.2", "Q.2")
 # mixed: int8 for the hidden 384x384 matmuls of reward, Q and policy, fp16 elsewhere, the encoder in fp32. The
 # dynamics' stays fp16: its rounding compounds over the horizon's latents, and int8 there alone cost
 # cartpole-balance ~45 points on every seed (measured per layer, docs/results/bench-cpu.md)
-MIXED = {"int8": ("reward.1", "Q.1", "pi.1"), "fp32": INT8_KEEP_FP32}
+MIXED = {"int8": ("reward.1", "Q.1", "pi.1"), "fp32": ENCODER}
 
 
 def precision_plan(precision: str, layers: list[str], overrides: dict | None = None) -> dict[str, str]:
@@ -115,13 +119,14 @@ def int8_nodes(model: onnx.ModelProto, plan: dict[str, str]) -> list[onnx.NodePr
     next to the latent and hidden products, so quantizing it would add Q/DQ work and rounding for nothing."""
     int8 = {n for n, p in plan.items() if p == "int8"}
     width = {t.name: t.dims[0] for t in model.graph.initializer if len(t.dims) == 2}
-    out = []
-    for node in model.graph.node:
-        m = re.search(r"(?:^|/)(encoder|dynamics|reward|pi|Q\d+)\.(\d+)/MatMul", node.name)
-        if node.op_type == "MatMul" and m and f"{'Q' if m.group(1)[0] == 'Q' else m.group(1)}.{m.group(2)}" in int8:
-            if width.get(node.input[1], MIN_INT8_K) >= MIN_INT8_K:
-                out.append(node)
-    return out
+    return [node for node in model.graph.node if node.op_type == "MatMul" and layer_of(node.name) in int8
+            and width.get(node.input[1], MIN_INT8_K) >= MIN_INT8_K]
+
+
+def layer_of(node_name: str) -> str | None:
+    """The plan key of a MatMul node ('Q3.2/MatMul' -> 'Q.2': the Q heads share one plan entry)."""
+    m = re.search(r"(?:^|/)(encoder|dynamics|reward|pi|Q\d+)\.(\d+)/MatMul", node_name)
+    return m and f"{'Q' if m.group(1)[0] == 'Q' else m.group(1)}.{m.group(2)}"
 
 
 def calibrate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], recording: dict,

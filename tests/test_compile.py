@@ -250,11 +250,13 @@ def test_int8_is_calibrated_on_recorded_episodes(int8_artifact, model, tmp_path)
     assert export.tensorrt_unsupported(proto, (8, 6)) == []  # Q/DQ included: the parser takes every op
     matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
     action_part = [n for n in matmuls if n.input[1].endswith(".W_a")]  # K = action dim: kept in fp32
-    int8_layers = [n for n in matmuls if "encoder" not in n.name and n not in action_part]
-    assert action_part and not any(n.input[0].endswith("/x_dq") for n in action_part)
+    kept = [n for n in matmuls if precision.layer_of(n.name) in precision.INT8_KEEP_FP32]
+    int8_layers = [n for n in matmuls if n not in kept and n not in action_part]
+    assert {precision.layer_of(n.name) for n in kept} == set(precision.INT8_KEEP_FP32)  # encoder, 2-hot outputs
+    assert m["layer_plan"]["Q.2"] == m["layer_plan"]["reward.2"] == "fp32" and m["layer_plan"]["Q.1"] == "int8"
+    assert action_part and not any(n.input[0].endswith("/x_dq") for n in action_part + kept)
     assert ops.count("QuantizeLinear") == len(int8_layers)  # one dedicated activation pair per int8 MatMul
     assert all(n.input[0].endswith("/x_dq") and n.input[1].endswith(".dequantized") for n in int8_layers)
-    assert not any(n.input[0].endswith("/x_dq") for n in matmuls if "encoder" in n.name)  # kept in fp32
     # ONNX Runtime runs each of them as an integer GEMM, not as fake-quant (dequantize, then an fp32 GEMM)
     OnnxSession(proto, optimized=tmp_path / "executed.onnx")
     executed = [n.op_type for n in onnx.load(tmp_path / "executed.onnx").graph.node]
