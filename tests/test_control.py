@@ -4,9 +4,12 @@ import math
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import make_tiny_model
 
+from edge_tdmpc import save_model
 from edge_tdmpc.bench import run_bench
+from edge_tdmpc.cli import main
 from edge_tdmpc.control import ActionFilter, DeadlineSim, Fallback, RealtimeLoop, advance_mean, planned_mean
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.runtime import make_runtime
@@ -166,3 +169,16 @@ def test_bench_realtime(tmp_path):
         with pytest.raises(ValueError, match=message):
             run_bench(make_tiny_model(), tmp_path / "bad", tasks="cartpole-swingup", episodes=1, steps=5,
                       progress=False, echo=lambda *_: None, **kwargs)
+
+
+def test_bench_cli_control_options(tmp_path):
+    ckpt = tmp_path / "tiny.pt"
+    save_model(make_tiny_model(), ckpt)
+    args = ["bench", str(ckpt), "--tasks", "cartpole-swingup", "--episodes", "1", "--steps", "12", "--workers", "1",
+            "--samples", "64", "--elites", "16", "--iterations", "2"]
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a"), "--hz", "100", "--latency-ms", "15",
+                                    "--fallback", "hold", "--smooth", "0.5", "--rate-limit", "0.3"])
+    assert res.exit_code == 0, res.output
+    assert "fallback ticks 50.0%" in res.output  # 15 ms at 100 Hz: every plan lands one tick late
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--realtime"])
+    assert res.exit_code == 2 and "need --hz" in res.output and len(res.output.strip().splitlines()) == 1
