@@ -18,7 +18,7 @@ from edge_tdmpc.bench import faithful, report
 from edge_tdmpc.bench.meters import environment
 from edge_tdmpc.bench.runner import EpisodeLog, Job, Settings, atomic_write_text, run_jobs
 from edge_tdmpc.checkpoint import file_sha256, load_model, read_state_dict
-from edge_tdmpc.control import ActionFilter, Fallback
+from edge_tdmpc.control import FALLBACKS, ActionFilter
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.runtime import PRECISIONS, make_runtime, runtime_class
@@ -119,7 +119,8 @@ def control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit) -> 
     realtime = realtime or latency_ms is not None
     if realtime and not hz:
         raise ValueError("--realtime / --latency-ms need --hz: the control rate whose deadline the actions meet")
-    Fallback(fallback)
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback '{fallback}': choose from {list(FALLBACKS)}")
     if not realtime and not ActionFilter(smooth, rate_limit).active:
         return None
     return {"hz": hz if realtime else None, "fallback": fallback, "alpha": smooth, "max_delta": rate_limit,

@@ -66,32 +66,34 @@ class Settings:
         return {**asdict(self), "planner": asdict(self.planner)}
 
 
-def control_policy(runtime, control: dict | None):
+def control_policy(runtime, control: dict | None, policy=None):
     """The runtime as the robot's control loop runs it (`control.DeadlineSim`), or as it is without settings.
     control: {"hz": control rate whose deadline applies (None: none), "fallback", "alpha", "max_delta",
-    "latency_ms": assumed planning latency (None: measured)}."""
+    "latency_ms": assumed planning latency (None: measured)}; policy: the "policy" fallback's runtime."""
     if not control:
         return runtime
-    return DeadlineSim(runtime, control.get("hz"), control.get("fallback", "plan"),
-                       ActionFilter(control.get("alpha", 1.0), control.get("max_delta")), control.get("latency_ms"))
+    return DeadlineSim(runtime, control.get("hz"), control.get("fallback", "hold"),
+                       ActionFilter(control.get("alpha", 1.0), control.get("max_delta")), control.get("latency_ms"),
+                       policy)
 
 
 def run_episode(runtime, task: str, task_index, env_seed: int, noise_seed: int, steps: int, eval_mode: bool,
-                obs_dim: int, device="cpu", progress=None, episode: int = 0, control: dict | None = None) -> dict:
+                obs_dim: int, device="cpu", progress=None, episode: int = 0, control: dict | None = None,
+                policy=None) -> dict:
     """One closed-loop episode from the official initial state of `episode` (`envs.episode_env`); agent time
     (around `act`, incl. host<->device copies) and env time apart. With `control`, latency is that of the
     planning steps (a tick that takes a fallback plans nothing)."""
     from edge_tdmpc.envs import episode_env
     env, obs = episode_env(task, env_seed, episode)
-    policy = control_policy(runtime, control)
-    policy.reset(noise_seed)
+    agent = control_policy(runtime, control, policy)
+    agent.reset(noise_seed)
     rss = PeakRss()
     device_memory_reset(device)
     latency_ns, env_ns, ret, wall, told = [], 0, 0.0, time.perf_counter(), 0
     for t in range(steps):
         x = fit_obs(obs, obs_dim, task if task_index is not None else None)
         t0 = time.perf_counter_ns()
-        action = policy.act(x, task_index, t0=t == 0, eval_mode=eval_mode)
+        action = agent.act(x, task_index, t0=t == 0, eval_mode=eval_mode)
         t1 = time.perf_counter_ns()
         obs, reward, terminated, truncated, _ = env.step(np.asarray(action, np.float32)[: env.action_dim])
         env_ns += time.perf_counter_ns() - t1
@@ -106,11 +108,11 @@ def run_episode(runtime, task: str, task_index, env_seed: int, noise_seed: int, 
     env.close()
     if progress is not None:
         progress(len(latency_ns) - told)
-    ticks = policy.stats.summary() if control else None
+    ticks = agent.stats.summary() if control else None
     return {
         "return": float(ret), "steps": len(latency_ns), "env_seed": env_seed, "noise_seed": noise_seed,
         "latency_ms": [round(ns / 1e6, 4) for ns in latency_ns] if not control else
-        [round(ms, 4) for ms in policy.stats.plan_ms], **({"control": ticks} if ticks else {}),
+        [round(ms, 4) for ms in agent.stats.plan_ms], **({"control": ticks} if ticks else {}),
         "agent_s": sum(latency_ns) / 1e9, "env_s": env_ns / 1e9, "wall_s": time.perf_counter() - wall,
         "peak_rss_mib": rss.peak_bytes() / MIB, "peak_device_mib": device_memory_peak_mib(device),
         "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # was the CPU shared?
@@ -144,13 +146,22 @@ def _runtime(runtime: str, precision: str):
     return _W["runtime"]
 
 
+def _fallback_policy(control):
+    """The "policy" fallback: the model's policy prior, fp32 eager (a fraction of a ms on a CPU core)."""
+    if not control or control.get("fallback") != "policy":
+        return None
+    if _W.get("policy") is None:
+        _W["policy"] = make_runtime("torch", _W["model"], "fp32", PlannerConfig(mpc=False), device=_W["device"])
+    return _W["policy"]
+
+
 def _run_job(job: Job, progress=None) -> dict:
     model, s = _W["model"], _W["settings"]
     env_seed, noise_seed = episode_seeds(s.seed, job.task, job.episode)
     task_index = model.cfg.tasks.index(job.task) if model.cfg.multitask else None
     rt = _runtime(job.runtime, job.precision)
     rec = run_episode(rt, job.task, task_index, env_seed, noise_seed, s.steps, s.eval_mode, model.cfg.obs_dim,
-                      _W["device"], progress, job.episode, s.control)
+                      _W["device"], progress, job.episode, s.control, _fallback_policy(s.control))
     return {**asdict(job), **rec, "worker": os.getpid()}
 
 

@@ -59,6 +59,8 @@ def test_fallback_follows_the_plan_then_holds_its_last_step():
     assert hold().tolist() == hold().tolist() == pytest.approx([0.9, -0.2])
     with pytest.raises(ValueError, match="unknown fallback 'zero'"):
         Fallback("zero")
+    with pytest.raises(ValueError, match="fallback 'policy' needs a policy"):
+        Fallback("policy")
 
 
 def test_without_a_deadline_the_runtime_acts_unchanged():
@@ -70,11 +72,12 @@ def test_without_a_deadline_the_runtime_acts_unchanged():
     assert all(sim.stats.fresh) and len(sim.stats.plan_ms) == 8
 
 
-@pytest.mark.parametrize("mode", ["plan", "hold"])
+@pytest.mark.parametrize("mode", ["plan", "hold", "policy"])
 def test_a_late_plan_lands_later_and_the_ticks_between_take_the_fallback(mode):
     """25 ms plans at 100 Hz land 2 ticks late; the first plan of an episode is waited for, as on the robot."""
     obs = _observations(10)
-    sim = DeadlineSim(_runtime(), hz=100, fallback=mode, latency_ms=25)
+    sim = DeadlineSim(_runtime(), hz=100, fallback=mode, latency_ms=25,
+                      policy=_runtime(mpc=False) if mode == "policy" else None)
     sim.reset(3)
     got = [sim.act(x, TASK, t0=t == 0) for t, x in enumerate(obs)]
     assert sim.stats.fresh == [True, False, False, True, False, False, True, False, False, True]
@@ -89,6 +92,11 @@ def test_a_late_plan_lands_later_and_the_ticks_between_take_the_fallback(mode):
     if mode == "plan":
         assert np.allclose(got[1], mean0[1]) and np.allclose(got[2], mean0[2])
         assert not np.allclose(got[1], a0)
+    elif mode == "policy":  # the policy prior's mean action on each late tick's own observation
+        pi = _runtime(mpc=False)
+        for t in (1, 2, 4, 5):
+            assert np.array_equal(got[t], pi.act(obs[t], TASK, t0=False, eval_mode=True))
+        assert not np.allclose(got[1], got[2])
     else:
         assert np.array_equal(got[1], a0) and np.array_equal(got[2], a0)
     # a new episode starts afresh: its first plan is waited for again
@@ -164,6 +172,11 @@ def test_bench_realtime(tmp_path):
     assert rep["settings"]["control"] == {"hz": 100, "fallback": "plan", "alpha": 1.0, "max_delta": None,
                                           "latency_ms": 25}
     assert "fallback ticks" in (tmp_path / "rt" / "report.md").read_text()
+    pi = run_bench(make_tiny_model(), tmp_path / "pi", tasks="cartpole-swingup", episodes=1, steps=20,
+                   planner=vars(SMALL), workers=1, hz=100, latency_ms=25, fallback="policy", progress=False,
+                   echo=lambda *_: None)  # the policy prior acts on the late ticks, in the bench's worker
+    assert pi["summary"][0]["fallback_rate"] == s["fallback_rate"]
+    assert pi["rows"][0]["returns"] != rep["rows"][0]["returns"]
     for kwargs, message in ((dict(realtime=True), "need --hz"), (dict(hz=100, latency_ms=-1), "must be positive"),
                             (dict(smooth=0.0), "smoothing alpha")):
         with pytest.raises(ValueError, match=message):

@@ -2,8 +2,9 @@
 
 A planning step can outlast the control period (a loaded CPU, a cold cache, a small board). A robot cannot wait
 for it: each tick must send an action. So the tick takes the newest planned action when one has landed since
-the last tick, and otherwise the last plan's own continuation, its MPPI mean for the step that has come (or the
-last action held). An optional filter (low-pass and rate limit) smooths what reaches the motors.
+the last tick, and otherwise a fallback: the last action held, the last plan's own continuation (its MPPI mean
+for the step that has come), or the policy prior on this tick's observation (one small MLP: a fast reflex
+under the slow planner). An optional filter (low-pass and rate limit) smooths what reaches the motors.
 
 `RealtimeLoop` is that loop on a robot (wall clock, planner in a thread). `DeadlineSim` is the same timing in
 simulated time, for the bench: each env step is one tick, and a plan's measured latency decides at which tick
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FALLBACKS = ("plan", "hold")
+FALLBACKS = ("hold", "plan", "policy")
 
 
 class ActionFilter:
@@ -50,13 +51,16 @@ class ActionFilter:
 
 
 class Fallback:
-    """The action of a tick that no fresh plan reached: the last plan's mean for this step ("plan"; its last
-    step held once the horizon runs out) or the last planned action ("hold")."""
+    """The action of a tick that no fresh plan reached: the last planned action ("hold"), the last plan's mean
+    for this step ("plan"; its last step held once the horizon runs out), or `policy`'s action for this tick's
+    observation ("policy": a planner without MPC, acting from its policy prior's mean)."""
 
-    def __init__(self, mode: str = "plan"):
+    def __init__(self, mode: str = "hold", policy=None):
         if mode not in FALLBACKS:
             raise ValueError(f"unknown fallback '{mode}': choose from {list(FALLBACKS)}")
-        self.mode, self.action, self.mean, self.age = mode, None, None, 0
+        if mode == "policy" and policy is None:
+            raise ValueError("fallback 'policy' needs a policy: pass policy=<a runtime made with mpc=False>")
+        self.mode, self.policy, self.action, self.mean, self.age = mode, policy, None, None, 0
 
     def fresh(self, action, mean=None, age: int = 0):
         """A plan landed; it was made from the observation of `age` ticks ago."""
@@ -64,10 +68,12 @@ class Fallback:
         self.mean = None if mean is None else np.asarray(mean, np.float32).reshape(-1, self.action.shape[-1])
         self.age = age
 
-    def __call__(self) -> np.ndarray:
+    def __call__(self, obs=None, task=None) -> np.ndarray:
         if self.action is None:
             raise RuntimeError("no plan has landed yet: the first tick must wait for one")
         self.age += 1
+        if self.mode == "policy":
+            return np.asarray(self.policy.act(obs, task, t0=False, eval_mode=True), np.float32)
         if self.mode == "hold" or self.mean is None:
             return self.action.copy()
         return np.clip(self.mean[min(self.age, len(self.mean) - 1)], -1, 1)
@@ -118,18 +124,18 @@ class DeadlineSim:
     Without `hz` every plan lands at once (the filter alone). As on the robot, an episode's first plan is
     waited for."""
 
-    def __init__(self, planner, hz: float | None = None, fallback: str = "plan",
-                 action_filter: ActionFilter | None = None, latency_ms: float | None = None):
+    def __init__(self, planner, hz: float | None = None, fallback: str = "hold",
+                 action_filter: ActionFilter | None = None, latency_ms: float | None = None, policy=None):
         if hz is not None and hz <= 0:
             raise ValueError(f"control rate must be positive, got {hz} Hz")
         self.planner, self.latency_ms = planner, latency_ms
         self.period_ms = 1000.0 / hz if hz else math.inf
-        self.mode, self.filter = fallback, action_filter or ActionFilter()
-        self.fallback, self.stats = Fallback(fallback), TickStats()
+        self.mode, self.policy, self.filter = fallback, policy, action_filter or ActionFilter()
+        self.fallback, self.stats = Fallback(fallback, policy), TickStats()
         self._episode()
 
     def _episode(self):
-        self.fallback = Fallback(self.mode)
+        self.fallback = Fallback(self.mode, self.policy)
         self.filter.reset()
         self.tick, self.last, self.pending = 0, 0, None
 
@@ -158,7 +164,7 @@ class DeadlineSim:
             self.fallback.fresh(action, mean, age=self.tick - made)
             self.pending, out = None, action
         else:
-            out = self.fallback()
+            out = self.fallback(obs, task)
         self.stats.fresh.append(fresh)
         self.tick += 1
         return self.filter(out)
@@ -171,13 +177,13 @@ class RealtimeLoop:
     slow step delays only its own action. Ticks follow an absolute schedule (no drift); a tick that overran
     its period is run at once, not skipped. The first tick waits for the first plan."""
 
-    def __init__(self, planner, hz: float, sense, actuate, task=None, fallback: str = "plan",
-                 action_filter: ActionFilter | None = None, eval_mode=False):
+    def __init__(self, planner, hz: float, sense, actuate, task=None, fallback: str = "hold",
+                 action_filter: ActionFilter | None = None, eval_mode=False, policy=None):
         if hz <= 0:
             raise ValueError(f"control rate must be positive, got {hz} Hz")
         self.planner, self.period, self.sense, self.actuate = planner, 1.0 / hz, sense, actuate
         self.task, self.eval_mode = task, eval_mode
-        self.fallback, self.filter = Fallback(fallback), action_filter or ActionFilter()
+        self.fallback, self.filter = Fallback(fallback, policy), action_filter or ActionFilter()
         self._cv = threading.Condition()
         self._obs = self._result = self._error = None
         self._stop = False
@@ -232,7 +238,7 @@ class RealtimeLoop:
                     stats.plan_ms.append(ms)
                     out = action
                 else:
-                    out = self.fallback()
+                    out = self.fallback(obs, self.task)
                 stats.fresh.append(result is not None)
                 self.actuate(self.filter(out))
         finally:
