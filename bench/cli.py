@@ -47,7 +47,7 @@ def bench():
               help="with --hz: run each runtime as a fixed-rate robot loop; a late plan's ticks take the fallback")
 @click.option("--latency-ms", type=float, default=None,
               help="with --hz: as --realtime, but assume this planning latency (a what-if for another device)")
-@click.option("--fallback", type=click.Choice(["hold", "plan", "policy"]), default="plan", show_default=True,
+@click.option("--fallback", type=click.Choice(["hold", "plan", "policy"]), default="hold", show_default=True,
               help="a tick without a fresh plan: the last action held, the last plan's mean for that step, or the "
                    "policy prior on that tick's observation")
 @click.option("--smooth", type=float, default=1.0, show_default=True,

@@ -130,7 +130,7 @@ def control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit) -> 
 def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes=10, seed=1, steps=500,
               eval_mode=False, planner: PlannerConfig | dict | None = None, workers=None, resume=False, hz=None,
               check_actions=0, warmup=3, device="cpu", model_tasks=None, progress=True, command=None,
-              realtime=False, latency_ms=None, fallback="plan", smooth=1.0, rate_limit=None, echo=print) -> dict:
+              realtime=False, latency_ms=None, fallback="hold", smooth=1.0, rate_limit=None, echo=print) -> dict:
     """Closed-loop benchmark of `model` (checkpoint, artifact dir or WorldModel); returns report.json's dict.
 
     runtimes / precisions: comma-separated or lists (default torch / fp32; for an artifact: fp32 eager and the

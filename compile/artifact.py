@@ -52,7 +52,7 @@ At a fixed rate, planning in a thread (a late plan never holds a tick; smoothing
 
     from control import ActionFilter, RealtimeLoop
     loop = RealtimeLoop(planner, hz=100, sense=read_sensors, actuate=send_to_motors, task=task,
-                        fallback="plan", action_filter=ActionFilter(alpha=0.5, max_delta=0.2))
+                        fallback="hold", action_filter=ActionFilter(alpha=0.5, max_delta=0.2))
     print(loop.run(ticks=6000))   # fresh / fallback ticks, schedule lateness, planning latency
 """
 

@@ -169,7 +169,7 @@ def test_bench_realtime(tmp_path):
     (s,) = rep["summary"]
     fresh = math.ceil(20 / 3)  # every third tick: 2 of 3 ticks take the fallback
     assert s["fallback_rate"] == pytest.approx(1 - fresh / 20)
-    assert rep["settings"]["control"] == {"hz": 100, "fallback": "plan", "alpha": 1.0, "max_delta": None,
+    assert rep["settings"]["control"] == {"hz": 100, "fallback": "hold", "alpha": 1.0, "max_delta": None,
                                           "latency_ms": 25}
     assert "fallback ticks" in (tmp_path / "rt" / "report.md").read_text()
     pi = run_bench(make_tiny_model(), tmp_path / "pi", tasks="cartpole-swingup", episodes=1, steps=20,
