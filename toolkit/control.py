@@ -131,7 +131,7 @@ class DeadlineSim:
         self.planner, self.latency_ms = planner, latency_ms
         self.period_ms = 1000.0 / hz if hz else math.inf
         self.mode, self.policy, self.filter = fallback, policy, action_filter or ActionFilter()
-        self.fallback, self.stats = Fallback(fallback, policy), TickStats()
+        self.stats = TickStats()
         self._episode()
 
     def _episode(self):
