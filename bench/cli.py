@@ -50,6 +50,8 @@ def bench():
 @click.option("--fallback", type=click.Choice(["hold", "plan", "policy"]), default="hold", show_default=True,
               help="a tick without a fresh plan: the last action held, the last plan's mean for that step, or the "
                    "policy prior on that tick's observation")
+@click.option("--budget", type=float, default=1.0, show_default=True,
+              help="fraction of the control period a tick waits for its own plan before the fallback")
 @click.option("--smooth", type=float, default=1.0, show_default=True,
               help="action low-pass a += alpha (u - a), alpha in (0, 1]; 1 = off")
 @click.option("--rate-limit", type=float, default=None, help="largest action change per tick (off by default)")
@@ -67,7 +69,7 @@ def bench():
 @click.option("--model-tasks", default=None,
               help="task set MODEL was trained on  [default: mt30, or the benched task for a single-task file]")
 def run_cmd(model, tasks, episodes, runtimes, precisions, out, mpc, workers, seed, resume, hz, realtime, latency_ms,
-            fallback, smooth, rate_limit, check_actions, eval_mode, steps, samples, elites, iterations, horizon,
+            fallback, budget, smooth, rate_limit, check_actions, eval_mode, steps, samples, elites, iterations, horizon,
             warmup, device, model_tasks):
     """Run closed-loop episodes of MODEL (checkpoint or compiled artifact directory); write report.json,
     report.md and plots to OUT."""
@@ -78,7 +80,7 @@ def run_cmd(model, tasks, episodes, runtimes, precisions, out, mpc, workers, see
                     steps=steps, eval_mode=eval_mode, planner=planner, workers=workers, resume=resume, hz=hz,
                     check_actions=check_actions, warmup=warmup, device=device, model_tasks=model_tasks,
                     command=command, realtime=realtime, latency_ms=latency_ms, fallback=fallback, smooth=smooth,
-                    rate_limit=rate_limit, echo=click.echo)
+                    rate_limit=rate_limit, budget=budget, echo=click.echo)
     for s in rep["summary"]:
         lat = s["latency_ms"]
         click.echo(f"{s['runtime']}/{s['precision']:<5} score {s['score']:6.2f} over {s['tasks']} task(s)  "

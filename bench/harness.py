@@ -18,7 +18,7 @@ from edge_tdmpc.bench import faithful, report
 from edge_tdmpc.bench.meters import environment
 from edge_tdmpc.bench.runner import EpisodeLog, Job, Settings, atomic_write_text, run_jobs
 from edge_tdmpc.checkpoint import file_sha256, load_model, read_state_dict
-from edge_tdmpc.control import FALLBACKS, ActionFilter
+from edge_tdmpc.control import FALLBACKS, ActionFilter, check_budget
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.runtime import PRECISIONS, make_runtime, runtime_class
@@ -112,7 +112,7 @@ def _writable(out: Path) -> Path:
     return out
 
 
-def control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit) -> dict | None:
+def control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit, budget=1.0) -> dict | None:
     """The `runner.control_policy` settings of a run (None: runtimes act as they are), validated."""
     if latency_ms is not None and latency_ms <= 0:
         raise ValueError(f"--latency-ms must be positive, got {latency_ms}")
@@ -121,16 +121,18 @@ def control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit) -> 
         raise ValueError("--realtime / --latency-ms need --hz: the control rate whose deadline the actions meet")
     if fallback not in FALLBACKS:
         raise ValueError(f"unknown fallback '{fallback}': choose from {list(FALLBACKS)}")
+    check_budget(budget)
     if not realtime and not ActionFilter(smooth, rate_limit).active:
         return None
     return {"hz": hz if realtime else None, "fallback": fallback, "alpha": smooth, "max_delta": rate_limit,
-            "latency_ms": latency_ms}
+            "latency_ms": latency_ms, "budget": budget}
 
 
 def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes=10, seed=1, steps=500,
               eval_mode=False, planner: PlannerConfig | dict | None = None, workers=None, resume=False, hz=None,
               check_actions=0, warmup=3, device="cpu", model_tasks=None, progress=True, command=None,
-              realtime=False, latency_ms=None, fallback="hold", smooth=1.0, rate_limit=None, echo=print) -> dict:
+              realtime=False, latency_ms=None, fallback="hold", smooth=1.0, rate_limit=None, budget=1.0,
+              echo=print) -> dict:
     """Closed-loop benchmark of `model` (checkpoint, artifact dir or WorldModel); returns report.json's dict.
 
     runtimes / precisions: comma-separated or lists (default torch / fp32; for an artifact: fp32 eager and the
@@ -138,7 +140,8 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
     or overrides such as {"mpc": False, "num_samples": 256}. model_tasks: the task set a checkpoint was
     trained on (default mt30, or the benched task for a single-task file). realtime: run each runtime as the
     robot's fixed-rate loop would at `hz` (`edge_tdmpc.control`): an action lands when its measured planning
-    latency (or `latency_ms`) allows, ticks between take the `fallback`; smooth / rate_limit filter actions.
+    latency (or `latency_ms`) and the tick's `budget` allow, ticks between take the `fallback`; smooth /
+    rate_limit filter actions.
     """
     # --- validate everything before the first episode ---
     tasks = resolve_tasks(tasks)
@@ -152,7 +155,7 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
         raise ValueError("--episodes 0 runs no episodes: give --check-actions N for a faithfulness check alone")
     if hz is not None and hz <= 0:
         raise ValueError(f"--hz must be positive, got {hz}")
-    control = control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit)
+    control = control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit, budget)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' asked for, but torch sees no CUDA device; use --device cpu")
     out = _writable(Path(out))

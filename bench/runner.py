@@ -69,12 +69,12 @@ class Settings:
 def control_policy(runtime, control: dict | None, policy=None):
     """The runtime as the robot's control loop runs it (`control.DeadlineSim`), or as it is without settings.
     control: {"hz": control rate whose deadline applies (None: none), "fallback", "alpha", "max_delta",
-    "latency_ms": assumed planning latency (None: measured)}; policy: the "policy" fallback's runtime."""
+    "latency_ms": assumed planning latency (None: measured), "budget"}; policy: the "policy" fallback's runtime."""
     if not control:
         return runtime
     return DeadlineSim(runtime, control.get("hz"), control.get("fallback", "hold"),
                        ActionFilter(control.get("alpha", 1.0), control.get("max_delta")), control.get("latency_ms"),
-                       policy)
+                       policy, control.get("budget", 1.0))
 
 
 def run_episode(runtime, task: str, task_index, env_seed: int, noise_seed: int, steps: int, eval_mode: bool,

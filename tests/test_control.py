@@ -155,6 +155,30 @@ def test_realtime_loop_sends_an_action_every_tick():
     assert np.abs(np.diff(a, axis=0)).max() <= 0.5 + 1e-6  # the rate limit held on every tick
 
 
+def test_realtime_loop_sends_each_ticks_own_plan_when_it_fits():
+    """Plans far inside the period: every tick waits for the plan of its own observation, so the loop sends
+    exactly the actions of the runtime called in step (same seed); none is a tick stale."""
+    obs = iter(_observations(12))
+    sent = []
+    stats = RealtimeLoop(_runtime(), hz=10, sense=lambda: next(obs), actuate=sent.append, task=TASK).run(12)
+    assert stats["fresh"] == 12
+    ref = _runtime()
+    want = [ref.act(x, TASK, t0=t == 0) for t, x in enumerate(_observations(12))]
+    assert all(np.array_equal(a, b) for a, b in zip(sent, want))
+
+
+def test_budget():
+    obs = _observations(6)
+    sim = DeadlineSim(_runtime(), hz=100, latency_ms=9, budget=0.5)  # 9 ms > half of the 10 ms period
+    sim.reset(3)
+    for t, x in enumerate(obs):
+        sim.act(x, TASK, t0=t == 0)
+    assert sim.stats.fresh == [True, False, True, False, True, False]
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="budget is the fraction of the control period"):
+            DeadlineSim(_runtime(), hz=100, budget=bad)
+
+
 def test_realtime_loop_raises_the_planners_error():
     bad = np.zeros(7, np.float32)  # cartpole has 5 observations, the model 24
     loop = RealtimeLoop(_runtime(), hz=100, sense=lambda: bad, actuate=lambda a: None, task=TASK)
@@ -170,7 +194,7 @@ def test_bench_realtime(tmp_path):
     fresh = math.ceil(20 / 3)  # every third tick: 2 of 3 ticks take the fallback
     assert s["fallback_rate"] == pytest.approx(1 - fresh / 20)
     assert rep["settings"]["control"] == {"hz": 100, "fallback": "hold", "alpha": 1.0, "max_delta": None,
-                                          "latency_ms": 25}
+                                          "latency_ms": 25, "budget": 1.0}
     assert "fallback ticks" in (tmp_path / "rt" / "report.md").read_text()
     pi = run_bench(make_tiny_model(), tmp_path / "pi", tasks="cartpole-swingup", episodes=1, steps=20,
                    planner=vars(SMALL), workers=1, hz=100, latency_ms=25, fallback="policy", progress=False,
@@ -178,7 +202,7 @@ def test_bench_realtime(tmp_path):
     assert pi["summary"][0]["fallback_rate"] == s["fallback_rate"]
     assert pi["rows"][0]["returns"] != rep["rows"][0]["returns"]
     for kwargs, message in ((dict(realtime=True), "need --hz"), (dict(hz=100, latency_ms=-1), "must be positive"),
-                            (dict(smooth=0.0), "smoothing alpha")):
+                            (dict(smooth=0.0), "smoothing alpha"), (dict(hz=10, realtime=True, budget=2), "budget")):
         with pytest.raises(ValueError, match=message):
             run_bench(make_tiny_model(), tmp_path / "bad", tasks="cartpole-swingup", episodes=1, steps=5,
                       progress=False, echo=lambda *_: None, **kwargs)
@@ -190,7 +214,7 @@ def test_bench_cli_control_options(tmp_path):
     args = ["bench", str(ckpt), "--tasks", "cartpole-swingup", "--episodes", "1", "--steps", "12", "--workers", "1",
             "--samples", "64", "--elites", "16", "--iterations", "2"]
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a"), "--hz", "100", "--latency-ms", "15",
-                                    "--fallback", "hold", "--smooth", "0.5", "--rate-limit", "0.3"])
+                                    "--fallback", "hold", "--smooth", "0.5", "--rate-limit", "0.3", "--budget", "1"])
     assert res.exit_code == 0, res.output
     assert "fallback ticks 50.0%" in res.output  # 15 ms at 100 Hz: every plan lands one tick late
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--realtime"])

@@ -1,4 +1,4 @@
-"""Fixed-rate control: act on a clock, plan in the background, never hold a control tick for the planner.
+"""Fixed-rate control: act on a clock, plan in the background, never let the planner stall the control loop.
 
 A planning step can outlast the control period (a loaded CPU, a cold cache, a small board). A robot cannot wait
 for it: each tick must send an action. So the tick takes the newest planned action when one has landed since
@@ -8,8 +8,10 @@ under the slow planner). An optional filter (low-pass and rate limit) smooths wh
 
 `RealtimeLoop` is that loop on a robot (wall clock, planner in a thread). `DeadlineSim` is the same timing in
 simulated time, for the bench: each env step is one tick, and a plan's measured latency decides at which tick
-its action lands. Both take any planner with `act(obs, task, t0)`: a bench runtime, or the TensorRT `Planner`
-of a deploy bundle (numpy only; this module needs no torch).
+its action lands. In both, a tick waits at most `budget` (a fraction of the period, 1 by default) for the plan
+of its own observation; a plan that takes longer lands at the first tick whose budget it meets. Both take any
+planner with `act(obs, task, t0)`: a bench runtime, or the TensorRT `Planner` of a deploy bundle (numpy only;
+this module needs no torch).
 """
 import math
 import threading
@@ -99,6 +101,13 @@ def advance_mean(planner, ticks: int):
     mean[len(tail):] = 0  # as the official warm start leaves the new last step
 
 
+def check_budget(budget: float) -> float:
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget is the fraction of the control period a tick waits for its plan: (0, 1], "
+                         f"got {budget}")
+    return budget
+
+
 @dataclass
 class TickStats:
     """Per tick: was the action fresh, and (wall clock only) how late the tick ran against its schedule."""
@@ -119,16 +128,19 @@ class TickStats:
 
 class DeadlineSim:
     """Simulated time: the planner runs when idle, on the newest observation; its action lands
-    ceil(latency / period) - 1 ticks later (at once if it fits in one period); ticks between take the fallback.
+    ceil(latency / period - budget) ticks later (at once if it fits in the budget); ticks between take the
+    fallback.
     The latency is the measured wall time of `act`, or `latency_ms` when given (reproducible what-ifs).
     Without `hz` every plan lands at once (the filter alone). As on the robot, an episode's first plan is
     waited for."""
 
     def __init__(self, planner, hz: float | None = None, fallback: str = "hold",
-                 action_filter: ActionFilter | None = None, latency_ms: float | None = None, policy=None):
+                 action_filter: ActionFilter | None = None, latency_ms: float | None = None, policy=None,
+                 budget: float = 1.0):
         if hz is not None and hz <= 0:
             raise ValueError(f"control rate must be positive, got {hz} Hz")
-        self.planner, self.latency_ms = planner, latency_ms
+        check_budget(budget)
+        self.planner, self.latency_ms, self.budget = planner, latency_ms, budget
         self.period_ms = 1000.0 / hz if hz else math.inf
         self.mode, self.policy, self.filter = fallback, policy, action_filter or ActionFilter()
         self.stats = TickStats()
@@ -156,7 +168,7 @@ class DeadlineSim:
             action = self.planner.act(obs, task, t0=t0, eval_mode=eval_mode)
             self.stats.plan_ms.append((time.perf_counter() - start) * 1e3)
             ms = self.stats.plan_ms[-1] if self.latency_ms is None else self.latency_ms
-            late = 0 if self.fallback.action is None else max(math.ceil(ms / self.period_ms) - 1, 0)
+            late = 0 if self.fallback.action is None else max(math.ceil(ms / self.period_ms - self.budget), 0)
             self.pending = (self.tick + late, self.tick, np.asarray(action, np.float32), planned_mean(self.planner))
         lands, made, action, mean = self.pending
         fresh = lands <= self.tick
@@ -174,13 +186,16 @@ class RealtimeLoop:
     """A robot's control loop at `hz`: every period, `sense()` -> observation and `actuate(action)`.
 
     The planner runs in a worker thread on the newest observation (older ones are dropped, never queued), so a
-    slow step delays only its own action. Ticks follow an absolute schedule (no drift); a tick that overran
-    its period is run at once, not skipped. The first tick waits for the first plan."""
+    slow step delays only its own action. Each tick sends its action as soon as the plan of its observation
+    lands, or the fallback once `budget` of the period has passed (lower it for the "policy" fallback, whose
+    reflex is worth most early). Ticks follow an absolute schedule (no drift); a tick that overran its period
+    is run at once, not skipped. The first tick waits for the first plan."""
 
     def __init__(self, planner, hz: float, sense, actuate, task=None, fallback: str = "hold",
-                 action_filter: ActionFilter | None = None, eval_mode=False, policy=None):
+                 action_filter: ActionFilter | None = None, eval_mode=False, policy=None, budget: float = 1.0):
         if hz <= 0:
             raise ValueError(f"control rate must be positive, got {hz} Hz")
+        self.budget = check_budget(budget)
         self.planner, self.period, self.sense, self.actuate = planner, 1.0 / hz, sense, actuate
         self.task, self.eval_mode = task, eval_mode
         self.fallback, self.filter = Fallback(fallback, policy), action_filter or ActionFilter()
@@ -227,8 +242,9 @@ class RealtimeLoop:
                 with self._cv:
                     self._obs = (obs, tick)
                     self._cv.notify_all()
-                    if tick == 0:  # nothing to fall back on yet
-                        self._cv.wait_for(lambda: self._result is not None or self._error is not None)
+                    # the first tick has nothing to fall back on: it waits for its plan
+                    wait = None if tick == 0 else max(due + self.budget * self.period - time.perf_counter(), 0)
+                    self._cv.wait_for(lambda: self._result is not None or self._error is not None, wait)
                     result, self._result = self._result, None
                 if self._error is not None:
                     raise RuntimeError(f"planner failed at tick {tick}: {self._error}") from self._error
