@@ -1,0 +1,81 @@
+"""The robot loop in wall-clock time, with a DMC task as the plant, against the bench's simulated time.
+
+`control.RealtimeLoop` drives the env one step per tick on a real clock (the planner in its thread, as on a
+robot); then `control.DeadlineSim` replays the same episode start in simulated time with each plan's measured
+latency. Agreement of the two (fallback share, return) is what lets `edge-tdmpc bench --realtime` stand in for
+the robot. One episode start per mode; the planner's noise differs, so returns agree only roughly.
+
+    python -m edge_tdmpc.bench.wallclock CKPT --task cartpole-balance --hz 20 --ticks 200
+"""
+import argparse
+import json
+
+import numpy as np
+
+from edge_tdmpc.checkpoint import load_model
+from edge_tdmpc.control import DeadlineSim, RealtimeLoop
+from edge_tdmpc.envs import episode_env
+from edge_tdmpc.runtime import make_runtime
+from edge_tdmpc.tasks import fit_obs
+
+
+class Plant:
+    """A DMC task standing in for the robot: `sense()` its observation, `actuate(action)` one env step."""
+
+    def __init__(self, task: str, seed: int, obs_dim: int, multitask: bool):
+        self.env, self.obs = episode_env(task, seed, 0)
+        self.task, self.obs_dim, self.multitask, self.ret = task, obs_dim, multitask, 0.0
+
+    def sense(self):
+        return fit_obs(self.obs, self.obs_dim, self.task if self.multitask else None)
+
+    def actuate(self, action):
+        self.obs, reward, *_ = self.env.step(np.asarray(action, np.float32)[: self.env.action_dim])
+        self.ret += reward
+
+
+def compare(model, task: str, hz: float, ticks: int, runtime="onnxruntime", precision="fp32", fallback="hold",
+            seed=1, warmup=3) -> dict:
+    """{"wall": ..., "sim": ...}: return and `TickStats.summary()` of each mode from the same initial state."""
+    ti = model.cfg.tasks.index(task) if model.cfg.multitask else None
+    rt = make_runtime(runtime, model, precision, seed=0)
+    for i in range(warmup):  # lazy init and allocation outside the timed loop
+        rt.act(np.zeros(model.cfg.obs_dim, np.float32), ti, t0=i == 0)
+    out = {}
+    for mode in ("wall", "sim"):
+        plant = Plant(task, seed, model.cfg.obs_dim, ti is not None)
+        rt.reset(0)
+        if mode == "wall":
+            stats = RealtimeLoop(rt, hz, plant.sense, plant.actuate, task=ti, fallback=fallback).run(ticks)
+        else:
+            sim = DeadlineSim(rt, hz, fallback)
+            for t in range(ticks):
+                plant.actuate(sim.act(plant.sense(), ti, t0=t == 0))
+            stats = sim.stats.summary()
+        plant.env.close()
+        out[mode] = {"return": plant.ret, **stats}
+    rt.close()
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--task", required=True)
+    p.add_argument("--hz", type=float, required=True)
+    p.add_argument("--ticks", type=int, default=200)
+    p.add_argument("--runtime", default="onnxruntime")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--fallback", default="hold", choices=["hold", "plan"])
+    p.add_argument("--seed", type=int, default=1, help="env seed (official initial state of episode 0)")
+    a = p.parse_args(argv)
+    res = compare(load_model(a.checkpoint), a.task, a.hz, a.ticks, a.runtime, a.precision, a.fallback, a.seed)
+    for mode, r in res.items():
+        print(f"{mode:4}  return {r['return']:8.1f}  fallback ticks {r['fallback_rate']:6.1%}  "
+              f"plan p50 {r['plan_ms_p50']:.1f} ms" + (f"  tick late p99 {r['late_ms_p99']:.2f} ms"
+                                                       if "late_ms_p99" in r else ""))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
