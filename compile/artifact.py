@@ -48,7 +48,8 @@ Verification runs the recorded closed-loop inputs of verify.npz through the engi
 PyTorch fp32 outputs stored beside them, with the tolerances in manifest.json; it prints PASS or FAIL.
 An engine is tied to the GPU and TensorRT version that built it: rebuild after a JetPack upgrade.
 In your control loop: `from build_engine import Engine, Planner`; Planner(Engine("plan.engine")).act(obs, task, t0).
-At a fixed rate, planning in a thread (a late plan never holds a tick; smoothing and a rate limit optional):
+At a fixed rate, planning in a thread (a tick waits at most its period for its plan, then falls back;
+smoothing and a rate limit optional):
 
     from control import ActionFilter, RealtimeLoop
     loop = RealtimeLoop(planner, hz=100, sense=read_sensors, actuate=send_to_motors, task=task,
