@@ -18,7 +18,7 @@ from edge_tdmpc.bench import faithful, report
 from edge_tdmpc.bench.meters import environment
 from edge_tdmpc.bench.runner import EpisodeLog, Job, Settings, atomic_write_text, run_jobs
 from edge_tdmpc.checkpoint import file_sha256, load_model, read_state_dict
-from edge_tdmpc.control import FALLBACKS, ActionFilter, check_budget
+from edge_tdmpc.control import ActionFilter, check_budget, check_fallback
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.runtime import PRECISIONS, make_runtime, runtime_class
@@ -119,8 +119,7 @@ def control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit, bud
     realtime = realtime or latency_ms is not None
     if realtime and not hz:
         raise ValueError("--realtime / --latency-ms need --hz: the control rate whose deadline the actions meet")
-    if fallback not in FALLBACKS:
-        raise ValueError(f"unknown fallback '{fallback}': choose from {list(FALLBACKS)}")
+    check_fallback(fallback)  # its policy is made in the workers
     check_budget(budget)
     if not realtime and not ActionFilter(smooth, rate_limit).active:
         return None

@@ -23,6 +23,12 @@ import numpy as np
 FALLBACKS = ("hold", "plan", "policy")
 
 
+def check_fallback(mode: str) -> str:
+    if mode not in FALLBACKS:
+        raise ValueError(f"unknown fallback '{mode}': choose from {list(FALLBACKS)}")
+    return mode
+
+
 class ActionFilter:
     """a_t = clip(a_{t-1} + clamp(alpha (u_t - a_{t-1}), ±max_delta), ±1): a first-order low-pass (alpha < 1)
     and a per-tick rate limit (max_delta), both off by default. Start of an episode: `reset()`."""
@@ -58,9 +64,7 @@ class Fallback:
     observation ("policy": a planner without MPC, acting from its policy prior's mean)."""
 
     def __init__(self, mode: str = "hold", policy=None):
-        if mode not in FALLBACKS:
-            raise ValueError(f"unknown fallback '{mode}': choose from {list(FALLBACKS)}")
-        if mode == "policy" and policy is None:
+        if check_fallback(mode) == "policy" and policy is None:
             raise ValueError("fallback 'policy' needs a policy: pass policy=<a runtime made with mpc=False>")
         self.mode, self.policy, self.action, self.mean, self.age = mode, policy, None, None, 0
 
@@ -69,6 +73,10 @@ class Fallback:
         self.action = np.asarray(action, np.float32)
         self.mean = None if mean is None else np.asarray(mean, np.float32).reshape(-1, self.action.shape[-1])
         self.age = age
+
+    def mean_of(self, planner):
+        """The planner's mean, where this fallback follows it (fetching it costs a device sync on a GPU)."""
+        return planned_mean(planner) if self.mode == "plan" else None
 
     def __call__(self, obs=None, task=None) -> np.ndarray:
         if self.action is None:
@@ -81,11 +89,16 @@ class Fallback:
         return np.clip(self.mean[min(self.age, len(self.mean) - 1)], -1, 1)
 
 
-def planned_mean(planner):
-    """The planner's warm-start mean after its last step (H x A), or None (policy-only planners)."""
-    mean = getattr(planner, "prev_mean", None)
+def _mean(planner):
+    """The planner's own warm-start mean buffer, or None (policy-only planners)."""
     cfg = getattr(planner, "planner", None)  # a bench runtime's PlannerConfig: without MPC the mean stays 0
-    if mean is None or (cfg is not None and not getattr(cfg, "mpc", True)):
+    return None if cfg is not None and not getattr(cfg, "mpc", True) else getattr(planner, "prev_mean", None)
+
+
+def planned_mean(planner):
+    """A copy of the planner's warm-start mean after its last step (H x A), or None (policy-only planners)."""
+    mean = _mean(planner)
+    if mean is None:
         return None
     return mean.detach().float().cpu().numpy().copy() if hasattr(mean, "detach") else np.array(mean, np.float32)
 
@@ -93,8 +106,8 @@ def planned_mean(planner):
 def advance_mean(planner, ticks: int):
     """Warm start across skipped ticks: a planner shifts its mean by one step per call, but `ticks` more have
     passed since its last plan, so shift those too (in place: a CUDA graph's input buffer stays put)."""
-    mean = getattr(planner, "prev_mean", None)
-    if ticks <= 0 or planned_mean(planner) is None:
+    mean = _mean(planner)
+    if ticks <= 0 or mean is None:
         return
     tail = mean[ticks:] * 1  # a copy, for numpy arrays and torch tensors alike
     mean[:len(tail)] = tail
@@ -169,7 +182,8 @@ class DeadlineSim:
             self.stats.plan_ms.append((time.perf_counter() - start) * 1e3)
             ms = self.stats.plan_ms[-1] if self.latency_ms is None else self.latency_ms
             late = 0 if self.fallback.action is None else max(math.ceil(ms / self.period_ms - self.budget), 0)
-            self.pending = (self.tick + late, self.tick, np.asarray(action, np.float32), planned_mean(self.planner))
+            self.pending = (self.tick + late, self.tick, np.asarray(action, np.float32),
+                            self.fallback.mean_of(self.planner))
         lands, made, action, mean = self.pending
         fresh = lands <= self.tick
         if fresh:
@@ -218,7 +232,7 @@ class RealtimeLoop:
             try:
                 start = time.perf_counter()
                 action = self.planner.act(obs, self.task, t0=t0, eval_mode=self.eval_mode)
-                result = (tick, np.asarray(action, np.float32), planned_mean(self.planner),
+                result = (tick, np.asarray(action, np.float32), self.fallback.mean_of(self.planner),
                           (time.perf_counter() - start) * 1e3)
             except Exception as e:  # surfaced on the control thread, which stops the loop
                 result, self._error = None, e
