@@ -16,9 +16,10 @@ from tqdm import tqdm
 
 from edge_tdmpc.bench import faithful, report
 from edge_tdmpc.bench.meters import environment
-from edge_tdmpc.bench.runner import EpisodeLog, Job, Settings, atomic_write_text, run_jobs
-from edge_tdmpc.checkpoint import file_sha256, load_model, read_state_dict
+from edge_tdmpc.bench.runner import EpisodeLog, Job, Settings, run_jobs
+from edge_tdmpc.checkpoint import load_model, read_state_dict
 from edge_tdmpc.control import ActionFilter, check_budget, check_fallback
+from edge_tdmpc.files import atomic_write_text, file_sha256
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.runtime import PRECISIONS, make_runtime, runtime_class

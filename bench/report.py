@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_tdmpc.bench.meters import MIB, deadline_misses, latency_stats
-from edge_tdmpc.bench.runner import atomic_write_text
-from edge_tdmpc.checkpoint import atomic_write
+from edge_tdmpc.files import atomic_write, atomic_write_text
 
 REFERENCE = ("torch", "fp32")
 

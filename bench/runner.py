@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from edge_tdmpc.bench.meters import MIB, PeakRss, device_memory_peak_mib, device_memory_reset
-from edge_tdmpc.checkpoint import atomic_write
 from edge_tdmpc.control import ActionFilter, DeadlineSim
+from edge_tdmpc.files import atomic_write_text
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.runtime import make_runtime
 from edge_tdmpc.tasks import fit_obs
@@ -217,10 +217,6 @@ class EpisodeLog:
             f.flush()
             os.fsync(f.fileno())
         self.records[Job(rec["runtime"], rec["precision"], rec["task"], rec["episode"]).key] = rec
-
-
-def atomic_write_text(path: Path, text: str):
-    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def run_jobs(jobs: list[Job], log: EpisodeLog, source, runtime_models: dict, planner: PlannerConfig,

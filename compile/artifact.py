@@ -26,10 +26,10 @@ import numpy as np
 import onnx
 
 from edge_tdmpc import control
-from edge_tdmpc.checkpoint import atomic_write, file_sha256
 from edge_tdmpc.compile import export, record, verify
 from edge_tdmpc.compile.precision import model_plan, quantize_int8
 from edge_tdmpc.compile.targets import check_precision, load_target, min_tensorrt
+from edge_tdmpc.files import atomic_write, exclusive_lock, file_sha256
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import PlannerConfig
 
@@ -59,7 +59,10 @@ smoothing and a rate limit optional):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("EDGE_TDMPC_CACHE") or Path.home() / ".cache" / "edge-tdmpc")
+    """$EDGE_TDMPC_CACHE, else $XDG_CACHE_HOME/edge-tdmpc, else ~/.cache/edge-tdmpc."""
+    if os.environ.get("EDGE_TDMPC_CACHE"):
+        return Path(os.environ["EDGE_TDMPC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-tdmpc"
 
 
 def state_dict_sha256(model: WorldModel) -> str:
@@ -331,19 +334,32 @@ def check_matches(manifest: dict, precision=None, planner: PlannerConfig | None 
 
 
 def compile_cached(model: WorldModel, precision="fp32", planner=None, target="cpu", echo=None, **kw) -> Path:
-    """The artifact for (weights, precision, planner, target) from the cache, compiling it on first use."""
+    """The artifact for (weights, precision, planner, target) from the cache, compiling it on first use.
+
+    Safe for concurrent processes: an entry appears whole (renamed into place) and is never replaced while it
+    reads back intact, so a reader needs no lock; a writer holds the entry's lock, so a second process asking
+    for the same entry waits for the first and then reads what it built."""
     cfg = planner or PlannerConfig()
     model = model.float().cpu().eval()
     key = cache_key(state_dict_sha256(model), precision, cfg, load_target(target)["name"],
                     model_plan(model, precision, kw.get("plan_overrides")), kw.get("calib_percentile", 99.99))
     out = cache_root() / "artifacts" / key
-    if (out / "manifest.json").exists():
-        try:
-            read_manifest(out)
+    if _intact(out):
+        return out
+    with exclusive_lock(_parent(out) / f".{key}.lock", wait=True):
+        if _intact(out):  # built by the process we waited for
             return out
-        except ValueError:
-            pass  # damaged cache entry: compile it again
-    return compile_model(model, precision, cfg, target, out=out, echo=echo, **kw)
+        return compile_model(model, precision, cfg, target, out=out, echo=echo, **kw)
+
+
+def _intact(directory: Path) -> bool:
+    if not (directory / "manifest.json").exists():
+        return False
+    try:
+        read_manifest(directory)
+        return True
+    except ValueError:  # damaged cache entry: compile it again
+        return False
 
 
 def load_model_for(manifest: dict):

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edge_tdmpc.checkpoint import atomic_write
 from edge_tdmpc.compile.export import layer_names
+from edge_tdmpc.files import atomic_write
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")
 
@@ -110,6 +110,11 @@ def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # --- INT8 -----------------------------------------------------------------------------------------------
 MIN_INT8_K = 16  # narrower products (the action segment, K = action dim) stay fp32, see int8_nodes
+# Weights use 7 bits (|q| <= 63) of their int8. x86-64 CPUs without VNNI (AVX2 only) multiply u8 x s8 with
+# vpmaddubsw, which adds two products in int16: 2 x 255 x 127 overflows it and ONNX Runtime's integer GEMM
+# saturates, while 2 x 255 x 63 fits. ONNX Runtime documents the same cure (`reduce_range`); with 8-bit weights
+# an int8 artifact verified on a VNNI CPU gave wrong values on an AVX2 one (docs/results/compile-cpu.md).
+WEIGHT_QMAX = 63
 
 
 def int8_nodes(model: onnx.ModelProto, plan: dict[str, str]) -> list[onnx.NodeProto]:
@@ -189,8 +194,8 @@ def quantize_int8(model: onnx.ModelProto, plan: dict[str, str], recording: dict,
         x, w = node.input[0], node.input[1]
         if w not in dq_weights:  # per output channel: W [in, out] -> int8, scale [out]
             W = onnx.numpy_helper.to_array(inits[w]).astype(np.float32)
-            scale = np.maximum(np.abs(W).max(0), 1e-12) / 127.0
-            q = np.clip(np.round(W / scale), -127, 127).astype(np.int8)
+            scale = np.maximum(np.abs(W).max(0), 1e-12) / WEIGHT_QMAX
+            q = np.clip(np.round(W / scale), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
             g.initializer.extend([onnx.numpy_helper.from_array(q, f"{w}.int8"),
                                   onnx.numpy_helper.from_array(scale.astype(np.float32), f"{w}.scale"),
                                   onnx.numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{w}.zero")])
@@ -219,7 +224,8 @@ def quantize_int8(model: onnx.ModelProto, plan: dict[str, str], recording: dict,
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / "calibration.json"
     method = "absmax" if percentile is None else f"percentile {percentile}"
-    text = json.dumps({"method": f"{method} of |x| (symmetric, per-tensor activations; per-channel weights)",
+    text = json.dumps({"method": f"{method} of |x| (symmetric, per-tensor activations; per-channel weights, "
+                                 f"|q| <= {WEIGHT_QMAX})",
                        "rows": int(len(recording["obs"])), "absmax": ranges}, indent=1)
     atomic_write(cache, lambda f: f.write(text), mode="w")
     return out, cache

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_tdmpc.checkpoint import atomic_write
 from edge_tdmpc.compile import record
+from edge_tdmpc.files import atomic_write
 from edge_tdmpc.planner import PlannerConfig, sample_noise
 from edge_tdmpc.runtime import make_runtime
 
@@ -46,8 +46,8 @@ def _artifacts(checkpoint, dirs, planner: PlannerConfig) -> dict:
     """Compiled artifact directories (e.g. a mixed plan from `compile --plan`) as more runtimes to time, each
     keyed (its runtime, 'precision (directory name)'); they must come from `checkpoint`, with `planner`'s
     settings."""
-    from edge_tdmpc.checkpoint import file_sha256
     from edge_tdmpc.compile.artifact import read_manifest
+    from edge_tdmpc.files import file_sha256
     sha, out = file_sha256(checkpoint), {}
     for d in dirs:
         m = read_manifest(d)

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edge_tdmpc.checkpoint import file_sha256, load_model
+from edge_tdmpc.checkpoint import load_model
 from edge_tdmpc.distill.data import INDEX, EpisodeDataset, EpisodeWriter
+from edge_tdmpc.files import file_sha256
 from edge_tdmpc.planner import Agent
 from edge_tdmpc.tasks import resolve_tasks
 

@@ -25,13 +25,14 @@ import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from edge_tdmpc.checkpoint import atomic_write
+from edge_tdmpc.files import atomic_write, exclusive_lock
 
 FORMAT, VERSION = "edge-tdmpc-episodes", 1
 INDEX = "index.json"
@@ -90,7 +91,8 @@ class EpisodeWriter:
                              f"{action_dim}, {len(self.tasks)} tasks")
         self.shard_rows = int(shard_rows)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(self.root)
+        self._closed, self._lock = False, ExitStack()
+        self._lock.enter_context(exclusive_lock(self.root / ".lock", what=self.root))
         if (self.root / INDEX).exists():
             self.index = read_index(self.root)
             have = (self.index["obs_dim"], self.index["action_dim"], self.index["tasks"])
@@ -158,8 +160,9 @@ class EpisodeWriter:
         atomic_write(self.root / INDEX, lambda f: f.write(text))
 
     def close(self):
-        if self._lock.closed:
+        if self._closed:
             return
+        self._closed = True
         try:
             self.flush()
         finally:
@@ -170,21 +173,6 @@ class EpisodeWriter:
 
     def __exit__(self, *exc):
         self.close()  # episodes added before an error are complete: keep them
-
-
-def _lock(root: Path):
-    """Advisory exclusive lock on root/.lock, held while the returned file is open."""
-    f = open(root / ".lock", "a")  # noqa: SIM115 - closed by the writer
-    try:
-        import fcntl
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # no fcntl (Windows): no lock
-        pass
-    except OSError:
-        f.close()
-        raise ValueError(f"{root} is being written by another process; wait for it or choose another "
-                         "directory") from None
-    return f
 
 
 def _allow_open_files(n: int):

@@ -404,6 +404,6 @@ def _write_json(path: Path, obj):
 
 
 def _write_text(path: Path, text: str):
-    from edge_tdmpc.checkpoint import atomic_write
+    from edge_tdmpc.files import atomic_write
     atomic_write(path, lambda f: f.write(text), mode="w")
 

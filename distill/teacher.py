@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edge_tdmpc.checkpoint import atomic_write
+from edge_tdmpc.files import atomic_write
 from edge_tdmpc.model import WorldModel, two_hot_inv
 from edge_tdmpc.runtime import TORCH_DTYPES
 

@@ -15,6 +15,15 @@ CHECKPOINTS = SHARED / "checkpoints"
 PARITY = SHARED / "reference" / "parity"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_compile_cache(tmp_path_factory):
+    """No test reads or fills the user's compile cache (~/.cache/edge-tdmpc): one private cache per run."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("EDGE_TDMPC_CACHE", str(tmp_path_factory.mktemp("compile-cache")))
+    yield
+    patch.undo()
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path.name} from ../shared beside the repository (not present here)")

@@ -270,6 +270,35 @@ def test_int8_is_calibrated_on_recorded_episodes(int8_artifact, model, tmp_path)
     out = m["verification"]["outputs"]
     assert out["z"]["max_abs"] < 1e-5  # the fp32 encoder is untouched by its int8 neighbours
     assert out["value"]["mean_abs"] > 1e-5  # really quantized: not bit-exact
+    for w in w8:  # AVX2 without VNNI adds two u8 x s8 products in int16 (vpmaddubsw): no pair may overflow it
+        q = np.abs(onnx.numpy_helper.to_array(w).astype(np.int32))
+        assert q.max() <= precision.WEIGHT_QMAX and 255 * (q[0::2] + q[1::2]).max() <= 2**15 - 1
+
+
+def test_compile_cache_is_safe_for_concurrent_processes(tmp_path):
+    """Two processes asking the cache for the same artifact at once: one compiles, the other waits for it and
+    reads what it built (no half-written directory, no second compile)."""
+    code = """if True:
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from conftest import make_tiny_model
+        from edge_tdmpc.compile import artifact
+        from edge_tdmpc.planner import PlannerConfig
+        small = PlannerConfig(num_samples=16, num_elites=4, num_pi_trajs=2, iterations=2)
+        out = artifact.compile_cached(make_tiny_model(), "fp32", small, echo=lambda m: print("compiling", m),
+                                      verify_episodes=1, verify_steps=2)
+        artifact.read_manifest(out)
+        print("artifact", out)"""
+    env = {**os.environ, "EDGE_TDMPC_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT / "tests")], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    dirs = {line for out, _ in outs for line in out.splitlines() if line.startswith("artifact ")}
+    assert len(dirs) == 1
+    assert sum("compiling" in out for out, _ in outs) == 1
+    assert [p.name for p in (tmp_path / "cache" / "artifacts").iterdir() if not p.name.endswith(".lock")] == \
+        [Path(dirs.pop().split()[1]).name]  # no temporary directory left behind
 
 
 def test_tampered_or_edited_artifact_is_refused(fp32_artifact, tmp_path):

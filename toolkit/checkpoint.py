@@ -4,17 +4,15 @@ Layouts: older flat `_Qs.params.{n}` (n = 4*layer + slot) and newer `_Qs.params.
 with `_detach_Qs_params.` / `_target_Qs_params.` copies and tensordict bookkeeping. Files are always read with
 `torch.load(weights_only=True)`: a file that needs arbitrary unpickling is refused, never executed.
 """
-import hashlib
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from edge_tdmpc.config import PRESETS, ModelConfig, make_config
+from edge_tdmpc.files import atomic_write
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.tasks import TASK_SETS
 
@@ -187,26 +185,3 @@ def atomic_save(obj, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write(path, write, mode="wb"):
-    """write(file object) into a temporary file beside `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def file_sha256(path, chunk=1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
