@@ -11,7 +11,7 @@ faithful (same inputs and noise through every runtime), report (JSON, Markdown, 
 from edge_tdmpc.bench.faithful import TOLERANCE, check_actions
 from edge_tdmpc.bench.harness import open_model, resolve_pairs, run_bench
 from edge_tdmpc.bench.report import compare, load_report
-from edge_tdmpc.bench.runner import episode_seeds, run_episode
+from edge_tdmpc.bench.runner import run_episode
 
-__all__ = ["TOLERANCE", "check_actions", "compare", "episode_seeds", "load_report", "open_model",
+__all__ = ["TOLERANCE", "check_actions", "compare", "load_report", "open_model",
            "resolve_pairs", "run_bench", "run_episode"]

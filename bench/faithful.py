@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from edge_tdmpc.planner import PlannerConfig, sample_noise
+from edge_tdmpc.rollout import run
 from edge_tdmpc.runtime import make_runtime
 from edge_tdmpc.tasks import fit_obs
 
@@ -47,17 +48,18 @@ def record(model, tasks, n: int, planner: PlannerConfig, seed=1, eval_mode=False
             break
         k = min(per_task, left)
         left -= k
-        index = model.cfg.tasks.index(task) if model.cfg.multitask else None
         env, obs = episode_env(task, seed)  # episode 0's official initial state
         ref.reset(seed)
-        seg = dict(task=task, task_index=index, action_dim=env.action_dim, obs=[], noise=[], actions=[])
-        for t in range(k):
-            x = fit_obs(obs, model.cfg.obs_dim, task if model.cfg.multitask else None)
+        seg = dict(task=task, task_index=model.cfg.tasks.index(task) if model.cfg.multitask else None,
+                   action_dim=env.action_dim, obs=[], noise=[], actions=[])
+
+        def act(obs, t, seg=seg, name=task if model.cfg.multitask else None):
+            x = fit_obs(obs, model.cfg.obs_dim, name)
             noise = sample_noise(planner, model.cfg.action_dim, model.cfg.num_q, gen)
-            a = ref.act(x, index, t0=t == 0, eval_mode=eval_mode, noise=noise)
-            seg["obs"].append(x), seg["noise"].append(noise), seg["actions"].append(np.asarray(a))
-            obs, *_ = env.step(np.asarray(a, np.float32)[: env.action_dim])
-        env.close()
+            a = np.asarray(ref.act(x, seg["task_index"], t0=t == 0, eval_mode=eval_mode, noise=noise))
+            seg["obs"].append(x), seg["noise"].append(noise), seg["actions"].append(a)
+            return a
+        run(env, obs, act, k)
         segments.append(seg)
     return segments
 

@@ -114,7 +114,7 @@ def _writable(out: Path) -> Path:
 
 
 def control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit, budget=1.0) -> dict | None:
-    """The `runner.control_policy` settings of a run (None: runtimes act as they are), validated."""
+    """The `rollout.with_deadline` settings of a run (None: runtimes act as they are), validated."""
     if latency_ms is not None and latency_ms <= 0:
         raise ValueError(f"--latency-ms must be positive, got {latency_ms}")
     realtime = realtime or latency_ms is not None

@@ -12,9 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import time
 import traceback
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,22 +20,13 @@ import numpy as np
 import torch
 
 from edge_tdmpc.bench.meters import MIB, PeakRss, device_memory_peak_mib, device_memory_reset
-from edge_tdmpc.control import ActionFilter, DeadlineSim
 from edge_tdmpc.files import atomic_write_text
 from edge_tdmpc.planner import PlannerConfig
+from edge_tdmpc.rollout import evaluation_episode
 from edge_tdmpc.runtime import make_runtime
-from edge_tdmpc.tasks import fit_obs
 
 EPISODES_FILE, RUN_FILE = "episodes.jsonl", "run.json"
 PROGRESS_EVERY = 10  # steps between progress messages from a worker
-
-
-def episode_seeds(seed: int, task: str, episode: int) -> tuple[int, int]:
-    """(env seed, planner-noise seed) of one episode. The env seed is the base seed, as in the official
-    evaluation (the episode picks the reset, see `envs.episode_env`); the noise seed is drawn from (seed, task,
-    episode), crc32 of the name keeping it independent of task order."""
-    noise_seed = np.random.SeedSequence([seed, zlib.crc32(task.encode()), episode]).generate_state(1)[0]
-    return seed, int(noise_seed)
 
 
 @dataclass(frozen=True)
@@ -60,60 +49,36 @@ class Settings:
     steps: int = 500
     eval_mode: bool = False
     planner: PlannerConfig = field(default_factory=PlannerConfig)
-    control: dict | None = None  # `control_policy` settings: deadline, fallback, action filter
+    control: dict | None = None  # `rollout.with_deadline` settings: deadline, fallback, action filter
 
     def identity(self) -> dict:
         return {**asdict(self), "planner": asdict(self.planner)}
 
 
-def control_policy(runtime, control: dict | None, policy=None):
-    """The runtime as the robot's control loop runs it (`control.DeadlineSim`), or as it is without settings.
-    control: {"hz": control rate whose deadline applies (None: none), "fallback", "alpha", "max_delta",
-    "latency_ms": assumed planning latency (None: measured), "budget"}; policy: the "policy" fallback's runtime."""
-    if not control:
-        return runtime
-    return DeadlineSim(runtime, control.get("hz"), control.get("fallback", "hold"),
-                       ActionFilter(control.get("alpha", 1.0), control.get("max_delta")), control.get("latency_ms"),
-                       policy, control.get("budget", 1.0))
-
-
-def run_episode(runtime, task: str, task_index, env_seed: int, noise_seed: int, steps: int, eval_mode: bool,
-                obs_dim: int, device="cpu", progress=None, episode: int = 0, control: dict | None = None,
-                policy=None) -> dict:
-    """One closed-loop episode from the official initial state of `episode` (`envs.episode_env`); agent time
-    (around `act`, incl. host<->device copies) and env time apart. With `control`, latency is that of the
-    planning steps (a tick that takes a fallback plans nothing)."""
-    from edge_tdmpc.envs import episode_env
-    env, obs = episode_env(task, env_seed, episode)
-    agent = control_policy(runtime, control, policy)
-    agent.reset(noise_seed)
+def run_episode(runtime, model_cfg, task: str, seed: int, episode: int, steps: int, eval_mode: bool, device="cpu",
+                progress=None, control: dict | None = None, policy=None) -> dict:
+    """One episode of the official evaluation protocol (`rollout.evaluation_episode`) -> its JSONL record: agent
+    time (around `act`, incl. host<->device copies) and env time apart, peak memory. With `control`, latency is
+    that of the planning steps (a tick that takes a fallback plans nothing)."""
     rss = PeakRss()
     device_memory_reset(device)
-    latency_ns, env_ns, ret, wall, told = [], 0, 0.0, time.perf_counter(), 0
-    for t in range(steps):
-        x = fit_obs(obs, obs_dim, task if task_index is not None else None)
-        t0 = time.perf_counter_ns()
-        action = agent.act(x, task_index, t0=t == 0, eval_mode=eval_mode)
-        t1 = time.perf_counter_ns()
-        obs, reward, terminated, truncated, _ = env.step(np.asarray(action, np.float32)[: env.action_dim])
-        env_ns += time.perf_counter_ns() - t1
-        latency_ns.append(t1 - t0)
-        ret += reward
+    told = [0]
+
+    def on_step(t, ep):
         rss.sample()
         if progress is not None and (t + 1) % PROGRESS_EVERY == 0:
-            progress(t + 1 - told)
-            told = t + 1
-        if terminated or truncated:
-            break
-    env.close()
+            progress(t + 1 - told[0])
+            told[0] = t + 1
+    ep, agent, seeds = evaluation_episode(runtime, model_cfg, task, seed, episode, steps, eval_mode, control, policy,
+                                          on_step)
     if progress is not None:
-        progress(len(latency_ns) - told)
+        progress(ep.steps - told[0])
     ticks = agent.stats.summary() if control else None
     return {
-        "return": float(ret), "steps": len(latency_ns), "env_seed": env_seed, "noise_seed": noise_seed,
-        "latency_ms": [round(ns / 1e6, 4) for ns in latency_ns] if not control else
+        "return": ep.ret, "steps": ep.steps, **seeds,
+        "latency_ms": [round(ns / 1e6, 4) for ns in ep.act_ns] if not control else
         [round(ms, 4) for ms in agent.stats.plan_ms], **({"control": ticks} if ticks else {}),
-        "agent_s": sum(latency_ns) / 1e9, "env_s": env_ns / 1e9, "wall_s": time.perf_counter() - wall,
+        "agent_s": sum(ep.act_ns) / 1e9, "env_s": ep.env_ns / 1e9, "wall_s": ep.wall_s,
         "peak_rss_mib": rss.peak_bytes() / MIB, "peak_device_mib": device_memory_peak_mib(device),
         "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # was the CPU shared?
     }
@@ -157,11 +122,9 @@ def _fallback_policy(control):
 
 def _run_job(job: Job, progress=None) -> dict:
     model, s = _W["model"], _W["settings"]
-    env_seed, noise_seed = episode_seeds(s.seed, job.task, job.episode)
-    task_index = model.cfg.tasks.index(job.task) if model.cfg.multitask else None
     rt = _runtime(job.runtime, job.precision)
-    rec = run_episode(rt, job.task, task_index, env_seed, noise_seed, s.steps, s.eval_mode, model.cfg.obs_dim,
-                      _W["device"], progress, job.episode, s.control, _fallback_policy(s.control))
+    rec = run_episode(rt, model.cfg, job.task, s.seed, job.episode, s.steps, s.eval_mode, _W["device"], progress,
+                      s.control, _fallback_policy(s.control))
     return {**asdict(job), **rec, "worker": os.getpid()}
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from edge_tdmpc.checkpoint import load_model
 from edge_tdmpc.control import DeadlineSim, RealtimeLoop
 from edge_tdmpc.envs import episode_env
+from edge_tdmpc.rollout import run, runtime_actor
 from edge_tdmpc.runtime import make_runtime
 from edge_tdmpc.tasks import fit_obs
 
@@ -47,13 +48,12 @@ def compare(model, task: str, hz: float, ticks: int, runtime="onnxruntime", prec
         rt.reset(0)
         if mode == "wall":
             stats = RealtimeLoop(rt, hz, plant.sense, plant.actuate, task=ti, fallback=fallback).run(ticks)
+            plant.env.close()
+            out[mode] = {"return": plant.ret, **stats}
         else:
             sim = DeadlineSim(rt, hz, fallback)
-            for t in range(ticks):
-                plant.actuate(sim.act(plant.sense(), ti, t0=t == 0))
-            stats = sim.stats.summary()
-        plant.env.close()
-        out[mode] = {"return": plant.ret, **stats}
+            ep = run(plant.env, plant.obs, runtime_actor(sim, model.cfg, task), ticks)
+            out[mode] = {"return": ep.ret, **sim.stats.summary()}
     rt.close()
     return out
 

@@ -8,6 +8,7 @@ import torch
 
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import Noise, PlannerConfig, plan, policy_action, sample_noise
+from edge_tdmpc.rollout import run
 from edge_tdmpc.tasks import discount
 
 # one task per domain first: calibration should see every body the model controls
@@ -67,24 +68,29 @@ def record(model: WorldModel, cfg: PlannerConfig, tasks, steps: int, seed: int =
         env = make_env(task, seed=seed + k, multitask=model.cfg.multitask,
                        pad_to=(model.cfg.obs_dim, model.cfg.action_dim))
         obs, _ = env.reset()
-        gen = torch.Generator().manual_seed(seed + k)
-        prev_mean = np.zeros((cfg.horizon, model.cfg.action_dim), np.float32)
-        for t in range(steps):
-            noise = sample_noise(cfg, model.cfg.action_dim, model.cfg.num_q, gen)
-            feed = plan_feed(obs, index, prev_mean, t == 0, noise)
-            rows.append(feed)
-            if step_fn is None:
-                out = reference_step(model, feed, cfg)
-                action, mean = out["action"], out["mean"]
-            else:
-                action, mean = step_fn(feed)
-            if cfg.mpc:  # the warm start; the policy prior alone has none
-                prev_mean = mean
-            obs, _, terminated, truncated, _ = env.step(np.asarray(action)[: env.action_space.shape[0]])
-            if terminated or truncated:
-                break
-        env.close()
+        run(env, obs, _recording_actor(model, cfg, index, torch.Generator().manual_seed(seed + k), rows, step_fn),
+            steps)
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _recording_actor(model, cfg, index, gen, rows: list, step_fn):
+    """act(obs, t) that plans with step_fn (or the reference) on noise drawn as `planner.Agent` draws it,
+    keeps the warm start, and appends each step's planning inputs to `rows`."""
+    prev_mean = np.zeros((cfg.horizon, model.cfg.action_dim), np.float32)
+
+    def act(obs, t):
+        nonlocal prev_mean
+        feed = plan_feed(obs, index, prev_mean, t == 0, sample_noise(cfg, model.cfg.action_dim, model.cfg.num_q, gen))
+        rows.append(feed)
+        if step_fn is None:
+            out = reference_step(model, feed, cfg)
+            action, mean = out["action"], out["mean"]
+        else:
+            action, mean = step_fn(feed)
+        if cfg.mpc:  # the warm start; the policy prior alone has none
+            prev_mean = mean
+        return action
+    return act
 
 
 def rows(recording: dict):

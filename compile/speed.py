@@ -26,6 +26,7 @@ import torch
 from edge_tdmpc.compile import record
 from edge_tdmpc.files import atomic_write
 from edge_tdmpc.planner import PlannerConfig, sample_noise
+from edge_tdmpc.rollout import evaluation_episode
 from edge_tdmpc.runtime import make_runtime
 
 
@@ -140,23 +141,8 @@ def kernel_profile(model, runtimes: dict, planner: PlannerConfig) -> dict:
 
 
 def closed_loop(model, rt, tasks, steps=500, seed=1) -> dict:
-    """One episode per task through the runtime interface (stochastic act, as the official evaluation)."""
-    from edge_tdmpc.envs import make_env
-    scores = {}
-    for task in tasks:
-        env = make_env(task, seed=seed, multitask=model.cfg.multitask,
-                       pad_to=(model.cfg.obs_dim, model.cfg.action_dim))
-        index = model.cfg.tasks.index(task) if model.cfg.multitask else None
-        rt.reset(seed)
-        obs, _ = env.reset()
-        ret = 0.0
-        for t in range(steps):
-            obs, reward, terminated, truncated, _ = env.step(rt.act(obs, index, t == 0))
-            ret += reward
-            if terminated or truncated:
-                break
-        scores[task] = ret / 10
-    return scores
+    """One episode per task through the runtime interface, by the official evaluation protocol -> scores."""
+    return {task: evaluation_episode(rt, model.cfg, task, seed, 0, steps)[0].ret / 10 for task in tasks}
 
 
 def markdown(lat: dict, scores: dict | None = None, tasks=()) -> str:

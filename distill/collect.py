@@ -19,11 +19,9 @@ from edge_tdmpc.checkpoint import load_model
 from edge_tdmpc.distill.data import INDEX, EpisodeDataset, EpisodeWriter
 from edge_tdmpc.files import file_sha256
 from edge_tdmpc.planner import Agent
+from edge_tdmpc.rollout import run
+from edge_tdmpc.seeding import derive_seed
 from edge_tdmpc.tasks import resolve_tasks
-
-
-def episode_seed(seed: int, task_index: int, episode: int) -> int:
-    return int(np.random.SeedSequence([seed, task_index, episode]).generate_state(1)[0] >> 1)
 
 
 def play(model, task: str, task_index, seed: int, steps: int, mpc=True, eval_mode=False, noise_std=0.0,
@@ -37,32 +35,22 @@ def play(model, task: str, task_index, seed: int, steps: int, mpc=True, eval_mod
     agent = None if random_actions else Agent(model, seed=seed, mpc=mpc, **planner)
     rng = np.random.default_rng(seed)
     obs, _ = env.reset()
-    observations, actions, rewards = [obs], [], []
-    for t in range(steps):
+
+    def act(obs, t):
         if agent is None:
-            action = rng.uniform(-1, 1, env.action_dim).astype(np.float32)
-        else:
-            action = agent.act(obs, t0=t == 0, eval_mode=eval_mode, task=task_index).numpy()[: env.action_dim]
-            if noise_std:
-                action = np.clip(action + noise_std * rng.standard_normal(action.shape), -1, 1)
-            action = action.astype(np.float32)
-        obs, reward, terminated, truncated, _ = env.step(action)
-        observations.append(obs)
-        actions.append(action)
-        rewards.append(reward)
-        if after_step is not None:
-            after_step(t)
-        if terminated or truncated:
-            break
-    env.close()
-    return np.stack(observations), np.stack(actions), np.asarray(rewards, np.float32)
+            return rng.uniform(-1, 1, env.action_dim).astype(np.float32)
+        action = agent.act(obs, t0=t == 0, eval_mode=eval_mode, task=task_index).numpy()[: env.action_dim]
+        if noise_std:
+            action = np.clip(action + noise_std * rng.standard_normal(action.shape), -1, 1)
+        return action.astype(np.float32)
+    return run(env, obs, act, steps, None if after_step is None else lambda t, _: after_step(t)).arrays()
 
 
 def rollout(model, task: str, episode: int, seed=0, mpc=True, noise_std=0.0, steps=500, eval_mode=False,
             **planner) -> dict:
     """One collected episode of `model` on `task`, seeded by (seed, task, episode) -> a dataset record."""
     index = model.cfg.tasks.index(task)
-    obs, action, reward = play(model, task, index if model.cfg.multitask else None, episode_seed(seed, index, episode),
+    obs, action, reward = play(model, task, index if model.cfg.multitask else None, derive_seed(seed, index, episode),
                                steps, mpc, eval_mode, noise_std, **planner)
     return dict(task=index, key=episode, obs=obs, action=action, reward=reward)
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_tdmpc.rollout import evaluation_episode
+
 DEMO_TASKS = ("cartpole-balance", "cartpole-swingup")
 
 
@@ -158,10 +160,10 @@ def bench(models: dict, tasks, b: Budget, seed=1, echo=print) -> dict:
                     rt = make_runtime(rt_name, model, precision, planner, seed=seed)
                     row["bytes"] = rt.size_bytes()
                     lat = []
-                    for i, task in enumerate(tasks):
+                    for task in tasks:
                         rets = []
                         for ep in range(b.eval_episodes if mode == "policy" else 1):
-                            ret, ms = _episode(rt, model, task, i, seed * 1000 + ep, b.eval_steps)
+                            ret, ms = _episode(rt, model, task, seed, ep, b.eval_steps)
                             rets.append(ret)
                             lat += ms
                         row["returns"][task] = float(np.mean(rets))
@@ -180,11 +182,10 @@ def bench(models: dict, tasks, b: Budget, seed=1, echo=print) -> dict:
     return dict(rows=rows, note=note, pairs=pairs)
 
 
-def _episode(rt, model, task, task_index, seed, steps):
-    from edge_tdmpc.bench.runner import run_episode
-    rec = run_episode(rt, task, task_index if model.cfg.multitask else None, seed, seed, steps, True,
-                      model.cfg.obs_dim)
-    return rec["return"], rec["latency_ms"][3:] or rec["latency_ms"]  # the first acts warm up caches
+def _episode(rt, model, task, seed, episode, steps):
+    ep, _, _ = evaluation_episode(rt, model.cfg, task, seed, episode, steps, eval_mode=True)
+    ms = [ns / 1e6 for ns in ep.act_ns]
+    return ep.ret, ms[3:] or ms  # the first acts warm up caches
 
 
 # --- report -------------------------------------------------------------------------------------------------

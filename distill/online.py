@@ -32,6 +32,7 @@ from edge_tdmpc.distill.trainer import (
     closed_loop_eval,
     external_logger,
 )
+from edge_tdmpc.seeding import derive_seed
 from edge_tdmpc.tasks import MT30_DIMS, resolve_tasks
 
 
@@ -89,10 +90,6 @@ class Replay:
 
 def _pad(x, dim):
     return np.pad(x, ((0, 0), (0, dim - x.shape[1]))) if x.shape[1] < dim else x
-
-
-def episode_seed(seed: int, episode: int) -> int:
-    return int(np.random.SeedSequence([seed, episode]).generate_state(1)[0] >> 1)
 
 
 def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1, dims: dict | None = None,
@@ -171,7 +168,7 @@ def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1,
             task = tasks[i]
             length = min(episode_steps, steps - env_steps)
             random_phase = env_steps < seed_steps
-            obs, action, reward = play(model, task, i if mc.multitask else None, episode_seed(seed, episodes),
+            obs, action, reward = play(model, task, i if mc.multitask else None, derive_seed(seed, episodes),
                                        length, mpc, random_actions=random_phase, after_step=learn, **planner)
             replay.add(obs, action, reward, i)
             T = len(action)

@@ -463,18 +463,17 @@ def external_logger(kind: str | None, out: Path, config: dict):
 
 
 def closed_loop_eval(model: WorldModel, tasks, episodes=1, steps=100, seed=0, mpc=False, **planner) -> dict:
-    """Short closed-loop episodes through the bench runner (torch fp32 runtime, eval-mode actions, seeds per
-    (seed, task, episode) as `edge-tdmpc bench` draws them) -> {task: mean return}."""
-    from edge_tdmpc.bench.runner import episode_seeds, run_episode
+    """Short closed-loop episodes of the official evaluation protocol (`rollout.evaluation_episode`: torch fp32
+    runtime, eval-mode actions, seeds as `edge-tdmpc bench` draws them) -> {task: mean return}."""
     from edge_tdmpc.planner import PlannerConfig
+    from edge_tdmpc.rollout import evaluation_episode
     from edge_tdmpc.runtime import make_runtime
     model.eval()
     rt = make_runtime("torch", model, "fp32", PlannerConfig.make(mpc=mpc, **planner), seed=seed)
     out = {}
     for task in tasks:
-        i = model.cfg.tasks.index(task) if model.cfg.multitask else None
-        rets = [run_episode(rt, task, i, *episode_seeds(seed, task, ep), steps, True, model.cfg.obs_dim,
-                            episode=ep)["return"] for ep in range(episodes)]
+        rets = [evaluation_episode(rt, model.cfg, task, seed, ep, steps, eval_mode=True)[0].ret
+                for ep in range(episodes)]
         out[task] = float(np.mean(rets))
     rt.close()
     return out

@@ -9,13 +9,14 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from edge_tdmpc import save_model
-from edge_tdmpc.bench import TOLERANCE, check_actions, compare, episode_seeds, load_report, run_bench
+from edge_tdmpc.bench import TOLERANCE, check_actions, compare, load_report, run_bench
 from edge_tdmpc.bench.meters import deadline_misses, latency_stats
 from edge_tdmpc.cli import main
 from edge_tdmpc.planner import PlannerConfig
+from edge_tdmpc.seeding import evaluation_seeds
 from edge_tdmpc.tasks import fit_obs
 
 TASKS = "cartpole-swingup,pendulum-spin"
@@ -69,8 +70,8 @@ def test_fit_obs_and_seeds():
     for n, task in ((25, "pendulum-swingup"), (5, "pendulum-swingup"), (3, None)):
         with pytest.raises(ValueError, match=f"observation has {n} entries but the model expects 24"):
             fit_obs(np.ones(n), 24, task)
-    assert episode_seeds(1, "walker-walk", 0) == episode_seeds(1, "walker-walk", 0)
-    seeds = {episode_seeds(s, t, e) for s in (1, 2) for t in ("walker-walk", "cheetah-run") for e in range(3)}
+    assert evaluation_seeds(1, "walker-walk", 0) == evaluation_seeds(1, "walker-walk", 0)
+    seeds = {evaluation_seeds(s, t, e) for s in (1, 2) for t in ("walker-walk", "cheetah-run") for e in range(3)}
     assert len(seeds) == 12
 
 
@@ -80,12 +81,12 @@ def test_episodes_start_where_the_official_evaluation_starts(parity_npz):
     from edge_tdmpc.envs import episode_env
     from edge_tdmpc.tasks import resolve_tasks
     for task in resolve_tasks("mt30"):
-        env_seed, _ = episode_seeds(1, task, 0)
+        env_seed, _ = evaluation_seeds(1, task, 0)
         _, obs = episode_env(task, env_seed, 0)
         np.testing.assert_array_equal(obs, parity_npz[f"env/{task}/obs"][0])
     env, first = episode_env("cartpole-swingup", 1, 0)
     second, _ = env.reset()
-    _, obs = episode_env("cartpole-swingup", episode_seeds(1, "cartpole-swingup", 1)[0], 1)
+    _, obs = episode_env("cartpole-swingup", evaluation_seeds(1, "cartpole-swingup", 1)[0], 1)
     np.testing.assert_array_equal(obs, second)
     assert not np.array_equal(obs, first)
 

@@ -1,43 +1,28 @@
-"""Closed-loop evaluation with the official protocol: act(obs, t0=(t==0), task=i), 500 steps, score = return/10."""
+"""Closed-loop evaluation with the official protocol (`rollout.evaluation_episode`): 500 steps, score = return/10."""
 import numpy as np
 from tqdm import tqdm
 
 from edge_tdmpc.checkpoint import load_model
-from edge_tdmpc.planner import Agent
+from edge_tdmpc.planner import PlannerConfig
+from edge_tdmpc.rollout import evaluation_episode
+from edge_tdmpc.runtime import make_runtime
 from edge_tdmpc.tasks import resolve_tasks
 
 
-def run_episode(agent: Agent, task: str, task_index: int | None, seed: int, eval_mode=False, steps=500,
-                pbar=None, episode=0) -> float:
-    from edge_tdmpc.envs import episode_env
-    env, obs = episode_env(task, seed, episode)  # the official evaluation's initial state
-    ret = 0.0
-    for t in range(steps):
-        action = agent.act(obs, t0=t == 0, eval_mode=eval_mode, task=task_index).numpy()
-        obs, reward, terminated, truncated, _ = env.step(action[: env.action_dim])
-        ret += reward
-        if pbar is not None:
-            pbar.update(1)
-        if terminated or truncated:
-            break
-    env.close()
-    return ret
-
-
 def evaluate(checkpoint, tasks="mt30", episodes=1, seed=1, eval_mode=False, mpc=True, steps=500, echo=print):
+    """Per-task returns and scores of CHECKPOINT on the torch fp32 runtime; the episodes `edge-tdmpc bench` runs
+    for the same seed."""
     model = load_model(checkpoint)
     tasks = resolve_tasks(tasks)
     for t in tasks:
         if t not in model.cfg.tasks:
             raise ValueError(f"task '{t}' is not in this checkpoint's task set ({len(model.cfg.tasks)} tasks)")
     scores = {}
+    runtime = make_runtime("torch", model, "fp32", PlannerConfig(mpc=mpc))
     with tqdm(total=len(tasks) * episodes * steps, unit="step", desc="eval") as pbar:
         for task in tasks:
-            i = model.cfg.tasks.index(task) if model.cfg.multitask else None
-            rets = []
-            for ep in range(episodes):
-                agent = Agent(model, seed=seed + ep, mpc=mpc)
-                rets.append(run_episode(agent, task, i, seed, eval_mode, steps, pbar, episode=ep))
+            rets = [evaluation_episode(runtime, model.cfg, task, seed, ep, steps, eval_mode,
+                                       on_step=lambda *_: pbar.update(1))[0].ret for ep in range(episodes)]
             scores[task] = (rets, float(np.mean(rets)) / 10)
     for task, (rets, score) in scores.items():
         echo(f"{task:<26} return {np.mean(rets):8.1f}  score {score:6.2f}  ({', '.join(f'{r:.1f}' for r in rets)})")
