@@ -9,7 +9,7 @@ same noise. Exact algebraic rewrites keep it cheap:
   - the [z, e, a] input of a first layer is split into z @ W_z + a @ W_a: no concatenation either, and at
     t=0, where every candidate starts from the same latent, z @ W_z is computed once for all of them;
   - Mish(x) = x tanh(softplus(x)) = x n / (n + 2) with n = e^x (e^x + 2): one exp instead of exp, log, tanh
-    (7x faster in ONNX Runtime, equal to 1e-6).
+    (the same function up to rounding; timings in docs/results/compile-cpu.md).
 Shapes are static per planner setting (TensorRT builds one engine per shape) and the opset is 17, the lowest
 with a native LayerNormalization, parsed by every TensorRT from 8.6 (JetPack 6.0) on. TensorRT 8.5 (JetPack 5,
 the last for Xavier) has no importer for it: `native_layernorm=False` writes it out in primitive ops, in fp32.
@@ -336,10 +336,10 @@ class Nets:
         return g.op("Mul", pair, g.scalar(0.5))
 
     def Q_picked(self, z, a, heads):
-        """Q_avg computing only the 2 heads `heads` names (of num_q = 5: 2/5 of the work, the same values; 1.3x
-        faster planning for the 5M model on this CPU). Each picked head's weights are gathered from a
-        [num_q, ...] stack into plain 2-D matrices: ONNX Runtime's broadcast batched MatMul was slower than two
-        2-D GEMMs. Int8 Q layers keep one MatMul per head, the form their per-channel Q/DQ weights take."""
+        """Q_avg computing only the 2 heads `heads` names (of num_q = 5: 2/5 of the work, the same values).
+        Each picked head's weights are gathered from a [num_q, ...] stack into plain 2-D matrices: two 2-D GEMMs
+        beat ONNX Runtime's broadcast batched MatMul (docs/results/compile-cpu.md). Int8 Q layers keep one
+        MatMul per head, the form their per-channel Q/DQ weights take."""
         g, values = self.g, []
         for k in range(2):
             head = g.op("Gather", heads, g.const(np.array(k), "int64", key=f"index:{k}"), axis=0)  # a scalar
@@ -401,9 +401,6 @@ def plan_inputs(model: WorldModel, cfg: PlannerConfig) -> dict[str, tuple[str, l
         spec["noise_q_idx"] = ("int64", [I, 2])
     spec.update(noise_q_pi=("fp32", [I, S, A]), noise_gumbel=("fp32", [K]), noise_action=("fp32", [A]))
     return spec
-
-
-PLAN_OUTPUTS = ("action", "mean", "value", "z")
 
 
 def plan_graph(model: WorldModel, cfg: PlannerConfig, plan: dict[str, str] | None = None,

@@ -2,11 +2,12 @@
 policy trajectories, the horizon's value and the MPPI update are one launch each.
 
 Why: a CUDA-graphed planning step costs about one kernel's latency (a few microseconds) per op, and
-torch-compile still runs each layer as a GEMM kernel plus a LayerNorm/Mish kernel: ~50 launches per MPPI
-iteration, 1.8 ms a step on an H200 against the 0.5 ms goal. Here one program takes a block of rows through
-all three layers - Linear -> LayerNorm -> Mish twice, then the head (plus LayerNorm -> SimNorm for a latent) -
-and a second grid axis runs networks side by side: a rollout step (reward and dynamics) is one launch, and so
-is the Q value (both heads q_idx picks, read on the device), with the two-hot decode done in the kernel.
+torch-compile still runs each layer as a GEMM kernel plus a LayerNorm/Mish kernel, so the launch count sets
+the step's latency (docs/results/gpu-h200.md, "Where the time goes"). Here one program takes a block of rows
+through all three layers - Linear -> LayerNorm -> Mish twice, then the head (plus LayerNorm -> SimNorm for a
+latent) - and a second grid axis runs networks side by side: a rollout step (reward and dynamics) is one
+launch, and so is the Q value (both heads q_idx picks, read on the device), with the two-hot decode done in
+the kernel.
 Exact rewrites, as in the ONNX graph: the task embedding's share of the first layer is a per-task bias row,
 and the first layer takes z and a as two operands (no concatenation).
 
@@ -17,9 +18,9 @@ program per row block runs the horizon's policy -> sample -> 2 Q heads -> value;
 MPPI update (top-k by a bitonic sort of (value, index) keys, the scores, the elites' mean and std).
 
 Hidden activations round-trip through per-program scratch rows (they stay in L1/L2): the GEMMs run on small
-[BM, BK] x [BK, BN] tiles, so that no thread holds a whole [BM, hidden] row block in registers (that spilled
-heavily: ptxas reported 255 registers and 4.7 KB of spills per thread), and a row's LayerNorm needs all of its
-chunks first.
+[BM, BK] x [BK, BN] tiles, so that no thread holds a whole [BM, hidden] row block in registers (that spills
+heavily; `ptxas_report` shows registers and spills per launch), and a row's LayerNorm needs all of its chunks
+first.
 
 The kernels themselves and their launches are in `triton_ops.py`; this module holds the models around them.
 Without a CUDA GPU the same kernels run in Triton's interpreter, on CPU tensors: that is how the tests check
@@ -159,7 +160,7 @@ class TritonWorldModel(WorldModel):
     offers `planner.plan` its hot loop as kernels: `fused_pi_rollout` (the policy trajectories in one launch),
     `fused_value` (estimate_value in horizon + 1 launches) and `fused_mppi` (one MPPI update in one). The
     encoder (one row per step) and the candidates' sampling stay in PyTorch."""
-    PI_ROLLOUT_WARPS = 8  # 5 MLPs in one program: on 4 warps ptxas spills ~100 B per thread for sm_87
+    PI_ROLLOUT_WARPS = 8  # 5 MLPs in one program: on 4 warps it spills for sm_87 (ptxas_report)
 
     @classmethod
     def of(cls, model: WorldModel) -> "TritonWorldModel":
@@ -344,7 +345,7 @@ def bench_main(argv=None):
     compiled = {k: torch.compile(f, fullgraph=True, dynamic=False) for k, f in calls(ref).items()}
     rows["torch.compile"] = compiled
     for bm, warps in ((16, 4), (32, 8), (64, 8)):  # without spills on sm_90 (ptxas_report); 64 rows on 4
-        m = TritonWorldModel.of(ref)             # warps spill 3 KB per thread
+        m = TritonWorldModel.of(ref)             # warps spill
         for k in ("_k_rollout", "_k_next", "_k_pi", "_k_Q"):
             getattr(m, k).BM, getattr(m, k).WARPS = bm, warps
         rows[f"triton {bm}x{warps}w"] = calls(m)

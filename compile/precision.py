@@ -21,16 +21,15 @@ from edge_tdmpc.files import atomic_write
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")
 
-# The encoder runs once per step on one row: int8 there saves nothing and costs the most (it sees raw
-# observations of 30 tasks at different scales through one per-tensor scale; measured, docs/results).
+# The encoder runs once per step on one row: int8 there saves nothing, and it is the most sensitive layer (it
+# sees raw observations of 30 tasks at different scales through one per-tensor scale; docs/results/compile-cpu.md).
 ENCODER = ("encoder.0", "encoder.1")
-# int8 keeps the two-hot output layers (101 bins each) in fp32 too: their rounding was 8x the value error and
-# cost cup-spin on every seed; fp32 there brought it back and MT30 to fp32's level over 3 seeds, for +12% time
-# on this CPU and +0.34 MB (docs/results/bench-cpu.md)
+# int8 keeps the two-hot output layers (101 bins each) in fp32 too: their rounding dominates the value error
+# and moves fine steady-state control, for little time and size (docs/results/bench-cpu.md)
 INT8_KEEP_FP32 = (*ENCODER, "reward.2", "Q.2")
 # mixed: int8 for the hidden 384x384 matmuls of reward, Q and policy, fp16 elsewhere, the encoder in fp32. The
-# dynamics' stays fp16: its rounding compounds over the horizon's latents, and int8 there alone cost
-# cartpole-balance ~45 points on every seed (measured per layer, docs/results/bench-cpu.md)
+# dynamics' stays fp16: its rounding compounds over the horizon's latents, and it is the layer whose int8
+# costs closed-loop score (per layer: docs/results/bench-cpu.md)
 MIXED = {"int8": ("reward.1", "Q.1", "pi.1"), "fp32": ENCODER}
 
 
@@ -113,7 +112,7 @@ MIN_INT8_K = 16  # narrower products (the action segment, K = action dim) stay f
 # Weights use 7 bits (|q| <= 63) of their int8. x86-64 CPUs without VNNI (AVX2 only) multiply u8 x s8 with
 # vpmaddubsw, which adds two products in int16: 2 x 255 x 127 overflows it and ONNX Runtime's integer GEMM
 # saturates, while 2 x 255 x 63 fits. ONNX Runtime documents the same cure (`reduce_range`); with 8-bit weights
-# an int8 artifact verified on a VNNI CPU gave wrong values on an AVX2 one (docs/results/compile-cpu.md).
+# an int8 artifact verified on a VNNI CPU would give wrong values on an AVX2 one.
 WEIGHT_QMAX = 63
 
 
@@ -177,7 +176,8 @@ def quantize_int8(model: onnx.ModelProto, plan: dict[str, str], recording: dict,
     point 0, scale = max|x| / 127 over real closed-loop planning steps) and reads its weight through one
     per-output-channel DequantizeLinear of an int8 initializer. Pairs are per MatMul on purpose: ONNX Runtime's
     quantize_static puts one pair on a tensor and hands the dequantized copy to every consumer, so an int8
-    policy layer would also feed rounded latents to fp32 layers and to the `z` output (measured: 4e-3).
+    policy layer would also feed rounded latents to fp32 layers and to the `z` output
+    (docs/results/compile-cpu.md).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)

@@ -13,12 +13,11 @@ import numpy as np
 
 OUTPUTS = ("action", "mean", "value", "z")
 
-# precision -> output -> (bound on mean |delta|, bound on max |delta| or None), set from the MT30 1M student
-# (docs/results/compile-cpu.md) with margin: fp32 differs from torch by reordered sums (z 5e-7, value 1e-6
-# relative, action 2e-3); fp16 rounds every activation (z 6e-4, value 5e-5, action 1e-2); bf16 keeps 8 mantissa
-# bits (z 8e-3, value 3e-3, action 0.3); int8/mixed keep the encoder in fp32 (z exact) and move values by ~1%
-# (action 0.3-0.6). For int8 the action bound is only a sanity check: two unrelated MPPI plans differ by ~0.8.
-# A broken graph fails on z or value: those are far outside (tens of percent).
+# precision -> output -> (bound on mean |delta|, bound on max |delta| or None): the observed error of each
+# precision with margin (docs/results/compile-cpu.md). fp32 differs from torch only by reordered sums; fp16
+# rounds every activation; bf16 keeps 8 mantissa bits; int8/mixed keep the encoder in fp32 (z exact) and round
+# the values a little. For int8 the action bound is only a sanity check, near the distance between two
+# unrelated MPPI plans. A broken graph fails on z or value, far outside these bounds.
 TOLERANCES = {
     "fp32": {"action": (1e-2, None), "mean": (1e-2, None), "value": (1e-4, None), "z": (1e-5, 1e-4)},
     "fp16": {"action": (0.1, None), "mean": (0.1, None), "value": (1e-3, None), "z": (2e-3, 1e-2)},

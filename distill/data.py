@@ -16,7 +16,7 @@ Memory: a batch reads only its own rows, so a 40 GB dataset trains in a few GB o
 with np.load(mmap_mode="r") (header, shapes, direct array access), but batches are read with positional reads
 (os.preadv) by default: pages of a memory map stay mapped once touched and count in RSS, and on recent kernels
 one fault maps a whole large folio, so a single batch of 256 random slices maps hundreds of MB. io="mmap"
-reads through the maps instead: 2-3x faster per batch on this CPU, but RSS grows towards the dataset's size
+reads through the maps instead: no system call per read, but RSS grows towards the dataset's size
 (reclaimable page cache, released by `release()`); use it when the data fits in RAM.
 """
 import errno

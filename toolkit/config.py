@@ -1,5 +1,5 @@
 """World-model configuration and the official size presets."""
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from edge_tdmpc.tasks import EPISODE_LENGTH, MT30_DIMS, resolve_tasks
 
@@ -66,7 +66,3 @@ def make_config(tasks="mt30", size: int | None = 1, **overrides) -> ModelConfig:
     base.update(PRESETS.get(size, {}))
     base.update(overrides)
     return ModelConfig(**base)
-
-
-def with_overrides(cfg: ModelConfig, **kw) -> ModelConfig:
-    return replace(cfg, **kw)

@@ -8,7 +8,6 @@ from dataclasses import dataclass, fields
 from functools import partial
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from edge_tdmpc.model import WorldModel
@@ -49,9 +48,6 @@ class Noise(NamedTuple):
     q_pi: torch.Tensor      # [I, S, A] N(0,1), the policy sample at the horizon's end in each iteration
     gumbel: torch.Tensor    # [K] Gumbel(0,1), picks one elite trajectory
     action: torch.Tensor    # [A] N(0,1), final exploration noise (ignored in eval mode)
-
-    def numpy(self) -> "Noise":
-        return Noise(*(np.asarray(t.cpu()) for t in self))
 
 
 def sample_noise(cfg: PlannerConfig, action_dim: int, num_q: int, generator: torch.Generator | None = None,
