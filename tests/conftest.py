@@ -1,4 +1,5 @@
-"""Shared fixtures: the real MT30 student from ../shared (skipped when absent) and a tiny random model."""
+"""Shared fixtures: the real MT30 student from ../shared (skipped when absent), a tiny random model, the compile
+tests' module-scoped model, cache and fp32 artifact."""
 import os
 from pathlib import Path
 
@@ -10,9 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CHECKPOINTS = SHARED / "checkpoints"
-PARITY = SHARED / "reference" / "parity"
+from helpers import CHECKPOINTS, PARITY, SMALL, make_tiny_model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,20 +46,6 @@ def student(checkpoint_path):
     return load_model(checkpoint_path)
 
 
-def make_tiny_model(tasks="mt30", seed=0):
-    """A small random multitask model with the real architecture (fast to run in tests)."""
-    from edge_tdmpc import WorldModel, make_config
-    torch.manual_seed(seed)
-    cfg = make_config(tasks, size=None, enc_dim=32, mlp_dim=32, latent_dim=16, num_q=2,
-                      task_dim=16 if tasks == "mt30" else 0)
-    model = WorldModel(cfg).eval()
-    # official init zeroes reward/Q output layers; give them values so outputs are not trivially 0
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
 @pytest.fixture
 def tiny_model():
     return make_tiny_model()
@@ -73,3 +58,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --- compile tests (module-scoped: built once per test module that uses them) ------------------------------------
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private compile cache for this module (never the user's ~/.cache)."""
+    old = os.environ.get("EDGE_TDMPC_CACHE")
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["EDGE_TDMPC_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("EDGE_TDMPC_CACHE", None)
+    else:
+        os.environ["EDGE_TDMPC_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(model, cache, tmp_path_factory):
+    from edge_tdmpc.compile import artifact
+    out = tmp_path_factory.mktemp("art") / "fp32"
+    return artifact.compile_model(model, "fp32", SMALL, out=out, verify_episodes=2, verify_steps=3)

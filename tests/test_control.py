@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from edge_tdmpc import save_model
 from edge_tdmpc.bench import run_bench

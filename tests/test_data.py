@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from edge_tdmpc import save_model
 from edge_tdmpc.cli import main

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from edge_tdmpc import load_model, save_model
 from edge_tdmpc.distill import losses as L

@@ -1,0 +1,158 @@
+"""Artifacts: compile into a verified directory with a manifest, refusing tampered or mismatched ones, the compile
+cache (keyed, safe for concurrent processes), targets, `edge-tdmpc compile` and the robot bundle."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from helpers import ROOT, SMALL, make_tiny_model
+
+from edge_tdmpc import save_model
+from edge_tdmpc.compile import artifact, export
+from edge_tdmpc.compile.targets import check_precision, load_target
+from edge_tdmpc.planner import PlannerConfig
+from edge_tdmpc.runtime import make_runtime
+
+
+def test_fp32_artifact_is_verified(fp32_artifact):
+    m = artifact.read_manifest(fp32_artifact)
+    assert m["status"] == "ok" and m["precision"] == "fp32" and m["runtime"] == "onnxruntime"
+    assert m["verification"]["rows"] == 6 and m["verification"]["outputs"]["z"]["max_abs"] < 1e-5
+    assert set(m["files"]) >= {"plan.onnx", "verify.npz", "networks/Q.onnx", "networks/encoder.onnx"}
+    with np.load(fp32_artifact / "verify.npz") as data:  # real closed-loop inputs + reference outputs
+        assert {"obs", "noise_sample", "expected_action", "expected_z"} <= set(data.files)
+        assert np.abs(data["obs"]).sum() > 0
+
+
+def test_tampered_or_edited_artifact_is_refused(fp32_artifact, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(fp32_artifact, bad)
+    artifact.read_manifest(bad)
+    data = bytearray((bad / "plan.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "plan.onnx").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="plan.onnx does not match its sha256"):
+        artifact.read_manifest(bad)
+    shutil.copy(fp32_artifact / "plan.onnx", bad / "plan.onnx")
+    m = json.loads((bad / "manifest.json").read_text())
+    m["precision"] = "int8"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="edited after compile"):
+        artifact.read_manifest(bad)
+    with pytest.raises(ValueError, match="no manifest.json"):
+        artifact.read_manifest(tmp_path)
+
+
+def test_mismatched_or_failed_artifact_is_refused(fp32_artifact, model):
+    with pytest.raises(ValueError, match="artifact is fp32, not fp16"):
+        make_runtime("onnxruntime", fp32_artifact, "fp16", SMALL)
+    with pytest.raises(ValueError, match="num_samples=64 \\(asked 512\\)"):
+        make_runtime("onnxruntime", fp32_artifact, "fp32", PlannerConfig())
+    m = artifact.read_manifest(fp32_artifact)
+    with pytest.raises(ValueError, match="other weights"):
+        artifact.check_matches(m, model=make_tiny_model(seed=1))
+    failed = {**m, "status": "failed"}
+    failed["verification"] = {**m["verification"], "outputs": {"z": {"ok": False}}}
+    with pytest.raises(ValueError, match="failed verification \\(z outside tolerance\\)"):
+        artifact.check_matches(failed)
+
+
+def test_runtime_compiles_on_the_fly_into_a_keyed_cache(model, cache):
+    rt = make_runtime("onnxruntime", model, "fp16", SMALL, seed=0)
+    again = make_runtime("onnxruntime", model, "fp16", SMALL, seed=0)
+    assert rt.dir == again.dir and rt.dir.parent == cache / "artifacts"
+    other = make_runtime("onnxruntime", model, "fp32", SMALL, seed=0)
+    assert other.dir != rt.dir
+    obs = np.zeros(24, np.float32)
+    assert np.abs(rt.act(obs, 0, True) - other.act(obs, 0, True)).max() < 0.1
+
+
+def test_compile_cache_is_safe_for_concurrent_processes(tmp_path):
+    """Two processes asking the cache for the same artifact at once: one compiles, the other waits for it and
+    reads what it built (no half-written directory, no second compile)."""
+    code = """if True:
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from helpers import make_tiny_model
+        from edge_tdmpc.compile import artifact
+        from edge_tdmpc.planner import PlannerConfig
+        small = PlannerConfig(num_samples=16, num_elites=4, num_pi_trajs=2, iterations=2)
+        out = artifact.compile_cached(make_tiny_model(), "fp32", small, echo=lambda m: print("compiling", m),
+                                      verify_episodes=1, verify_steps=2)
+        artifact.read_manifest(out)
+        print("artifact", out)"""
+    env = {**os.environ, "EDGE_TDMPC_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT / "tests")], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    dirs = {line for out, _ in outs for line in out.splitlines() if line.startswith("artifact ")}
+    assert len(dirs) == 1
+    assert sum("compiling" in out for out, _ in outs) == 1
+    assert [p.name for p in (tmp_path / "cache" / "artifacts").iterdir() if not p.name.endswith(".lock")] == \
+        [Path(dirs.pop().split()[1]).name]  # no temporary directory left behind
+
+
+def test_targets():
+    assert load_target("jetson")["name"] == "orin-nano"
+    assert load_target("agx-orin")["gpu"]["compute_capability"] == "8.7"
+    assert {load_target(n)["family"] for n in ("cpu", "thor", "x86-dgpu")} == {"cpu", "jetson", "dgpu"}
+    with pytest.raises(ValueError, match="did you mean orin-nano"):
+        load_target("orin-nan")
+    with pytest.raises(ValueError, match="does not support bf16"):
+        check_precision(load_target("xavier-nx"), "bf16")
+
+
+def test_cli_compile_cpu_and_jetson_bundle(model, cache, tmp_path):
+    from edge_tdmpc.cli import main
+    ckpt = tmp_path / "tiny.pt"
+    save_model(model, ckpt)
+    runner = CliRunner()
+    small = ["--samples", "64", "--elites", "8", "--pi-trajs", "4", "--iterations", "3", "--verify-episodes", "1"]
+    res = runner.invoke(main, ["compile", str(ckpt), "--out", str(tmp_path / "cpu"), *small])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"status\s+ok", res.output) and "PASS" in res.output
+    res = runner.invoke(main, ["compile", str(ckpt), "--precision", "fp16", "--target", "jetson",
+                               "--out", str(tmp_path / "jetson"), *small])
+    assert res.exit_code == 0, res.output
+    m = artifact.read_manifest(tmp_path / "jetson")
+    assert m["target"] == "orin-nano" and m["runtime"] == "tensorrt" and m["engine"]["status"] == "bundle"
+    assert m["checkpoint_sha256"] == artifact.file_sha256(ckpt)
+    assert {"build_engine.py", "verify.py", "control.py", "plan.onnx", "verify.npz"} <= set(m["files"])
+    assert m["layernorm"] == "native" and m["tensorrt_min"] == "8.6.2"
+    res = runner.invoke(main, ["compile", str(ckpt), "--precision", "fp16", "--target", "xavier-nx",
+                               "--out", str(tmp_path / "xavier"), *small])
+    assert res.exit_code == 0, res.output
+    m = artifact.read_manifest(tmp_path / "xavier")
+    assert m["layernorm"].startswith("primitive") and m["verification"]["ok"]
+    ops = {n.op_type for n in onnx.load(tmp_path / "xavier" / "plan.onnx").graph.node}
+    assert "LayerNormalization" not in ops and ops <= set(export.TENSORRT_OPS)
+    res = runner.invoke(main, ["compile", str(ckpt), "--precision", "bf16", "--target", "xavier-nx", *small])
+    assert res.exit_code == 2 and "does not support bf16" in res.output
+    res = runner.invoke(main, ["compile", str(ckpt), "--precision", "int8", "--calib-percentile", "0", *small])
+    assert res.exit_code == 2 and "calib-percentile must be in (0, 100]" in res.output
+    res = runner.invoke(main, ["targets"])
+    assert res.exit_code == 0 and "orin-nano" in res.output and "thor" in res.output
+
+
+def test_bundle_builder_needs_no_torch(tmp_path):
+    """build_engine.py (= trt.py) must import on a robot with numpy only: no torch, no edge_tdmpc."""
+    import shutil
+    script = shutil.copy(ROOT / "compile" / "trt.py", tmp_path / "build_engine.py")
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.modules['edge_tdmpc'] = None; "
+            f"sys.argv = ['build_engine.py', '--help']; runpy.run_path({str(script)!r}, run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0 and "Build (and verify) the TensorRT engine" in res.stdout, res.stderr
+    shutil.copy(ROOT / "toolkit" / "control.py", tmp_path / "control.py")  # the bundle's control loop too
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['edge_tdmpc'] = None; "
+            "from control import ActionFilter; print(ActionFilter(alpha=0.5)([0.4]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0 and "[0.4]" in res.stdout, res.stderr
+
