@@ -1,4 +1,5 @@
-"""`edge-tdmpc bench MODEL ...` (closed-loop benchmark) and `edge-tdmpc bench compare A.json B.json`."""
+"""`edge-tdmpc bench MODEL ...` (closed-loop benchmark), `edge-tdmpc bench compare A.json B.json` and
+`edge-tdmpc demo` (every stage at small scale, benched)."""
 import os
 import shlex
 import sys
@@ -101,4 +102,19 @@ def compare_cmd(a, b):
     click.echo(compare(load_report(a), load_report(b)), nl=False)
 
 
-COMMANDS = [bench]
+@click.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--quick", is_flag=True, help="the CI form: tiny budgets, a couple of minutes")
+@click.option("--teacher", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="use this teacher instead of training one (trained on --tasks)")
+@click.option("--tasks", default=None, help="comma-separated tasks [the demo's easy set]")
+@click.option("--workers", default=2, show_default=True, help="collection worker processes")
+@click.option("--seed", default=1, show_default=True)
+@click.option("--threads", default=1, show_default=True, help="torch threads (the demo's models are small)")
+def demo(out, quick, teacher, tasks, workers, seed, threads):
+    """The whole pipeline at small scale on CPU: teacher -> data -> distilled student and from-scratch
+    baseline -> compile -> bench -> OUT/report.md. Rerun to resume."""
+    from edge_tdmpc.bench.demo import demo as run
+    report = run(out, quick=quick, teacher=teacher, tasks=tasks, workers=workers, seed=seed, echo=click.echo,
+                 threads=threads)
+    click.echo(f"report: {report}")

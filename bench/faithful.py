@@ -10,9 +10,9 @@ import time
 import numpy as np
 import torch
 
+from edge_tdmpc.compile.runtimes import make_runtime
 from edge_tdmpc.planner import PlannerConfig, sample_noise
 from edge_tdmpc.rollout import run
-from edge_tdmpc.runtime import make_runtime
 from edge_tdmpc.tasks import fit_obs
 
 # Bounds on the median over steps of max_j |Δa_j| against fp32 eager (actions live in [-1, 1]). The median, not
@@ -81,7 +81,7 @@ def replay(runtime, segments, eval_mode=False) -> dict:
 
 
 def check_actions(model, pairs, tasks, n: int, planner: PlannerConfig, seed=1, eval_mode=False,
-                  runtime_models=None, device="cpu") -> list[dict]:
+                  artifacts=None, device="cpu") -> list[dict]:
     """Max/median |Δaction| of every (runtime, precision) against fp32 eager on the same inputs and noise."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # latencies comparable with the episode workers
@@ -89,7 +89,7 @@ def check_actions(model, pairs, tasks, n: int, planner: PlannerConfig, seed=1, e
         segments = record(model, tasks, n, planner, seed, eval_mode)
         out = []
         for runtime, precision in pairs:
-            src = (runtime_models or {}).get((runtime, precision), model)
+            src = (artifacts or {}).get((runtime, precision), model)
             rt = make_runtime(runtime, src, precision, planner, seed=seed, device=device)
             try:
                 res = replay(rt, segments, eval_mode)

@@ -37,7 +37,8 @@ stage_compile() {
     --json "$out/gpu-compile.json" 2>&1 | tee "$out/gpu-compile.txt"
 }
 stage_tests() {
-  timeout "${PYTEST_S:-300}" python3 -m pytest -q -p no:cacheprovider -m "gpu or trt" -rs tests 2>&1 \
+  { timeout "${PYTEST_S:-300}" python3 -m pytest -q -p no:cacheprovider -m "gpu or trt" -rs tests
+    timeout "${PTXAS_S:-200}" python3 -m pytest -q -p no:cacheprovider -m slow -rs tests/test_kernels.py; } 2>&1 \
     | tee "$out/pytest-gpu.txt"
 }
 stage_speed() {

@@ -18,11 +18,13 @@ from edge_tdmpc.bench import faithful, report
 from edge_tdmpc.bench.meters import environment
 from edge_tdmpc.bench.runner import EpisodeLog, Job, Settings, run_jobs
 from edge_tdmpc.checkpoint import load_model, read_state_dict
+from edge_tdmpc.compile.artifact import read_manifest
+from edge_tdmpc.compile.runtimes import ARTIFACT_RUNTIMES, compile_for, make_runtime, runtime_class
 from edge_tdmpc.control import ActionFilter, check_budget, check_fallback
 from edge_tdmpc.files import atomic_write_text, file_sha256
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import PlannerConfig
-from edge_tdmpc.runtime import PRECISIONS, make_runtime, runtime_class
+from edge_tdmpc.runtime import PRECISIONS
 from edge_tdmpc.tasks import resolve_tasks
 
 CHECK_FILE = "check.json"
@@ -76,11 +78,6 @@ def open_model(model, tasks=("mt30",), model_tasks=None):
         return ref.eval(), ref, {}, {"kind": "in-memory", "path": None, "sha256": _state_sha256(ref)}
     path = Path(model)
     if path.is_dir():
-        try:
-            from edge_tdmpc.compile.artifact import read_manifest
-        except ModuleNotFoundError:
-            raise ValueError(f"{path} is a directory, but this install has no edge_tdmpc.compile to read compiled "
-                             "artifacts; pass a checkpoint file") from None
         manifest = read_manifest(path)
         if not manifest.get("checkpoint"):
             raise ValueError(f"{path} names no source checkpoint (compiled from a model in memory); compile it from "
@@ -132,7 +129,7 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
               eval_mode=False, planner: PlannerConfig | dict | None = None, workers=None, resume=False, hz=None,
               check_actions=0, warmup=3, device="cpu", model_tasks=None, progress=True, command=None,
               realtime=False, latency_ms=None, fallback="hold", smooth=1.0, rate_limit=None, budget=1.0,
-              echo=print) -> dict:
+              compile_options: dict | None = None, echo=print) -> dict:
     """Closed-loop benchmark of `model` (checkpoint, artifact dir or WorldModel); returns report.json's dict.
 
     runtimes / precisions: comma-separated or lists (default torch / fp32; for an artifact: fp32 eager and the
@@ -141,9 +138,11 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
     trained on (default mt30, or the benched task for a single-task file). realtime: run each runtime as the
     robot's fixed-rate loop would at `hz` (`edge_tdmpc.control`): an action lands when its measured planning
     latency (or `latency_ms`) and the tick's `budget` allow, ticks between take the `fallback`; smooth /
-    rate_limit filter actions.
+    rate_limit filter actions. compile_options: `artifact.compile_model` options (calibration, verification, layer
+    precisions) for the runtimes that run a compiled artifact, which are compiled here before any episode.
     """
     # --- validate everything before the first episode ---
+    compile_options = compile_options or {}
     tasks = resolve_tasks(tasks)
     if not tasks:
         raise ValueError("no tasks given: pass --tasks mt30 or comma-separated task names")
@@ -188,10 +187,11 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
     settings = Settings(identity, seed, steps, eval_mode, planner, control)
     log = EpisodeLog(out, settings, resume)
     sizes = {}
-    for rt_name, prec in pairs:  # builds each runtime once: validates it and fills compile caches for workers
-        rt = make_runtime(rt_name, artifacts.get((rt_name, prec), ref_model), prec, planner, seed, device)
-        sizes[rt_name, prec] = rt.size_bytes()
-        rt.close()
+    for rt_name, prec in pairs:  # the compile step of compiled runtimes, then each runtime once (validates it)
+        if rt_name in ARTIFACT_RUNTIMES and (rt_name, prec) not in artifacts:
+            artifacts[rt_name, prec] = str(compile_for(rt_name, ref_model, prec, planner, echo, **compile_options))
+        with make_runtime(rt_name, artifacts.get((rt_name, prec), ref_model), prec, planner, seed, device) as rt:
+            sizes[rt_name, prec] = rt.size_bytes()
 
     # --- faithfulness on identical inputs (cached, so a resumed run does not redo it) ---
     check = None

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from edge_tdmpc.bench.meters import MIB, PeakRss, device_memory_peak_mib, device_memory_reset
+from edge_tdmpc.compile.runtimes import make_runtime
 from edge_tdmpc.files import atomic_write_text
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.rollout import evaluation_episode
-from edge_tdmpc.runtime import make_runtime
 
 EPISODES_FILE, RUN_FILE = "episodes.jsonl", "run.json"
 PROGRESS_EVERY = 10  # steps between progress messages from a worker
@@ -88,11 +88,11 @@ def run_episode(runtime, model_cfg, task: str, seed: int, episode: int, steps: i
 _W: dict = {}
 
 
-def _init_worker(source, runtime_models, planner, settings, device, warmup):
+def _init_worker(source, artifacts, planner, settings, device, warmup):
     torch.set_num_threads(1)  # one core per worker; also makes results independent of the worker count
     from edge_tdmpc.checkpoint import load_model
     model = load_model(*source) if isinstance(source, tuple) else source  # (checkpoint, its task set)
-    _W.update(model=model, runtime_models=runtime_models, planner=planner, settings=settings, device=device,
+    _W.update(model=model, artifacts=artifacts, planner=planner, settings=settings, device=device,
               warmup=warmup, pair=None, runtime=None)
 
 
@@ -101,7 +101,7 @@ def _runtime(runtime: str, precision: str):
     if _W["pair"] != (runtime, precision):
         if _W["runtime"] is not None:
             _W["runtime"].close()
-        model = _W["runtime_models"].get((runtime, precision), _W["model"])
+        model = _W["artifacts"].get((runtime, precision), _W["model"])
         rt = make_runtime(runtime, model, precision, _W["planner"], seed=0, device=_W["device"])
         cfg = _W["model"].cfg
         obs, task = np.zeros(cfg.obs_dim, np.float32), 0 if cfg.multitask else None
@@ -182,7 +182,7 @@ class EpisodeLog:
         self.records[Job(rec["runtime"], rec["precision"], rec["task"], rec["episode"]).key] = rec
 
 
-def run_jobs(jobs: list[Job], log: EpisodeLog, source, runtime_models: dict, planner: PlannerConfig,
+def run_jobs(jobs: list[Job], log: EpisodeLog, source, artifacts: dict, planner: PlannerConfig,
              settings: Settings, workers: int, device="cpu", warmup=3, pbar=None):
     """Run the jobs not yet in the log on `workers` spawned processes, appending each episode as it finishes.
 
@@ -197,7 +197,7 @@ def run_jobs(jobs: list[Job], log: EpisodeLog, source, runtime_models: dict, pla
     n = max(1, min(workers, len(todo)))
     for job in [*todo, *[None] * n]:
         job_q.put(job)
-    init = (source, runtime_models, planner, settings, device, warmup)
+    init = (source, artifacts, planner, settings, device, warmup)
     procs = [ctx.Process(target=_worker, args=(init, job_q, results), daemon=True) for _ in range(n)]
     for p in procs:
         p.start()

@@ -13,10 +13,10 @@ import json
 import numpy as np
 
 from edge_tdmpc.checkpoint import load_model
+from edge_tdmpc.compile.runtimes import compiled_runtime
 from edge_tdmpc.control import DeadlineSim, RealtimeLoop
 from edge_tdmpc.envs import episode_env
 from edge_tdmpc.rollout import run, runtime_actor
-from edge_tdmpc.runtime import make_runtime
 from edge_tdmpc.tasks import fit_obs
 
 
@@ -39,7 +39,7 @@ def compare(model, task: str, hz: float, ticks: int, runtime="onnxruntime", prec
             seed=1, warmup=3) -> dict:
     """{"wall": ..., "sim": ...}: return and `TickStats.summary()` of each mode from the same initial state."""
     ti = model.cfg.tasks.index(task) if model.cfg.multitask else None
-    rt = make_runtime(runtime, model, precision, seed=0)
+    rt = compiled_runtime(runtime, model, precision, seed=0, echo=print)
     for i in range(warmup):  # lazy init and allocation outside the timed loop
         rt.act(np.zeros(model.cfg.obs_dim, np.float32), ti, t0=i == 0)
     out = {}

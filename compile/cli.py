@@ -87,6 +87,3 @@ def targets_cmd():
     """List the device profiles `compile --target` knows."""
     from edge_tdmpc.compile.targets import summary_rows
     click.echo("\n".join(summary_rows()))
-
-
-COMMANDS = [compile_cmd, targets_cmd]

@@ -24,7 +24,7 @@ from edge_tdmpc.compile import artifact
 from edge_tdmpc.compile.fused import FusedWorldModel
 from edge_tdmpc.compile.record import plan_feed
 from edge_tdmpc.planner import Noise, PlannerConfig, plan, sample_noise
-from edge_tdmpc.runtime import PRECISIONS, TORCH_DTYPES, Runtime, register_runtime
+from edge_tdmpc.runtime import PRECISIONS, TORCH_DTYPES, Runtime, TorchRuntime
 from edge_tdmpc.tasks import discount, fit_obs
 
 
@@ -33,36 +33,32 @@ def _numpy(t):
 
 
 class _ArtifactRuntime(Runtime):
-    """Model-or-artifact resolution, noise drawn like planner.Agent, observation padding, warm-start state."""
+    """A compiled artifact's runtime: noise drawn like planner.Agent, observation padding, warm-start state.
+    It loads an artifact directory; compiling one is `artifact.compile_model` / `compiled_runtime`."""
     precisions = PRECISIONS
-    target = "cpu"
+    target = "cpu"  # the device profile `compiled_runtime` compiles for
 
-    def __init__(self, model, precision="fp32", planner=None, seed=0, device=None):
-        if isinstance(model, (str, Path)):
-            manifest = artifact.read_manifest(model)
-            precision = precision or manifest["precision"]
-            super().__init__(None, precision, planner, seed, device)
-            artifact.check_matches(manifest, precision, planner)
-            self.dir = Path(model)
-            self.planner = PlannerConfig(**manifest["planner"])
-        else:
-            super().__init__(model, precision, planner, seed, device)
-            self._check_available()
-            self.dir = artifact.compile_cached(model, precision, self.planner, target=self.target)
-            manifest = artifact.read_manifest(self.dir)
-            artifact.check_matches(manifest, precision, self.planner)
-        self.manifest = manifest
+    def __init__(self, directory, precision=None, planner=None, seed=0, device=None):
+        if not isinstance(directory, (str, Path)):
+            raise ValueError(f"runtime '{self.name}' runs a compiled artifact, not a model: compile it first "
+                             "(`edge-tdmpc compile`, or edge_tdmpc.compile.runtimes.compiled_runtime)")
+        manifest = artifact.read_manifest(directory)
+        super().__init__(precision or manifest["precision"], planner, seed)
+        artifact.check_matches(manifest, self.precision, planner)
+        self.dir, self.manifest = Path(directory), manifest
+        self.cfg = PlannerConfig(**manifest["planner"])
         m = manifest["model"]
         self.tasks, self.obs_dim, self.action_dim, self.num_q = m["tasks"], m["obs_dim"], m["action_dim"], m["num_q"]
         self.multitask = len(self.tasks) > 1
         self.reset(seed)
 
-    def _check_available(self):
+    @classmethod
+    def check_available(cls):
         """Raise a one-line ValueError before compiling when this runtime cannot run here."""
 
     def reset(self, seed=None):
         self.generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
-        self.prev_mean = np.zeros((self.planner.horizon, self.action_dim), np.float32)
+        self.prev_mean = np.zeros((self.cfg.horizon, self.action_dim), np.float32)
 
     def _obs(self, obs, task):
         return fit_obs(_numpy(obs), self.obs_dim, self.tasks[task] if self.multitask and task is not None else None)
@@ -71,14 +67,14 @@ class _ArtifactRuntime(Runtime):
         if self.multitask and (task is None or not 0 <= task < len(self.tasks)):
             raise ValueError(f"multi-task artifact: pass task=<index into its {len(self.tasks)} tasks>, not {task!r}")
         if noise is None:
-            noise = sample_noise(self.planner, self.action_dim, self.num_q, self.generator)
+            noise = sample_noise(self.cfg, self.action_dim, self.num_q, self.generator)
         feed = plan_feed(self._obs(obs, task), task, self.prev_mean, t0, noise)
         if eval_mode:  # action + std[0] * 0 == action: the eval-mode action of the same graph
             feed["noise_action"] = np.zeros_like(feed["noise_action"])
         return feed
 
     def _step(self, out: dict, eval_mode) -> np.ndarray:
-        if not self.planner.mpc:
+        if not self.cfg.mpc:
             return (out["mean"] if eval_mode else out["action"]).astype(np.float32)
         self.prev_mean = out["mean"]
         return out["action"].astype(np.float32)
@@ -87,12 +83,12 @@ class _ArtifactRuntime(Runtime):
         return artifact.artifact_size(self.dir, self.manifest)
 
 
-@register_runtime("onnxruntime")
 class OnnxRuntime(_ArtifactRuntime):
     """plan.onnx on ONNX Runtime: one session call per control step."""
+    name = "onnxruntime"
 
-    def __init__(self, model, precision="fp32", planner=None, seed=0, device=None, threads=None):
-        super().__init__(model, precision, planner, seed, device)
+    def __init__(self, directory, precision=None, planner=None, seed=0, device=None, threads=None):
+        super().__init__(directory, precision, planner, seed, device)
         from edge_tdmpc.compile.session import OnnxSession
         self.session = OnnxSession(self.dir / self.manifest["graph"], device, threads,
                                    trt_cache=self.dir / "ort-trt-cache" if device == "tensorrt" else None,
@@ -102,21 +98,22 @@ class OnnxRuntime(_ArtifactRuntime):
         return self._step(self.session.run(self.feed(obs, task, t0, eval_mode, noise)), eval_mode)
 
 
-@register_runtime("tensorrt")
 class TensorRTRuntime(_ArtifactRuntime):
     """A TensorRT engine of plan.onnx (built on first use, or by build_engine.py on a Jetson), CUDA-graphed."""
+    name = "tensorrt"
     target = "x86-dgpu"
 
-    def __init__(self, model, precision="fp32", planner=None, seed=0, device=None, cuda_graph=True):
-        super().__init__(model, precision, planner, seed, device)
+    def __init__(self, directory, precision=None, planner=None, seed=0, device=None, cuda_graph=True):
+        super().__init__(directory, precision, planner, seed, device)
         from edge_tdmpc.compile import trt
         engine = self.dir / "plan.engine"
-        if not engine.exists():  # an artifact compiled elsewhere (a Jetson bundle): build it here
-            trt.build_engine(self.dir / self.manifest["graph"], engine, self.manifest["precision"],
-                             timing_cache=self.dir / "timing.cache")
+        if not engine.exists():
+            raise ValueError(f"{self.dir} has no plan.engine: build it on this GPU (python3 {self.dir}/build_engine.py)"
+                             " or compile for this GPU's target")
         self.engine = trt.Engine(engine, cuda_graph=cuda_graph)
 
-    def _check_available(self):
+    @classmethod
+    def check_available(cls):
         from edge_tdmpc.compile import trt
         trt._trt()
 
@@ -146,7 +143,6 @@ def graph_step(model, cfg: PlannerConfig, obs, task, prev_mean, t0, noise: Noise
     return action, mean
 
 
-@register_runtime("torch-cuda-graph")
 class TorchCudaGraphRuntime(Runtime):
     """`planner.plan` on a CUDA GPU with the whole step - noise drawn on the device included - in one CUDA graph.
 
@@ -158,16 +154,13 @@ class TorchCudaGraphRuntime(Runtime):
     Per step the host does one copy in (observation, task, t0, discount and exploration staged in one
     page-locked buffer), one replay and one copy out; the warm-start mean stays on the device.
     """
+    name = "torch-cuda-graph"
     precisions = ("fp32", "fp16", "bf16")
     world = None  # model -> the same model with faster networks (fused.py, kernels.py)
     capture = True  # False: run the step eagerly, without a CUDA graph (how the CPU tests check the rest)
 
     def __init__(self, model, precision="fp32", planner=None, seed=0, device=None):
-        if isinstance(model, (str, Path)):
-            manifest = artifact.read_manifest(model)
-            planner = planner or PlannerConfig(**manifest["planner"])
-            model = artifact.load_model_for(manifest)
-        super().__init__(model, precision, planner, seed, device)
+        super().__init__(precision, planner, seed)
         if self.capture and not torch.cuda.is_available():
             raise ValueError(f"{self.name} needs a CUDA GPU (torch.cuda.is_available() is False): use "
                              "'onnxruntime' or 'torch' here")
@@ -187,20 +180,20 @@ class TorchCudaGraphRuntime(Runtime):
         self.gammas = [discount(L) for L in c.episode_lengths] if c.multitask else [0.99]
         # static buffers, fp32 as plan() keeps its inputs and statistics (the model casts to its precision)
         z = lambda *s, dtype=torch.float32: torch.zeros(*s, device=self.device, dtype=dtype)  # noqa: E731
-        H, A, pin = self.planner.horizon, c.action_dim, self.device.type == "cuda"
+        H, A, pin = self.cfg.horizon, c.action_dim, self.device.type == "cuda"
         self.host_in = torch.zeros(c.obs_dim + 4, pin_memory=pin)  # obs, task, t0, gamma, explore
         self.host_action = torch.zeros(A, pin_memory=pin)  # page-locked: both copies are DMA, no staging
         self.inputs, self.prev_mean = z(c.obs_dim + 4), z(H, A)
-        self.noise_in = Noise(*(z(*t.shape, dtype=t.dtype) for t in sample_noise(self.planner, A, c.num_q)))
+        self.noise_in = Noise(*(z(*t.shape, dtype=t.dtype) for t in sample_noise(self.cfg, A, c.num_q)))
         self.graphs = {}
         self.step = graph_step
         self.reset(seed)
 
     def _plan(self, draw: bool):
         c, D, x = self.model.cfg, self.model.cfg.obs_dim, self.inputs
-        noise = draw_noise(self.planner, c.action_dim, c.num_q, self.device) if draw else self.noise_in
+        noise = draw_noise(self.cfg, c.action_dim, c.num_q, self.device) if draw else self.noise_in
         task = x[D:D + 1] if c.multitask else None
-        action, mean = self.step(self.model, self.planner, x[:D], task, self.prev_mean, x[D + 1], noise, x[D + 2],
+        action, mean = self.step(self.model, self.cfg, x[:D], task, self.prev_mean, x[D + 1], noise, x[D + 2],
                                  x[D + 3])
         self.prev_mean.copy_(mean)  # the next step's warm start, without a trip through the host
         return action.float()
@@ -248,23 +241,23 @@ class TorchCudaGraphRuntime(Runtime):
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
-@register_runtime("torch-compile")
 class TorchCompileRuntime(TorchCudaGraphRuntime):
     """torch-cuda-graph with the planning step fused by torch.compile first: Inductor merges the elementwise
     chains (LayerNorm + Mish, SimNorm, the two-hot decode, the MPPI update) into Triton kernels, so the captured
     graph replays a few hundred kernels instead of ~1300. Compiling takes a minute or two per precision; noise
     draws stay outside the compiled region, inside the graph."""
+    name = "torch-compile"
 
     def __init__(self, model, precision="fp32", planner=None, seed=0, device=None):
         super().__init__(model, precision, planner, seed, device)
         self.step = torch.compile(graph_step, fullgraph=True, dynamic=False)
 
 
-@register_runtime("torch-compile-fused")
 class TorchCompileFusedRuntime(TorchCompileRuntime):
     """torch-compile over a FusedWorldModel: each rollout step runs the reward and dynamics MLPs as one stacked
     network, one GEMM per layer for both, so fewer kernels per step. Kept beside torch-compile until a GPU run
     shows which is faster."""
+    name = "torch-compile-fused"
     world = staticmethod(FusedWorldModel.of)
 
 
@@ -273,16 +266,55 @@ def _triton_world(model):
     return TritonWorldModel.of(model)
 
 
-@register_runtime("torch-cuda-graph-triton")
 class TorchCudaGraphTritonRuntime(TorchCudaGraphRuntime):
     """torch-cuda-graph over a TritonWorldModel, without Inductor: the Triton MLP kernels alone, and a fallback
     where torch.compile will not take them."""
+    name = "torch-cuda-graph-triton"
     world = staticmethod(_triton_world)
 
 
-@register_runtime("torch-compile-triton")
 class TorchCompileTritonRuntime(TorchCompileRuntime):
     """torch-compile over a TritonWorldModel: dynamics, reward, policy and the chosen Q heads each run as one
     Triton kernel (all three layers of an MLP in one launch), Inductor fuses the planner's statistics around
     them, and the step is captured in one CUDA graph: ~15 launches per MPPI iteration instead of ~50."""
+    name = "torch-compile-triton"
     world = staticmethod(_triton_world)
+
+
+RUNTIMES: dict[str, type[Runtime]] = {r.name: r for r in (
+    TorchRuntime, OnnxRuntime, TensorRTRuntime, TorchCudaGraphRuntime, TorchCompileRuntime, TorchCompileFusedRuntime,
+    TorchCudaGraphTritonRuntime, TorchCompileTritonRuntime)}
+ARTIFACT_RUNTIMES = tuple(n for n, r in RUNTIMES.items() if issubclass(r, _ArtifactRuntime))
+
+
+def runtime_class(name: str) -> type[Runtime]:
+    if name not in RUNTIMES:
+        raise ValueError(f"unknown runtime '{name}': choose from {list(RUNTIMES)}")
+    return RUNTIMES[name]
+
+
+def make_runtime(name: str, source, precision="fp32", planner=None, seed=0, device=None) -> Runtime:
+    """The runtime `name` over `source`: a WorldModel for the torch runtimes, a compiled artifact directory for
+    onnxruntime and tensorrt (`compiled_runtime` compiles one first)."""
+    return runtime_class(name)(source, precision=precision, planner=planner, seed=seed, device=device)
+
+
+def compile_for(name: str, model, precision="fp32", planner=None, echo=None, **compile_options) -> Path:
+    """The compile step of a compiled runtime: `model`'s artifact for it, from the cache when it was compiled
+    before (`artifact.compile_cached`), its directory named through `echo`."""
+    cls = runtime_class(name)
+    if name not in ARTIFACT_RUNTIMES:
+        raise ValueError(f"runtime '{name}' runs a model as it is: there is nothing to compile for it")
+    cls.check_available()
+    directory = artifact.compile_cached(model, precision, planner, target=cls.target, echo=echo, **compile_options)
+    if echo is not None:
+        echo(f"{name} {precision}: artifact {directory}")
+    return directory
+
+
+def compiled_runtime(name: str, model, precision="fp32", planner=None, seed=0, device=None, echo=None,
+                     **compile_options) -> Runtime:
+    """`model` compiled for the runtime `name` (`compile_for`), then loaded; torch runtimes take it as it is."""
+    source = compile_for(name, model, precision, planner, echo, **compile_options) if name in ARTIFACT_RUNTIMES \
+        else model
+    return make_runtime(name, source, precision, planner, seed, device)

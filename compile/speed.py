@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from edge_tdmpc.compile import record
+from edge_tdmpc.compile.runtimes import compiled_runtime, make_runtime
 from edge_tdmpc.files import atomic_write
 from edge_tdmpc.planner import PlannerConfig, sample_noise
 from edge_tdmpc.rollout import evaluation_episode
-from edge_tdmpc.runtime import make_runtime
 
 
 def _runtimes(model, precisions, planner, names=("onnxruntime",), device="cpu"):
@@ -39,7 +39,7 @@ def _runtimes(model, precisions, planner, names=("onnxruntime",), device="cpu"):
             if name.startswith("torch-") and p not in ("fp32", "fp16", "bf16"):
                 continue
             ort_device = device if name == "onnxruntime" and device != "cpu" else None  # its CUDA provider
-            out[(name, p)] = make_runtime(name, model, p, planner, device=ort_device)
+            out[(name, p)] = compiled_runtime(name, model, p, planner, device=ort_device, echo=print)
     return out
 
 

@@ -367,6 +367,20 @@ class Planner:
         shape = engine.inputs["prev_mean"].shape if "prev_mean" in engine.inputs else None
         self.prev_mean = np.zeros(shape, np.float32) if shape else None
 
+    def reset(self, seed=None):
+        """Start of an episode: the warm start cleared (and the noise reseeded when given a seed)."""
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        if self.prev_mean is not None:
+            self.prev_mean = np.zeros_like(self.prev_mean)
+
+    def planned_mean(self):
+        return None if self.prev_mean is None else self.prev_mean.copy()
+
+    def advance_mean(self, ticks: int):
+        if self.prev_mean is not None:
+            _bundled("control").shift_mean(self.prev_mean, ticks)
+
     def act(self, obs, task=0, t0=False, eval_mode=False):
         feeds = {"obs": obs, "task": np.array([task]), "t0": np.array([float(t0)]),
                  **numpy_noise(self.engine, self.rng, self.num_q)}
@@ -380,14 +394,20 @@ class Planner:
         return out["action"]
 
 
+def _bundled(name: str):
+    """edge_tdmpc's module `name` (control, verify), or in a deploy bundle the copy beside this file."""
+    import importlib
+    try:
+        return importlib.import_module(f"edge_tdmpc.{'compile.' if name == 'verify' else ''}{name}")
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        return importlib.import_module(name)
+
+
 # --- verify on the device ---------------------------------------------------------------------------------
 def verify_engine(engine: Engine, directory: Path, manifest: dict) -> tuple[bool, str]:
     """Recorded inputs (verify.npz) through the engine vs the fp32 reference outputs stored with them."""
-    try:
-        from edge_tdmpc.compile.verify import compare, format_checks
-    except ImportError:  # in a deploy bundle: the copy beside this file
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from verify import compare, format_checks
+    compare, format_checks = (getattr(_bundled("verify"), f) for f in ("compare", "format_checks"))
     data = np.load(directory / manifest["verification"]["file"])
     n = len(data["obs"])
     outputs, expected = [], []

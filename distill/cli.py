@@ -1,4 +1,4 @@
-"""`edge-tdmpc distill | train | demo`: thin wrappers over edge_tdmpc.distill functions."""
+"""`edge-tdmpc distill | train`: thin wrappers over edge_tdmpc.distill functions."""
 import click
 
 _DIMS = ("enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "num_q", "task_dim", "simnorm_dim")
@@ -119,24 +119,3 @@ def train(tasks, size, dims, steps, out, mpc, seed_steps, episode_steps, utd, ba
             logger=logger, progress=progress, echo=click.echo)
     click.echo(f"model: {s['model']} ({s['env_steps']} env steps, {s['updates']} updates); "
                f"its episodes: {out}/replay (usable with `edge-tdmpc distill --data`)")
-
-
-@click.command()
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--quick", is_flag=True, help="the CI form: tiny budgets, a couple of minutes")
-@click.option("--teacher", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="use this teacher instead of training one (trained on --tasks)")
-@click.option("--tasks", default=None, help="comma-separated tasks [the demo's easy set]")
-@click.option("--workers", default=2, show_default=True, help="collection worker processes")
-@click.option("--seed", default=1, show_default=True)
-@click.option("--threads", default=1, show_default=True, help="torch threads (the demo's models are small)")
-def demo(out, quick, teacher, tasks, workers, seed, threads):
-    """The whole pipeline at small scale on CPU: teacher -> data -> distilled student and from-scratch
-    baseline -> compile -> bench -> OUT/report.md. Rerun to resume."""
-    from edge_tdmpc.distill.demo import demo as run
-    report = run(out, quick=quick, teacher=teacher, tasks=tasks, workers=workers, seed=seed, echo=click.echo,
-                 threads=threads)
-    click.echo(f"report: {report}")
-
-
-COMMANDS = [distill, train, demo]

@@ -57,6 +57,3 @@ def info(directory):
     """Size, dims and episodes per task of a dataset DIRECTORY."""
     from edge_tdmpc.distill.data import summarize
     click.echo(summarize(directory))
-
-
-COMMANDS = [data]

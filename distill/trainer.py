@@ -467,9 +467,9 @@ def closed_loop_eval(model: WorldModel, tasks, episodes=1, steps=100, seed=0, mp
     runtime, eval-mode actions, seeds as `edge-tdmpc bench` draws them) -> {task: mean return}."""
     from edge_tdmpc.planner import PlannerConfig
     from edge_tdmpc.rollout import evaluation_episode
-    from edge_tdmpc.runtime import make_runtime
+    from edge_tdmpc.runtime import TorchRuntime
     model.eval()
-    rt = make_runtime("torch", model, "fp32", PlannerConfig.make(mpc=mpc, **planner), seed=seed)
+    rt = TorchRuntime(model, "fp32", PlannerConfig.make(mpc=mpc, **planner), seed=seed)
     out = {}
     for task in tasks:
         rets = [evaluation_episode(rt, model.cfg, task, seed, ep, steps, eval_mode=True)[0].ret

@@ -15,9 +15,9 @@ from helpers import ROOT, SMALL, make_tiny_model
 
 from edge_tdmpc import save_model
 from edge_tdmpc.compile import artifact, export
+from edge_tdmpc.compile.runtimes import compiled_runtime, make_runtime
 from edge_tdmpc.compile.targets import check_precision, load_target
 from edge_tdmpc.planner import PlannerConfig
-from edge_tdmpc.runtime import make_runtime
 
 
 def test_fp32_artifact_is_verified(fp32_artifact):
@@ -64,14 +64,16 @@ def test_mismatched_or_failed_artifact_is_refused(fp32_artifact, model):
         artifact.check_matches(failed)
 
 
-def test_runtime_compiles_on_the_fly_into_a_keyed_cache(model, cache):
-    rt = make_runtime("onnxruntime", model, "fp16", SMALL, seed=0)
-    again = make_runtime("onnxruntime", model, "fp16", SMALL, seed=0)
+def test_compiled_runtime_compiles_into_a_keyed_cache(model, cache):
+    rt = compiled_runtime("onnxruntime", model, "fp16", SMALL, seed=0)
+    again = compiled_runtime("onnxruntime", model, "fp16", SMALL, seed=0)
     assert rt.dir == again.dir and rt.dir.parent == cache / "artifacts"
-    other = make_runtime("onnxruntime", model, "fp32", SMALL, seed=0)
+    other = compiled_runtime("onnxruntime", model, "fp32", SMALL, seed=0)
     assert other.dir != rt.dir
     obs = np.zeros(24, np.float32)
     assert np.abs(rt.act(obs, 0, True) - other.act(obs, 0, True)).max() < 0.1
+    with pytest.raises(ValueError, match="runs a compiled artifact, not a model: compile it first"):
+        make_runtime("onnxruntime", model, "fp32", SMALL)  # a runtime only loads: it never compiles
 
 
 def test_compile_cache_is_safe_for_concurrent_processes(tmp_path):

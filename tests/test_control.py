@@ -10,17 +10,16 @@ from helpers import make_tiny_model
 from edge_tdmpc import save_model
 from edge_tdmpc.bench import run_bench
 from edge_tdmpc.cli import main
-from edge_tdmpc.control import ActionFilter, DeadlineSim, Fallback, RealtimeLoop, advance_mean, planned_mean
+from edge_tdmpc.control import ActionFilter, DeadlineSim, Fallback, RealtimeLoop, shift_mean
 from edge_tdmpc.planner import PlannerConfig
-from edge_tdmpc.runtime import make_runtime
+from edge_tdmpc.runtime import TorchRuntime
 
 SMALL = PlannerConfig(num_samples=64, num_elites=16, iterations=2)
 TASK = 10  # cartpole-swingup: 5 observations, 1 action
 
 
 def _runtime(seed=3, **planner):
-    return make_runtime("torch", make_tiny_model(), "fp32", PlannerConfig.make(**{**vars(SMALL), **planner}),
-                        seed=seed)
+    return TorchRuntime(make_tiny_model(), "fp32", PlannerConfig.make(**{**vars(SMALL), **planner}), seed=seed)
 
 
 def _observations(n, seed=0):
@@ -84,9 +83,9 @@ def test_a_late_plan_lands_later_and_the_ticks_between_take_the_fallback(mode):
     assert len(sim.stats.plan_ms) == 4  # the planner ran at ticks 0, 1, 4 and 7
     ref = _runtime()
     a0 = ref.act(obs[0], TASK, t0=True)
-    mean0 = planned_mean(ref)
+    mean0 = ref.planned_mean()
     a1 = ref.act(obs[1], TASK, t0=False)  # started at tick 1, lands at tick 3
-    advance_mean(ref, 2)  # the next plan starts at tick 4: 3 ticks on, the mean moves 2 more than one step
+    ref.advance_mean(2)  # the next plan starts at tick 4: 3 ticks on, the mean moves 2 more than one step
     a4 = ref.act(obs[4], TASK, t0=False)
     assert np.array_equal(got[0], a0) and np.array_equal(got[3], a1) and np.array_equal(got[6], a4)
     if mode == "plan":
@@ -123,23 +122,22 @@ def test_deadline_that_fits_and_filter():
 def test_advance_mean_shifts_in_place():
     rt = _runtime()
     rt.act(_observations(1)[0], TASK, t0=True)
-    before, buf = planned_mean(rt), rt.prev_mean
-    advance_mean(rt, 1)
+    before, buf = rt.planned_mean(), rt.prev_mean
+    rt.advance_mean(1)
     assert rt.prev_mean is buf  # same buffer (a CUDA graph reads it in place)
-    assert np.array_equal(planned_mean(rt)[:-1], before[1:]) and not planned_mean(rt)[-1].any()
-    advance_mean(rt, 10)
-    assert not planned_mean(rt).any()
+    assert np.array_equal(rt.planned_mean()[:-1], before[1:]) and not rt.planned_mean()[-1].any()
+    rt.advance_mean(10)
+    assert not rt.planned_mean().any()
     mean = np.arange(6, dtype=np.float32).reshape(3, 2)  # numpy means (ONNX Runtime, TensorRT) too
-    holder = type("P", (), {"prev_mean": mean})()
-    advance_mean(holder, 2)
+    shift_mean(mean, 2)
     assert mean.tolist() == [[4, 5], [0, 0], [0, 0]]
 
 
 def test_policy_only_runtime_falls_back_to_holding():
     rt = _runtime(mpc=False)
     rt.act(_observations(1)[0], TASK, t0=True)
-    assert planned_mean(rt) is None  # its warm-start mean is never written: not a plan to follow
-    assert planned_mean(_runtime()) is not None
+    assert rt.planned_mean() is None  # its warm-start mean is never written: not a plan to follow
+    assert _runtime().planned_mean() is not None
 
 
 def test_realtime_loop_sends_an_action_every_tick():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edge_tdmpc import load_model
-from edge_tdmpc.distill.demo import QUICK, demo
+from edge_tdmpc.bench.demo import QUICK, demo
 from edge_tdmpc.distill.online import Replay, train
 
 TASKS = "cartpole-balance,cartpole-swingup"

@@ -126,6 +126,7 @@ def test_triton_model_refuses_bf16_in_the_interpreter():
                                                    num_q=5, task_dim=16)).to(torch.bfloat16))
 
 
+@pytest.mark.slow  # ptxas for two GPUs takes minutes on a loaded CI machine: `pytest -m slow`, and gpu_check.sh
 def test_triton_kernels_compile_for_gpus_without_spilling():
     """The 1M student's rollout and Q kernels compile for an H100/H200 (sm_90) and a Jetson Orin (sm_87) with
     Triton's own ptxas, no GPU needed, and so do the value (policy -> 2 Q heads in one program), MPPI update

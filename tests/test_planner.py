@@ -129,7 +129,7 @@ def test_bad_inputs(tiny_model):
         Agent(tiny_model, num_sample=5)
 
 
-def test_closed_loop_cartpole_balance_keeps_pole_up(student):
+def test_closed_loop_cartpole_balance_keeps_pole_up(student, one_thread):
     """Model, planner and env agree: planning on the real student beats a random policy by far."""
     from edge_tdmpc.envs import make_env
     task, steps = "cartpole-balance", 100

@@ -8,8 +8,8 @@ import torch
 from helpers import SMALL, make_feed, make_tiny_model
 
 from edge_tdmpc.compile import artifact, record, trt
+from edge_tdmpc.compile.runtimes import compiled_runtime, make_runtime
 from edge_tdmpc.planner import PlannerConfig, plan, sample_noise
-from edge_tdmpc.runtime import make_runtime
 
 
 def test_artifact_runtime_matches_torch_runtime_on_same_seed(fp32_artifact, model):
@@ -29,7 +29,8 @@ def test_artifact_runtime_matches_torch_runtime_on_same_seed(fp32_artifact, mode
 
 def test_policy_only_runtime_matches_torch(model, cache):
     cfg = PlannerConfig(mpc=False)
-    rt, ref = make_runtime("onnxruntime", model, "fp32", cfg, seed=1), make_runtime("torch", model, "fp32", cfg, seed=1)
+    rt = compiled_runtime("onnxruntime", model, "fp32", cfg, seed=1)
+    ref = make_runtime("torch", model, "fp32", cfg, seed=1)
     assert artifact.read_manifest(rt.dir)["status"] == "ok"
     obs = np.linspace(-1, 1, 24, dtype=np.float32)
     for eval_mode in (False, True, False):
@@ -89,7 +90,7 @@ def test_cuda_graph_runtime_stages_inputs_and_keeps_the_warm_start(model, name):
     the same noise, each warm-started from the last, in stochastic and in eval mode; a wrong-size observation
     is refused."""
     import edge_tdmpc.compile.runtimes  # noqa: F401  (registers the runtimes)
-    from edge_tdmpc.runtime import RUNTIMES
+    from edge_tdmpc.compile.runtimes import RUNTIMES
     if name.endswith("triton"):
         pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
 

@@ -1,5 +1,4 @@
 """`edge-tdmpc` command line: a thin layer over functions users can also import."""
-import importlib
 import sys
 from pathlib import Path
 
@@ -50,20 +49,15 @@ def eval_cmd(checkpoint, tasks, episodes, seed, eval_mode, mpc, steps):
              echo=click.echo)
 
 
-def _add_plugin_commands():
-    """Subpackages contribute commands through `COMMANDS` in their cli modules."""
-    for sub in ("bench.cli", "compile.cli", "distill.cli", "distill.data_cli"):
-        try:
-            mod = importlib.import_module(f"edge_tdmpc.{sub}")
-        except ModuleNotFoundError as e:
-            if e.name != f"edge_tdmpc.{sub}":
-                raise
-            continue
-        for cmd in mod.COMMANDS:
-            main.add_command(cmd)
+def _add_stage_commands():
+    """bench, compile, distill, data...: the commands the packages built on toolkit declare as entry points
+    (pyproject.toml, group edge_tdmpc.commands)."""
+    from importlib.metadata import entry_points
+    for ep in entry_points(group="edge_tdmpc.commands"):
+        main.add_command(ep.load(), ep.name)
 
 
-_add_plugin_commands()
+_add_stage_commands()
 
 if __name__ == "__main__":
     main(prog_name=Path(sys.argv[0]).name)

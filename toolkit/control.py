@@ -10,8 +10,8 @@ under the slow planner). An optional filter (low-pass and rate limit) smooths wh
 simulated time, for the bench: each env step is one tick, and a plan's measured latency decides at which tick
 its action lands. In both, a tick waits at most `budget` (a fraction of the period, 1 by default) for the plan
 of its own observation; a plan that takes longer lands at the first tick whose budget it meets. Both take any
-planner with `act(obs, task, t0)`: a bench runtime, or the TensorRT `Planner` of a deploy bundle (numpy only;
-this module needs no torch).
+runtime with the interface of `edge_tdmpc.runtime.Runtime` (`act`, `reset`, `planned_mean`, `advance_mean`):
+a bench runtime, or the TensorRT `Planner` of a deploy bundle (numpy only; this module needs no torch).
 """
 import math
 import threading
@@ -61,7 +61,7 @@ class ActionFilter:
 class Fallback:
     """The action of a tick that no fresh plan reached: the last planned action ("hold"), the last plan's mean
     for this step ("plan"; its last step held once the horizon runs out), or `policy`'s action for this tick's
-    observation ("policy": a planner without MPC, acting from its policy prior's mean)."""
+    observation ("policy": a runtime without MPC, acting from its policy prior's mean)."""
 
     def __init__(self, mode: str = "hold", policy=None):
         if check_fallback(mode) == "policy" and policy is None:
@@ -74,9 +74,9 @@ class Fallback:
         self.mean = None if mean is None else np.asarray(mean, np.float32).reshape(-1, self.action.shape[-1])
         self.age = age
 
-    def mean_of(self, planner):
-        """The planner's mean, where this fallback follows it (fetching it costs a device sync on a GPU)."""
-        return planned_mean(planner) if self.mode == "plan" else None
+    def mean_of(self, runtime):
+        """The runtime's planned mean, where this fallback follows it (fetching it costs a device sync on a GPU)."""
+        return runtime.planned_mean() if self.mode == "plan" else None
 
     def __call__(self, obs=None, task=None) -> np.ndarray:
         if self.action is None:
@@ -89,29 +89,19 @@ class Fallback:
         return np.clip(self.mean[min(self.age, len(self.mean) - 1)], -1, 1)
 
 
-def _mean(planner):
-    """The planner's own warm-start mean buffer, or None (policy-only planners)."""
-    cfg = getattr(planner, "planner", None)  # a bench runtime's PlannerConfig: without MPC the mean stays 0
-    return None if cfg is not None and not getattr(cfg, "mpc", True) else getattr(planner, "prev_mean", None)
-
-
-def planned_mean(planner):
-    """A copy of the planner's warm-start mean after its last step (H x A), or None (policy-only planners)."""
-    mean = _mean(planner)
-    if mean is None:
-        return None
+def copy_mean(mean) -> np.ndarray:
+    """A host copy of a warm-start mean (a numpy array, or a torch tensor on any device)."""
     return mean.detach().float().cpu().numpy().copy() if hasattr(mean, "detach") else np.array(mean, np.float32)
 
 
-def advance_mean(planner, ticks: int):
-    """Warm start across skipped ticks: a planner shifts its mean by one step per call, but `ticks` more have
-    passed since its last plan, so shift those too (in place: a CUDA graph's input buffer stays put)."""
-    mean = _mean(planner)
-    if ticks <= 0 or mean is None:
+def shift_mean(mean, ticks: int):
+    """Shift a warm-start mean (H x A, numpy or torch) `ticks` steps ahead in place, zeros after its end, as the
+    official warm start leaves the new last step."""
+    if ticks <= 0:
         return
     tail = mean[ticks:] * 1  # a copy, for numpy arrays and torch tensors alike
     mean[:len(tail)] = tail
-    mean[len(tail):] = 0  # as the official warm start leaves the new last step
+    mean[len(tail):] = 0
 
 
 def check_budget(budget: float) -> float:
@@ -147,13 +137,13 @@ class DeadlineSim:
     Without `hz` every plan lands at once (the filter alone). As on the robot, an episode's first plan is
     waited for."""
 
-    def __init__(self, planner, hz: float | None = None, fallback: str = "hold",
+    def __init__(self, runtime, hz: float | None = None, fallback: str = "hold",
                  action_filter: ActionFilter | None = None, latency_ms: float | None = None, policy=None,
                  budget: float = 1.0):
         if hz is not None and hz <= 0:
             raise ValueError(f"control rate must be positive, got {hz} Hz")
         check_budget(budget)
-        self.planner, self.latency_ms, self.budget = planner, latency_ms, budget
+        self.runtime, self.latency_ms, self.budget = runtime, latency_ms, budget
         self.period_ms = 1000.0 / hz if hz else math.inf
         self.mode, self.policy, self.filter = fallback, policy, action_filter or ActionFilter()
         self.stats = TickStats()
@@ -165,8 +155,7 @@ class DeadlineSim:
         self.tick, self.last, self.pending = 0, 0, None
 
     def reset(self, seed=None):
-        if hasattr(self.planner, "reset"):
-            self.planner.reset(seed)
+        self.runtime.reset(seed)
         self._episode()
         self.stats = TickStats()
 
@@ -175,15 +164,15 @@ class DeadlineSim:
             self._episode()
         if self.pending is None:  # the planner is idle: it starts on this tick's observation
             if not t0:
-                advance_mean(self.planner, self.tick - self.last - 1)
+                self.runtime.advance_mean(self.tick - self.last - 1)
             self.last = self.tick
             start = time.perf_counter()
-            action = self.planner.act(obs, task, t0=t0, eval_mode=eval_mode)
+            action = self.runtime.act(obs, task, t0=t0, eval_mode=eval_mode)
             self.stats.plan_ms.append((time.perf_counter() - start) * 1e3)
             ms = self.stats.plan_ms[-1] if self.latency_ms is None else self.latency_ms
             late = 0 if self.fallback.action is None else max(math.ceil(ms / self.period_ms - self.budget), 0)
             self.pending = (self.tick + late, self.tick, np.asarray(action, np.float32),
-                            self.fallback.mean_of(self.planner))
+                            self.fallback.mean_of(self.runtime))
         lands, made, action, mean = self.pending
         fresh = lands <= self.tick
         if fresh:
@@ -205,12 +194,12 @@ class RealtimeLoop:
     reflex is worth most early). Ticks follow an absolute schedule (no drift); a tick that overran its period
     is run at once, not skipped. The first tick waits for the first plan."""
 
-    def __init__(self, planner, hz: float, sense, actuate, task=None, fallback: str = "hold",
+    def __init__(self, runtime, hz: float, sense, actuate, task=None, fallback: str = "hold",
                  action_filter: ActionFilter | None = None, eval_mode=False, policy=None, budget: float = 1.0):
         if hz <= 0:
             raise ValueError(f"control rate must be positive, got {hz} Hz")
         self.budget = check_budget(budget)
-        self.planner, self.period, self.sense, self.actuate = planner, 1.0 / hz, sense, actuate
+        self.runtime, self.period, self.sense, self.actuate = runtime, 1.0 / hz, sense, actuate
         self.task, self.eval_mode = task, eval_mode
         self.fallback, self.filter = Fallback(fallback, policy), action_filter or ActionFilter()
         self._cv = threading.Condition()
@@ -227,12 +216,12 @@ class RealtimeLoop:
                 (obs, tick), self._obs = self._obs, None
             t0 = last is None
             if not t0:
-                advance_mean(self.planner, tick - last - 1)
+                self.runtime.advance_mean(tick - last - 1)
             last = tick
             try:
                 start = time.perf_counter()
-                action = self.planner.act(obs, self.task, t0=t0, eval_mode=self.eval_mode)
-                result = (tick, np.asarray(action, np.float32), self.fallback.mean_of(self.planner),
+                action = self.runtime.act(obs, self.task, t0=t0, eval_mode=self.eval_mode)
+                result = (tick, np.asarray(action, np.float32), self.fallback.mean_of(self.runtime),
                           (time.perf_counter() - start) * 1e3)
             except Exception as e:  # surfaced on the control thread, which stops the loop
                 result, self._error = None, e

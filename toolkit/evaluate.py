@@ -5,7 +5,7 @@ from tqdm import tqdm
 from edge_tdmpc.checkpoint import load_model
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.rollout import evaluation_episode
-from edge_tdmpc.runtime import make_runtime
+from edge_tdmpc.runtime import TorchRuntime
 from edge_tdmpc.tasks import resolve_tasks
 
 
@@ -18,7 +18,7 @@ def evaluate(checkpoint, tasks="mt30", episodes=1, seed=1, eval_mode=False, mpc=
         if t not in model.cfg.tasks:
             raise ValueError(f"task '{t}' is not in this checkpoint's task set ({len(model.cfg.tasks)} tasks)")
     scores = {}
-    runtime = make_runtime("torch", model, "fp32", PlannerConfig(mpc=mpc))
+    runtime = TorchRuntime(model, "fp32", PlannerConfig(mpc=mpc))
     with tqdm(total=len(tasks) * episodes * steps, unit="step", desc="eval") as pbar:
         for task in tasks:
             rets = [evaluation_episode(runtime, model.cfg, task, seed, ep, steps, eval_mode,

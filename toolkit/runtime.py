@@ -1,42 +1,34 @@
-"""Runtimes: interchangeable executors of the planning step behind one interface (Polygraphy-style runners).
+"""The runtime interface: an executor of the planning step that keeps its own warm start (Polygraphy-style runners).
 
-A runtime turns (obs, task, t0) into an action, keeping its own warm-start state. The bench measures any
-registered runtime; compile/ registers ONNX Runtime, TensorRT and CUDA-graph runtimes on import.
+A runtime turns (obs, task, t0) into an action. Everything its callers use is declared here: `cfg` (the
+planner settings it runs), `prev_mean` (the warm-start mean, None for a policy-only runtime) with
+`planned_mean()` and `advance_mean(ticks)` for the control loop, `reset`, `act`, `close` and use as a context
+manager. `TorchRuntime` (PyTorch eager, the reference) lives here; the compiled runtimes and the registry of
+every runtime by name are `edge_tdmpc.compile.runtimes`. A runtime only loads and runs: compiling is a step of
+its own (`edge_tdmpc.compile`).
 """
-import importlib
+import copy
 from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
 
+from edge_tdmpc.control import copy_mean, shift_mean
 from edge_tdmpc.planner import Agent, Noise, PlannerConfig
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-RUNTIMES: dict[str, type["Runtime"]] = {}
-# runtimes provided by other subpackages, imported on first use (keeps `import edge_tdmpc` light)
-_PLUGINS = {"onnxruntime": "edge_tdmpc.compile.runtimes", "tensorrt": "edge_tdmpc.compile.runtimes",
-            "torch-cuda-graph": "edge_tdmpc.compile.runtimes", "torch-compile": "edge_tdmpc.compile.runtimes",
-            "torch-compile-fused": "edge_tdmpc.compile.runtimes", "torch-compile-triton": "edge_tdmpc.compile.runtimes",
-            "torch-cuda-graph-triton": "edge_tdmpc.compile.runtimes"}
-
-
-def register_runtime(name: str):
-    def deco(cls):
-        cls.name = name
-        RUNTIMES[name] = cls
-        return cls
-    return deco
 
 
 class Runtime(ABC):
     name = "base"
     precisions: tuple[str, ...] = ("fp32",)
+    prev_mean = None  # the warm-start mean (H x A) after the last step: set by runtimes that plan
 
-    def __init__(self, model, precision="fp32", planner: PlannerConfig | None = None, seed=0, device=None):
+    def __init__(self, precision="fp32", planner: PlannerConfig | None = None, seed=0):
         if precision not in self.precisions:
             raise ValueError(f"runtime '{self.name}' supports precisions {list(self.precisions)}, not '{precision}'")
-        self.precision, self.planner, self.seed = precision, planner or PlannerConfig(), seed
+        self.precision, self.cfg, self.seed = precision, planner or PlannerConfig(), seed
 
     @abstractmethod
     def reset(self, seed: int | None = None):
@@ -47,6 +39,16 @@ class Runtime(ABC):
             noise: Noise | None = None) -> np.ndarray:
         """Padded observation (or the task's own) -> action in [-1, 1] (padded action dim)."""
 
+    def planned_mean(self) -> np.ndarray | None:
+        """A copy of the warm-start mean after the last step (H x A), or None without MPC."""
+        return copy_mean(self.prev_mean) if self.cfg.mpc else None
+
+    def advance_mean(self, ticks: int):
+        """Warm start across `ticks` skipped control ticks (each step shifts the mean by one; these passed
+        unplanned), in place so a CUDA graph's input buffer stays put."""
+        if self.cfg.mpc and self.prev_mean is not None:
+            shift_mean(self.prev_mean, ticks)
+
     def size_bytes(self) -> int:
         """Bytes of the weights / artifact this runtime executes."""
         return 0
@@ -54,41 +56,33 @@ class Runtime(ABC):
     def close(self):
         pass
 
+    def __enter__(self):
+        return self
 
-@register_runtime("torch")
+    def __exit__(self, *exc):
+        self.close()
+
+
 class TorchRuntime(Runtime):
     """PyTorch eager, the reference: fp32, or real fp16/bf16 execution (weights and activations cast)."""
+    name = "torch"
     precisions = ("fp32", "fp16", "bf16")
 
     def __init__(self, model, precision="fp32", planner=None, seed=0, device=None):
-        super().__init__(model, precision, planner, seed, device)
-        import copy
+        super().__init__(precision, planner, seed)
         self.model = copy.deepcopy(model).to(device=device or "cpu", dtype=TORCH_DTYPES[precision]).eval()
         self.reset(seed)
 
     def reset(self, seed=None):
         seed = self.seed if seed is None else seed
-        self.agent = Agent(self.model, seed=seed, **vars(self.planner))
+        self.agent = Agent(self.model, seed=seed, **vars(self.cfg))
 
     def act(self, obs, task, t0, eval_mode=False, noise=None):
         return self.agent.act(obs, t0=t0, eval_mode=eval_mode, task=task, noise=noise).numpy()
 
     @property
-    def prev_mean(self):  # the warm-start mean after the last step, as the other runtimes keep it
+    def prev_mean(self):
         return self.agent.prev_mean
 
     def size_bytes(self):
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
-
-
-def runtime_class(name: str) -> type[Runtime]:
-    """The registered class for `name`, importing its plugin module on first use."""
-    if name not in RUNTIMES and name in _PLUGINS:
-        importlib.import_module(_PLUGINS[name])
-    if name not in RUNTIMES:
-        raise ValueError(f"unknown runtime '{name}': choose from {sorted(set(RUNTIMES) | set(_PLUGINS))}")
-    return RUNTIMES[name]
-
-
-def make_runtime(name: str, model, precision="fp32", planner=None, seed=0, device=None) -> Runtime:
-    return runtime_class(name)(model, precision=precision, planner=planner, seed=seed, device=device)

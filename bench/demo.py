@@ -8,7 +8,6 @@ Every stage writes into its own folder of OUT and is skipped when already comple
 command resumes. Budgets are chosen for a 2-core CPU: the full demo targets <= 15 minutes, --quick (CI) about
 two. At these budgets the teacher is weak; the report says what was measured, nothing more.
 """
-import importlib
 import json
 import os
 import platform
@@ -124,24 +123,15 @@ def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=pri
 
 # --- bench: closed-loop episodes per model x runtime x precision -----------------------------------------------
 def _runtimes(wanted):
-    """The wanted (runtime, precision) pairs available here: ONNX Runtime needs the compile module; TensorRT
-    (fp16) is added when a GPU is present."""
-    pairs, note = list(wanted), ""
-    try:
-        importlib.import_module("edge_tdmpc.compile.runtimes")
-    except ImportError as e:
-        note = f"compile unavailable ({e}); ONNX rows skipped"
-        pairs = [p for p in pairs if p[0] != "onnxruntime"]
-    if torch.cuda.is_available() and not note:
-        pairs.append(("tensorrt", "fp16"))
-    return pairs, note
+    """The wanted (runtime, precision) pairs, and TensorRT fp16 where a GPU is present."""
+    return list(wanted) + ([("tensorrt", "fp16")] if torch.cuda.is_available() else []), ""
 
 
 def bench(models: dict, tasks, b: Budget, seed=1, echo=print) -> dict:
     """Returns, per-act latency and weight bytes of each model on each available runtime/precision."""
     from edge_tdmpc import load_model
+    from edge_tdmpc.compile.runtimes import compiled_runtime
     from edge_tdmpc.planner import PlannerConfig
-    from edge_tdmpc.runtime import make_runtime
 
     pairs, note = _runtimes(b.runtimes)
     task_list = ",".join(tasks)
@@ -157,7 +147,7 @@ def bench(models: dict, tasks, b: Budget, seed=1, echo=print) -> dict:
                     continue  # planning on a CPU is the expensive part: fp32 eager only
                 row = dict(model=name, mode=mode, runtime=rt_name, precision=precision, returns={})
                 try:  # another subpackage's runtime failing is a row of the report, not the end of the demo
-                    rt = make_runtime(rt_name, model, precision, planner, seed=seed)
+                    rt = compiled_runtime(rt_name, model, precision, planner, seed=seed)
                     row["bytes"] = rt.size_bytes()
                     lat = []
                     for task in tasks:
