@@ -6,6 +6,9 @@ import sys
 
 import click
 
+from edge_tdmpc.compile.artifact import CompileOptions
+from edge_tdmpc.options import click_options, pop_settings
+
 
 class _DefaultToRun(click.Group):
     """`bench MODEL ...` means `bench run MODEL ...`; `bench compare ...` stays a subcommand."""
@@ -69,11 +72,13 @@ def bench():
 @click.option("--device", default="cpu", show_default=True, help="torch device for the runtimes (cpu, cuda)")
 @click.option("--model-tasks", default=None,
               help="task set MODEL was trained on  [default: mt30, or the benched task for a single-task file]")
+@click_options(CompileOptions, exclude=("seed",))
 def run_cmd(model, tasks, episodes, runtimes, precisions, out, mpc, workers, seed, resume, hz, realtime, latency_ms,
             fallback, budget, smooth, rate_limit, check_actions, eval_mode, steps, samples, elites, iterations, horizon,
-            warmup, device, model_tasks):
+            warmup, device, model_tasks, **compile_settings):
     """Run closed-loop episodes of MODEL (checkpoint or compiled artifact directory); write report.json,
-    report.md and plots to OUT."""
+    report.md and plots to OUT. A checkpoint is first compiled for the runtimes that run an artifact
+    (onnxruntime, tensorrt), with the calibration and verification options below, into the compile cache."""
     from edge_tdmpc.bench.harness import run_bench
     planner = dict(mpc=mpc, num_samples=samples, num_elites=elites, iterations=iterations, horizon=horizon)
     command = " ".join(["edge-tdmpc", *map(shlex.quote, sys.argv[1:])])
@@ -81,7 +86,8 @@ def run_cmd(model, tasks, episodes, runtimes, precisions, out, mpc, workers, see
                     steps=steps, eval_mode=eval_mode, planner=planner, workers=workers, resume=resume, hz=hz,
                     check_actions=check_actions, warmup=warmup, device=device, model_tasks=model_tasks,
                     command=command, realtime=realtime, latency_ms=latency_ms, fallback=fallback, smooth=smooth,
-                    rate_limit=rate_limit, budget=budget, echo=click.echo)
+                    rate_limit=rate_limit, budget=budget,
+                    compile_options=pop_settings(CompileOptions, compile_settings), echo=click.echo)
     for s in rep["summary"]:
         lat = s["latency_ms"]
         click.echo(f"{s['runtime']}/{s['precision']:<5} score {s['score']:6.2f} over {s['tasks']} task(s)  "

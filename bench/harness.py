@@ -18,7 +18,7 @@ from edge_tdmpc.bench import faithful, report
 from edge_tdmpc.bench.meters import environment
 from edge_tdmpc.bench.runner import EpisodeLog, Job, Settings, run_jobs
 from edge_tdmpc.checkpoint import load_model, read_state_dict
-from edge_tdmpc.compile.artifact import read_manifest
+from edge_tdmpc.compile.artifact import CompileOptions, read_manifest
 from edge_tdmpc.compile.runtimes import ARTIFACT_RUNTIMES, compile_for, make_runtime, runtime_class
 from edge_tdmpc.control import ActionFilter, check_budget, check_fallback
 from edge_tdmpc.files import atomic_write_text, file_sha256
@@ -129,7 +129,7 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
               eval_mode=False, planner: PlannerConfig | dict | None = None, workers=None, resume=False, hz=None,
               check_actions=0, warmup=3, device="cpu", model_tasks=None, progress=True, command=None,
               realtime=False, latency_ms=None, fallback="hold", smooth=1.0, rate_limit=None, budget=1.0,
-              compile_options: dict | None = None, echo=print) -> dict:
+              compile_options: CompileOptions | None = None, echo=print) -> dict:
     """Closed-loop benchmark of `model` (checkpoint, artifact dir or WorldModel); returns report.json's dict.
 
     runtimes / precisions: comma-separated or lists (default torch / fp32; for an artifact: fp32 eager and the
@@ -138,11 +138,10 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
     trained on (default mt30, or the benched task for a single-task file). realtime: run each runtime as the
     robot's fixed-rate loop would at `hz` (`edge_tdmpc.control`): an action lands when its measured planning
     latency (or `latency_ms`) and the tick's `budget` allow, ticks between take the `fallback`; smooth /
-    rate_limit filter actions. compile_options: `artifact.compile_model` options (calibration, verification, layer
-    precisions) for the runtimes that run a compiled artifact, which are compiled here before any episode.
+    rate_limit filter actions. compile_options: how the runtimes that run a compiled artifact are compiled
+    (calibration, verification, layer precisions), here before any episode.
     """
     # --- validate everything before the first episode ---
-    compile_options = compile_options or {}
     tasks = resolve_tasks(tasks)
     if not tasks:
         raise ValueError("no tasks given: pass --tasks mt30 or comma-separated task names")
@@ -184,12 +183,15 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
     identity = model_facts["sha256"]
     if artifacts:  # a recompiled artifact is another model as far as resuming goes
         identity += "+" + str(model_facts["manifest"].get("manifest_sha256"))
-    settings = Settings(identity, seed, steps, eval_mode, planner, control)
+    compiles = any(r in ARTIFACT_RUNTIMES and (r, p) not in artifacts for r, p in pairs)
+    compile_options = compile_options or CompileOptions()
+    settings = Settings(identity, seed, steps, eval_mode, planner, control,
+                        asdict(compile_options) if compiles else None)
     log = EpisodeLog(out, settings, resume)
     sizes = {}
     for rt_name, prec in pairs:  # the compile step of compiled runtimes, then each runtime once (validates it)
         if rt_name in ARTIFACT_RUNTIMES and (rt_name, prec) not in artifacts:
-            artifacts[rt_name, prec] = str(compile_for(rt_name, ref_model, prec, planner, echo, **compile_options))
+            artifacts[rt_name, prec] = str(compile_for(rt_name, ref_model, prec, planner, compile_options, echo))
         with make_runtime(rt_name, artifacts.get((rt_name, prec), ref_model), prec, planner, seed, device) as rt:
             sizes[rt_name, prec] = rt.size_bytes()
 
@@ -222,7 +224,7 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
         "command": command, "model": model_facts, "environment": environment(),
         "settings": {"tasks": list(tasks), "episodes": episodes, "seed": seed, "steps": steps,
                      "eval_mode": eval_mode, "mpc": planner.mpc, "planner": asdict(planner), "hz": hz,
-                     "control": control,
+                     "control": control, "compile": settings.compile,
                      "workers": workers, "warmup": warmup, "device": str(device),
                      "pairs": [list(p) for p in pairs]},
     }

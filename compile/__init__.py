@@ -1,7 +1,7 @@
 """Compile: the whole planning step as one ONNX graph, reduced precision, TensorRT, verified artifacts.
 
     export.py     the networks and the planning step as ONNX graphs (mirrors planner.plan)
-    precision.py  per-layer precision plans, bf16 emulation on CPU, calibrated INT8 (Q/DQ)
+    precision.py  per-layer precisions, bf16 emulation on CPU, calibrated INT8 (Q/DQ)
     record.py     planning inputs recorded in real closed-loop episodes (calibration, verification)
     verify.py     artifact vs the torch fp32 reference, per-precision tolerances
     artifact.py   compile -> artifact directory + manifest, checksums, cache

@@ -1,9 +1,9 @@
 """Compiled artifacts: what `edge-tdmpc compile` writes and every runtime loads.
 
     DIR/
-      manifest.json      source checkpoint + sha256, precision and per-layer plan, planner settings, target,
+      manifest.json      source checkpoint + sha256, precision and layer precisions, planner settings, target,
                          I/O shapes, sha256 of every file, verification results and status ("ok" / "failed")
-      plan.onnx          the whole planning step as one graph (one runtime call per control step)
+      step.onnx          the whole planning step as one graph (one runtime call per control step)
       networks/*.onnx    encoder, dynamics, reward, pi, Q as separate graphs (batch axis B)
       verify.npz         planning inputs recorded in real closed-loop episodes + the torch fp32 outputs
       calibration.json   INT8 activation ranges (int8 / mixed)
@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,27 +27,28 @@ import onnx
 
 from edge_tdmpc import control
 from edge_tdmpc.compile import export, record, verify
-from edge_tdmpc.compile.precision import model_plan, quantize_int8
+from edge_tdmpc.compile.precision import load_layers, model_layer_precisions, quantize_int8
 from edge_tdmpc.compile.targets import check_precision, load_target, min_tensorrt
 from edge_tdmpc.files import atomic_write, exclusive_lock, file_sha256
 from edge_tdmpc.model import WorldModel
+from edge_tdmpc.options import setting
 from edge_tdmpc.planner import PlannerConfig
 
-FORMAT = "edge-tdmpc-artifact/1"
-GRAPH = "plan.onnx"
+FORMAT = "edge-tdmpc-artifact/2"
+GRAPH = "step.onnx"
 VERIFY_FILE = "verify.npz"
 VERIFY_TASKS = ("walker-stand", "cheetah-run-backwards", "cartpole-balance", "finger-turn-easy", "hopper-hop")
 BUNDLE_README = """edge-tdmpc deploy bundle: {target}, {precision}
 
 On the device (JetPack ships TensorRT; `pip install cuda-python numpy` if missing):
 
-    python3 build_engine.py              # plan.onnx -> plan.engine (+ plan.json), then verifies it
+    python3 build_engine.py              # step.onnx -> step.engine (+ step.json), then verifies it
     python3 build_engine.py --dla-core 0 # Orin NX / AGX Orin: DLA, unsupported layers on the GPU
 
 Verification runs the recorded closed-loop inputs of verify.npz through the engine and compares with the
 PyTorch fp32 outputs stored beside them, with the tolerances in manifest.json; it prints PASS or FAIL.
 An engine is tied to the GPU and TensorRT version that built it: rebuild after a JetPack upgrade.
-In your control loop: `from build_engine import Engine, Planner`; Planner(Engine("plan.engine")).act(obs, task, t0).
+In your control loop: `from build_engine import Engine, Planner`; Planner(Engine("step.engine")).act(obs, task, t0).
 At a fixed rate, planning in a thread (a tick waits at most its period for its plan, then falls back;
 smoothing and a rate limit optional):
 
@@ -107,37 +108,61 @@ def _recording(model, cfg, model_sha, tasks, steps, seed, kind, step_fn, referen
 
 
 # --- compile ---------------------------------------------------------------------------------------------------
+def _layers(text):
+    return load_layers(text) if isinstance(text, str) else text
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How an artifact is calibrated and verified, and which layers run at which precision: what
+    `edge-tdmpc compile`, `edge-tdmpc bench` (for its compiled runtimes) and `compile_model` share."""
+    calib_episodes: int = setting(6, "closed-loop episodes for int8 calibration")
+    calib_steps: int = setting(8, "steps per calibration episode")
+    calib_percentile: float = setting(99.99, "int8 activation range: this percentile of |x| per step (100: the max)")
+    verify_episodes: int = setting(2, "recorded episodes checked against the fp32 reference")
+    verify_steps: int = setting(6, "steps per verification episode")
+    layers: dict | None = setting(None, "JSON {layer: precision}, inline or a file, overriding the named "
+                                        "precision's layer precisions (e.g. for mixed: '{\"dynamics.1\": \"int8\"}')",
+                                  type=str)
+    seed: int = setting(0, "seed of the calibration episodes (verification: seed + 1000)")
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", _layers(self.layers))
+        for name in ("calib_episodes", "calib_steps", "verify_episodes", "verify_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.calib_percentile <= 100:
+            raise ValueError(f"--calib-percentile must be in (0, 100], got {self.calib_percentile} (100: the max "
+                             "of |x|)")
+
+
 def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | None = None, target="cpu",
-                  out=None, checkpoint=None, calib_episodes=6, calib_steps=8, verify_episodes=2, verify_steps=6,
-                  plan_overrides=None, calib_percentile=99.99, seed=0, echo=None) -> Path:
+                  out=None, checkpoint=None, options: CompileOptions | None = None, echo=None, **settings) -> Path:
     """Checkpoint/model -> verified artifact directory (see module doc). Returns its path.
 
     `target` names a device profile (targets/*.json). cpu: an ONNX Runtime artifact, verified here. A
     Jetson: a deploy bundle (ONNX, calibration, manifest, recorded inputs, build_engine.py) verified here
     with ONNX Runtime and built into a TensorRT engine on the device; on a machine whose GPU and TensorRT
-    match the target, the engine is built and verified directly.
+    match the target, the engine is built and verified directly. `settings` override fields of `options`.
     """
     echo = echo or (lambda *_: None)
     cfg = planner or PlannerConfig()
-    for name, v in (("calib_episodes", calib_episodes), ("calib_steps", calib_steps),
-                    ("verify_episodes", verify_episodes), ("verify_steps", verify_steps)):
-        if v < 1:
-            raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {v}")
-    if not 0 < calib_percentile <= 100:
-        raise ValueError(f"calib-percentile must be in (0, 100], got {calib_percentile} (100: the max of |x|)")
+    opts = replace(options or CompileOptions(), **settings)
+    calib_episodes, calib_steps, calib_percentile = opts.calib_episodes, opts.calib_steps, opts.calib_percentile
+    verify_episodes, verify_steps, seed = opts.verify_episodes, opts.verify_steps, opts.seed
     profile = load_target(target)
     check_precision(profile, precision)
     model = model.float().cpu().eval()
     model_sha = state_dict_sha256(model)
-    layer_plan = model_plan(model, precision, plan_overrides)
-    key = cache_key(model_sha, precision, cfg, target, layer_plan, calib_percentile)
+    layer_precisions = model_layer_precisions(model, precision, opts.layers)
+    key = cache_key(model_sha, precision, cfg, target, layer_precisions, opts)
     out = Path(out) if out is not None else cache_root() / "artifacts" / key
     from edge_tdmpc.compile.session import OnnxSession
 
     t_start = time.time()
     trt_min = min_tensorrt(profile) if profile["family"] != "cpu" else None
     native_ln = trt_min is None or trt_min >= export.TENSORRT_OPS["LayerNormalization"]
-    fp32 = export.plan_graph(model, cfg)
+    fp32 = export.step_graph(model, cfg)
     ref_session = OnnxSession(fp32)
 
     def step_fn(feed):
@@ -148,18 +173,18 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     ver = _recording(model, cfg, model_sha, _tasks(model, VERIFY_TASKS, verify_episodes), verify_steps,
                      seed + 1000, "verify", step_fn, reference=True)
     graph, calib_meta = fp32, None
-    if any(p != "fp32" for p in layer_plan.values()) or not native_ln:  # int8 layers: fp32 per Q head, then Q/DQ
-        graph = export.plan_graph(model, cfg, layer_plan, native_layernorm=native_ln)
+    if any(p != "fp32" for p in layer_precisions.values()) or not native_ln:  # int8 layers: fp32 per Q head, then Q/DQ
+        graph = export.step_graph(model, cfg, layer_precisions, native_layernorm=native_ln)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_parent(out)))
     tmp.chmod(0o755)
     try:
-        if "int8" in layer_plan.values():
+        if "int8" in layer_precisions.values():
             tasks = _tasks(model, record.CALIB_TASKS, calib_episodes)
             echo(f"calibrating int8 on {calib_episodes} closed-loop episode(s) x {calib_steps} steps: "
                  f"{', '.join(tasks)}")
             calib = _recording(model, cfg, model_sha, tasks, calib_steps, seed, "calib", step_fn, reference=False)
             pct = calib_percentile if calib_percentile and calib_percentile < 100 else None
-            graph, cache = quantize_int8(graph, layer_plan, calib, tmp, pct)
+            graph, cache = quantize_int8(graph, layer_precisions, calib, tmp, pct)
             calib_meta = {"tasks": tasks, "steps": calib_steps, "rows": int(len(calib["obs"])), "file": cache.name,
                           "method": "absmax" if pct is None else f"percentile {pct} of |x|", "seed": seed}
         if trt_min is not None and (bad := export.tensorrt_unsupported(graph, trt_min)):
@@ -167,8 +192,8 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
                              f"'{profile['name']}') cannot parse: compile for another target or precision")
         onnx.save(graph, tmp / GRAPH)
         (tmp / "networks").mkdir()
-        float_plan = {k: ("fp32" if v == "int8" else v) for k, v in layer_plan.items()}
-        for name, net in export.network_graphs(model, float_plan, native_layernorm=native_ln).items():
+        float_layers = {k: ("fp32" if v == "int8" else v) for k, v in layer_precisions.items()}
+        for name, net in export.network_graphs(model, float_layers, native_layernorm=native_ln).items():
             onnx.save(net, tmp / "networks" / f"{name}.onnx")
         np.savez(tmp / VERIFY_FILE, **ver)
 
@@ -194,13 +219,13 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
             "model": {"tasks": list(model.cfg.tasks), "size": model.cfg.size, "obs_dim": model.cfg.obs_dim,
                       "action_dim": model.cfg.action_dim, "latent_dim": model.cfg.latent_dim, "num_q": model.cfg.num_q},
             "tasks": list(model.cfg.tasks),
-            "precision": precision, "layer_plan": layer_plan,
+            "precision": precision, "layer_precisions": layer_precisions,
             "runtime": "onnxruntime" if profile["family"] == "cpu" else "tensorrt",
             "target": profile["name"], "target_family": profile["family"],
             "planner": asdict(cfg), "opset": export.OPSET, "graph": GRAPH,
             "layernorm": "native" if native_ln else "primitive ops, fp32 (TensorRT < 8.6 has no importer for it)",
             "tensorrt_min": ".".join(map(str, trt_min)) if trt_min else None,
-            "inputs": {k: {"dtype": d, "shape": s} for k, (d, s) in export.plan_inputs(model, cfg).items()},
+            "inputs": {k: {"dtype": d, "shape": s} for k, (d, s) in export.step_inputs(model, cfg).items()},
             "outputs": [o.name for o in graph.graph.output],
             "calibration": calib_meta, "verification": result, "engine": engine,
             "status": "ok" if result["ok"] and (engine or {}).get("verification", {}).get("ok", True) else "failed",
@@ -224,9 +249,12 @@ def _code_sha256() -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
-def cache_key(model_sha, precision, cfg, target, layer_plan, calib_percentile=99.99) -> str:
-    calib = calib_percentile if "int8" in layer_plan.values() else None
-    return _digest([FORMAT, _code_sha256(), model_sha, precision, asdict(cfg), target, layer_plan, calib])[:20]
+def cache_key(model_sha, precision, cfg, target, layer_precisions, options: CompileOptions) -> str:
+    settings = {k: v for k, v in asdict(options).items() if k != "layers"}  # layers: in layer_precisions
+    if "int8" not in layer_precisions.values():
+        settings = {k: v for k, v in settings.items() if not k.startswith("calib_")}
+    return _digest([FORMAT, _code_sha256(), model_sha, precision, asdict(cfg), target, layer_precisions,
+                    settings])[:20]
 
 
 def _parent(out: Path) -> Path:
@@ -265,18 +293,18 @@ def _engine_or_bundle(tmp: Path, profile: dict, precision: str, rows, expected, 
     if cc not in (None, "any", info["compute_capability"]):
         echo(f"deploy bundle: this GPU is sm {info['compute_capability']}, {profile['name']} is sm {cc}")
         return {"status": "bundle", "reason": f"compiling GPU is sm {info['compute_capability']}, target is sm {cc}"}
-    meta = trt.build_engine(tmp / GRAPH, tmp / "plan.engine", precision, timing_cache=tmp / "timing.cache")
-    echo(f"built plan.engine with TensorRT {meta['tensorrt']} on {meta['gpu']}; verifying it")
-    engine = trt.Engine(tmp / "plan.engine")  # deserialized from the file: serialization round trip included
+    meta = trt.build_engine(tmp / GRAPH, tmp / "step.engine", precision, timing_cache=tmp / "timing.cache")
+    echo(f"built step.engine with TensorRT {meta['tensorrt']} on {meta['gpu']}; verifying it")
+    engine = trt.Engine(tmp / "step.engine")  # deserialized from the file: serialization round trip included
     checks = verify.compare([engine.run(r) for r in rows], expected, precision)
     engine.close()
     echo(verify.format_checks(checks))
-    return {"status": "built", "file": "plan.engine", **meta, "verification": verify.report(checks)}
+    return {"status": "built", "file": "step.engine", **meta, "verification": verify.report(checks)}
 
 
 # --- manifest ----------------------------------------------------------------------------------------------------
 def _files(directory: Path) -> dict:
-    skip = {"manifest.json", "plan.engine", "plan.json", "timing.cache"}  # engine files carry their own metadata
+    skip = {"manifest.json", "step.engine", "step.json", "timing.cache"}  # engine files carry their own metadata
     return {str(p.relative_to(directory)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in skip}
 
@@ -318,7 +346,7 @@ def check_matches(manifest: dict, precision=None, planner: PlannerConfig | None 
     if not allow_failed and manifest["status"] != "ok":
         bad = [k for k, v in manifest["verification"]["outputs"].items() if not v["ok"]]
         raise ValueError(f"artifact failed verification ({', '.join(bad)} outside tolerance): see its manifest; "
-                         "recompile with another precision or plan")
+                         "recompile with another precision or --layers")
     if precision is not None and precision != manifest["precision"]:
         raise ValueError(f"artifact is {manifest['precision']}, not {precision}: pass precision="
                          f"'{manifest['precision']}' or compile another")
@@ -333,23 +361,25 @@ def check_matches(manifest: dict, precision=None, planner: PlannerConfig | None 
         raise ValueError("artifact was compiled from other weights than this model: recompile it")
 
 
-def compile_cached(model: WorldModel, precision="fp32", planner=None, target="cpu", echo=None, **kw) -> Path:
+def compile_cached(model: WorldModel, precision="fp32", planner=None, target="cpu", options=None, echo=None,
+                   **settings) -> Path:
     """The artifact for (weights, precision, planner, target) from the cache, compiling it on first use.
 
     Safe for concurrent processes: an entry appears whole (renamed into place) and is never replaced while it
     reads back intact, so a reader needs no lock; a writer holds the entry's lock, so a second process asking
     for the same entry waits for the first and then reads what it built."""
     cfg = planner or PlannerConfig()
+    opts = replace(options or CompileOptions(), **settings)
     model = model.float().cpu().eval()
     key = cache_key(state_dict_sha256(model), precision, cfg, load_target(target)["name"],
-                    model_plan(model, precision, kw.get("plan_overrides")), kw.get("calib_percentile", 99.99))
+                    model_layer_precisions(model, precision, opts.layers), opts)
     out = cache_root() / "artifacts" / key
     if _intact(out):
         return out
     with exclusive_lock(_parent(out) / f".{key}.lock", wait=True):
         if _intact(out):  # built by the process we waited for
             return out
-        return compile_model(model, precision, cfg, target, out=out, echo=echo, **kw)
+        return compile_model(model, precision, cfg, target, out=out, options=opts, echo=echo)
 
 
 def _intact(directory: Path) -> bool:
@@ -374,8 +404,8 @@ def load_model_for(manifest: dict):
 
 
 def artifact_size(directory, manifest=None) -> int:
-    """Bytes of what a runtime executes: plan.onnx (or the engine, when one was built)."""
+    """Bytes of what a runtime executes: step.onnx (or the engine, when one was built)."""
     manifest = manifest or read_manifest(directory)
-    engine = Path(directory) / "plan.engine"
+    engine = Path(directory) / "step.engine"
     return engine.stat().st_size if engine.exists() else manifest["files"][manifest["graph"]]["bytes"]
 

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import click
 
+from edge_tdmpc.compile.artifact import CompileOptions
+from edge_tdmpc.options import click_options, pop_settings
 from edge_tdmpc.runtime import PRECISIONS
 
 
@@ -19,32 +21,23 @@ from edge_tdmpc.runtime import PRECISIONS
 @click.option("--horizon", type=int, default=None, help="planning horizon (default 3)")
 @click.option("--elites", type=int, default=None, help="MPPI elites (default 64)")
 @click.option("--pi-trajs", type=int, default=None, help="policy-prior trajectories (default 24)")
-@click.option("--calib-episodes", default=6, show_default=True, help="closed-loop episodes for int8 calibration")
-@click.option("--calib-steps", default=8, show_default=True, help="steps per calibration episode")
-@click.option("--calib-percentile", default=99.99, show_default=True,
-              help="int8 activation range: this percentile of |x| per step (100: the max)")
-@click.option("--verify-episodes", default=2, show_default=True, help="recorded episodes checked against fp32")
-@click.option("--plan", default=None,
-              help="JSON {layer: precision}, inline or a file, overriding the per-layer plan (e.g. for "
-                   "--precision mixed: '{\"dynamics.1\": \"int8\"}')")
+@click_options(CompileOptions)
 def compile_cmd(checkpoint, precision, target, out, tasks, samples, iterations, horizon, elites, pi_trajs,
-                calib_episodes, calib_steps, calib_percentile, verify_episodes, plan):
+                **settings):
     """Compile CHECKPOINT's whole planning step into a verified artifact (ONNX / TensorRT deploy bundle)."""
     from edge_tdmpc.checkpoint import load_model
     from edge_tdmpc.compile.artifact import compile_model, read_manifest
-    from edge_tdmpc.compile.precision import load_plan
     from edge_tdmpc.compile.targets import load_target
     from edge_tdmpc.planner import PlannerConfig
 
+    options = pop_settings(CompileOptions, settings)
     planner = PlannerConfig.make(num_samples=samples, iterations=iterations, horizon=horizon, num_elites=elites,
                                  num_pi_trajs=pi_trajs)
     profile = load_target(target)
     out = Path(out or Path("out") / f"{Path(checkpoint).stem}-{precision}-{profile['name']}")
     model = load_model(checkpoint, tasks=tasks)
-    overrides = load_plan(plan) if plan else None
-    path = compile_model(model, precision, planner, profile["name"], out=out, checkpoint=checkpoint,
-                         calib_episodes=calib_episodes, calib_steps=calib_steps, calib_percentile=calib_percentile,
-                         verify_episodes=verify_episodes, plan_overrides=overrides, echo=click.echo)
+    path = compile_model(model, precision, planner, profile["name"], out=out, checkpoint=checkpoint, options=options,
+                         echo=click.echo)
     m = read_manifest(path)
     click.echo(summary(m, Path(checkpoint).stat().st_size))
     click.echo(f"artifact: {path}")
@@ -57,14 +50,14 @@ def summary(m: dict, checkpoint_bytes: int | None = None) -> str:
     graph = m["files"][m["graph"]]["bytes"]
     engine = m.get("engine") or {}
     counts = {}
-    for p in m["layer_plan"].values():
+    for p in m["layer_precisions"].values():
         counts[p] = counts.get(p, 0) + 1
     ckpt = f"  (checkpoint {checkpoint_bytes / 1e6:.2f} MB)" if checkpoint_bytes else ""
     rows = [
         ("target", f"{m['target']} ({m['target_family']}), runtime {m['runtime']}"),
         ("precision", f"{m['precision']}  layers: " + ", ".join(f"{n} {p}" for p, n in sorted(counts.items()))),
         ("planner", ", ".join(f"{k}={v}" for k, v in m["planner"].items())),
-        ("plan.onnx", f"{graph / 1e6:.2f} MB{ckpt}"),
+        ("step.onnx", f"{graph / 1e6:.2f} MB{ckpt}"),
         ("engine", engine.get("status", "-") if not engine.get("bytes") else
          f"{engine['bytes'] / 1e6:.2f} MB, TensorRT {engine['tensorrt']}, {engine['gpu']}"),
     ]

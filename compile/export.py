@@ -34,7 +34,7 @@ MISH_CLAMP = {"fp32": 20.0, "fp16": 5.0, "bf16": 20.0}  # n/(n+2) rounds to 1 be
 
 
 def layer_names(model: WorldModel) -> list[str]:
-    """The keys of a per-layer precision plan: 'encoder.0', ..., 'Q.2'."""
+    """The keys of the layer precisions: 'encoder.0', ..., 'Q.2'."""
     names = [f"encoder.{i}" for i in range(len(model._encoder["state"]))]
     names += [f"{net}.{i}" for net in ("dynamics", "reward", "pi") for i in range(len(getattr(model, f"_{net}")))]
     return names + [f"Q.{i}" for i in range(len(model._Qs.params))]
@@ -168,7 +168,7 @@ class Layer:
     """One NormedLinear (or the final Linear): x @ W + b, then LayerNorm and an activation.
 
     First layers keep W per input segment ({'z': ..., 'a': ...}) and the bias as a per-task table [T, out]
-    with the embedding's contribution folded in. `name` is the precision-plan key ('Q.1' for every Q head),
+    with the embedding's contribution folded in. `name` is the layer-precisions key ('Q.1' for every Q head),
     `key` names the weights ('Q1.1' for head 1).
     """
     name: str
@@ -241,19 +241,19 @@ def fold_model(model: WorldModel) -> dict[str, list[Layer]]:
 
 # --- emitting the networks --------------------------------------------------------------------------------
 class Nets:
-    """Emits the world model's networks into a Graph, each layer at the precision its plan names.
+    """Emits the world model's networks into a Graph, each layer at the precision `precisions` names.
 
     A layer planned as int8 is emitted in fp32: `quantize` then puts Q/DQ nodes on its MatMuls, found by the
     layer name in the node's scope (e.g. 'it2/t1/dynamics.1/MatMul_812').
     """
 
-    def __init__(self, g: Graph, model: WorldModel, plan: dict[str, str], task=None):
+    def __init__(self, g: Graph, model: WorldModel, precisions: dict[str, str], task=None):
         self.g, self.cfg, self.layers = g, model.cfg, fold_model(model)
-        self.plan, self.task = plan, task
+        self.precisions, self.task = precisions, task
         self.masks = model._action_masks.detach().float().numpy() if model.cfg.multitask else None
 
     def dtype(self, layer: Layer) -> str:
-        p = self.plan.get(layer.name, "fp32")
+        p = self.precisions.get(layer.name, "fp32")
         return "fp32" if p == "int8" else p
 
     def layer(self, layer: Layer, x: dict, shared=()):
@@ -324,7 +324,7 @@ class Nets:
     def Q_avg(self, z, a, heads=None):
         """Mean decoded value of 2 heads [N, 1]: `heads` [2] picks them; with num_q = 2 it is both heads."""
         g = self.g
-        if heads is not None and not any(self.plan.get(l.name) == "int8" for l in self.layers["Q0"]):
+        if heads is not None and not any(self.precisions.get(l.name) == "int8" for l in self.layers["Q0"]):
             return self.Q_picked(z, a, heads)
         values = [self.two_hot_inv(self.mlp(f"Q{h}", {"z": z, "a": a})) for h in range(self.cfg.num_q)]
         if heads is None:
@@ -384,7 +384,7 @@ class Nets:
 
 
 # --- the planning step --------------------------------------------------------------------------------------
-def plan_inputs(model: WorldModel, cfg: PlannerConfig) -> dict[str, tuple[str, list[int]]]:
+def step_inputs(model: WorldModel, cfg: PlannerConfig) -> dict[str, tuple[str, list[int]]]:
     """Input name -> (dtype, fixed shape) of the planning graph for this planner setting."""
     c = model.cfg
     H, P, S, I, K, A = cfg.horizon, cfg.num_pi_trajs, cfg.num_samples, cfg.iterations, cfg.num_elites, c.action_dim
@@ -403,22 +403,22 @@ def plan_inputs(model: WorldModel, cfg: PlannerConfig) -> dict[str, tuple[str, l
     return spec
 
 
-def plan_graph(model: WorldModel, cfg: PlannerConfig, plan: dict[str, str] | None = None,
+def step_graph(model: WorldModel, cfg: PlannerConfig, precisions: dict[str, str] | None = None,
                gammas=None, native_layernorm=True) -> onnx.ModelProto:
     """The whole planning step (encode -> policy trajectories -> MPPI iterations -> action) as one graph.
 
-    Inputs: see `plan_inputs` (obs, task, prev_mean, t0 and the noise of `planner.Noise`). Outputs: action [A]
+    Inputs: see `step_inputs` (obs, task, prev_mean, t0 and the noise of `planner.Noise`). Outputs: action [A]
     (clamped, exploration added unless noise_action is 0), mean [H, A] (next warm start), value [1] (best
-    candidate's value in the last iteration) and z [Z] (the encoded observation). `plan` maps layer names
+    candidate's value in the last iteration) and z [Z] (the encoded observation). `precisions` maps layer names
     (see `layer_names`) to a precision; unnamed layers run in fp32.
     """
     c = model.cfg
     H, P, I, K, A = cfg.horizon, cfg.num_pi_trajs, cfg.iterations, cfg.num_elites, c.action_dim
     g = Graph(native_layernorm)
-    spec = plan_inputs(model, cfg)
+    spec = step_inputs(model, cfg)
     for name, (dtype, shape) in spec.items():
         g.input(name, dtype, shape)
-    nets = Nets(g, model, plan or {}, task="task" if c.multitask else None)
+    nets = Nets(g, model, precisions or {}, task="task" if c.multitask else None)
     mask = nets.mask()  # [1, A]
     z = nets.encode(g.reshape("obs", [1, -1]))  # [1, Z]
     g.output("z", g.reshape(z, [-1]), [c.latent_dim])
@@ -524,7 +524,7 @@ def _estimate_value(g: Graph, nets: Nets, z, actions, disc_t, i, mask, gather_he
 
 
 # --- the networks, one graph each (dynamic batch) ----------------------------------------------------------
-def network_graphs(model: WorldModel, plan: dict[str, str] | None = None,
+def network_graphs(model: WorldModel, precisions: dict[str, str] | None = None,
                    native_layernorm=True) -> dict[str, onnx.ModelProto]:
     """encoder, dynamics, reward (logits), pi (action, mean) and Q (all heads' logits) with batch axis 'B'."""
     c = model.cfg
@@ -536,7 +536,7 @@ def network_graphs(model: WorldModel, plan: dict[str, str] | None = None,
         g = Graph(native_layernorm)
         x = {name: g.input(name, "fp32", ["B", d]) for name, d in ins}
         task = g.input("task", "int64", ["B"]) if c.multitask else None
-        nets = Nets(g, model, plan or {}, task=task)
+        nets = Nets(g, model, precisions or {}, task=task)
         if net == "pi":
             action, mean = nets.pi(x["z"], x["eps"], nets.mask())
             g.output("action", action, ["B", c.action_dim])

@@ -1,6 +1,6 @@
 """Reduced precision, for real: fp16/bf16 graphs, calibrated INT8 (Q/DQ) and per-layer mixed plans.
 
-A precision plan maps each layer ('encoder.0', ..., 'Q.2', see `export.layer_names`) to fp32/fp16/bf16/int8.
+The layer precisions map each layer ('encoder.0', ..., 'Q.2', see `export.layer_names`) to fp32/fp16/bf16/int8.
 fp16/bf16 layers are emitted in that type (weights, matmuls, LayerNorm, Mish): what TensorRT's strongly typed
 mode and ONNX Runtime's CUDA EP execute. The two-hot decode, the policy's tanh/exp and the MPPI statistics
 stay fp32: they are a few hundred values per candidate, and exp(log_std) or a softmax over 101 bins in fp16 is
@@ -33,41 +33,41 @@ INT8_KEEP_FP32 = (*ENCODER, "reward.2", "Q.2")
 MIXED = {"int8": ("reward.1", "Q.1", "pi.1"), "fp32": ENCODER}
 
 
-def precision_plan(precision: str, layers: list[str], overrides: dict | None = None) -> dict[str, str]:
-    """Per-layer plan for a named precision; `overrides` ({layer: precision}) win."""
+def layer_precisions(precision: str, layers: list[str], overrides: dict | None = None) -> dict[str, str]:
+    """{layer: precision} of a named precision; `overrides` ({layer: precision}) win."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}': choose from {list(PRECISIONS)}")
     if precision in ("fp32", "fp16", "bf16"):
-        plan = dict.fromkeys(layers, precision)
+        precisions = dict.fromkeys(layers, precision)
     elif precision == "int8":
-        plan = {n: "fp32" if n in INT8_KEEP_FP32 else "int8" for n in layers}
+        precisions = {n: "fp32" if n in INT8_KEEP_FP32 else "int8" for n in layers}
     else:  # mixed: see MIXED
-        plan = dict.fromkeys(layers, "fp16")
+        precisions = dict.fromkeys(layers, "fp16")
         for p, names in MIXED.items():
-            plan.update({n: p for n in names if n in plan})
+            precisions.update({n: p for n in names if n in precisions})
     for name, p in (overrides or {}).items():
-        if name not in plan:
-            raise ValueError(f"precision plan names unknown layer '{name}': layers are {layers}")
+        if name not in precisions:
+            raise ValueError(f"layer precisions name unknown layer '{name}': layers are {layers}")
         if p not in ("fp32", "fp16", "bf16", "int8"):
             raise ValueError(f"layer '{name}': unknown precision '{p}' (fp32, fp16, bf16 or int8)")
-        plan[name] = p
-    return plan
+        precisions[name] = p
+    return precisions
 
 
-def model_plan(model, precision: str, overrides=None) -> dict[str, str]:
-    return precision_plan(precision, layer_names(model), overrides)
+def model_layer_precisions(model, precision: str, overrides=None) -> dict[str, str]:
+    return layer_precisions(precision, layer_names(model), overrides)
 
 
-def load_plan(text_or_path) -> dict[str, str]:
-    """{layer: precision} from inline JSON ('{"dynamics.1": "int8"}') or a JSON file (`compile --plan`)."""
+def load_layers(text_or_path) -> dict[str, str]:
+    """{layer: precision} from inline JSON ('{"dynamics.1": "int8"}') or a JSON file (`compile --layers`)."""
     inline = str(text_or_path).lstrip().startswith("{")
     try:
-        plan = json.loads(text_or_path if inline else Path(text_or_path).read_text())
+        precisions = json.loads(text_or_path if inline else Path(text_or_path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read precision plan {text_or_path}: {e}") from None
-    if not isinstance(plan, dict):
-        raise ValueError(f"precision plan {text_or_path} must be a JSON object {{layer: precision}}")
-    return plan
+        raise ValueError(f"cannot read layer precisions {text_or_path}: {e}") from None
+    if not isinstance(precisions, dict):
+        raise ValueError(f"layer precisions {text_or_path} must be a JSON object {{layer: precision}}")
+    return precisions
 
 
 # --- bf16 on CPU ----------------------------------------------------------------------------------------
@@ -116,19 +116,19 @@ MIN_INT8_K = 16  # narrower products (the action segment, K = action dim) stay f
 WEIGHT_QMAX = 63
 
 
-def int8_nodes(model: onnx.ModelProto, plan: dict[str, str]) -> list[onnx.NodeProto]:
-    """MatMul nodes of the layers the plan puts in int8 (found by the layer key in the node's scope).
+def int8_nodes(model: onnx.ModelProto, precisions: dict[str, str]) -> list[onnx.NodeProto]:
+    """MatMul nodes of the layers `precisions` puts in int8 (found by the layer key in the node's scope).
 
     A layer's action-segment product (K = action dim, < MIN_INT8_K) stays fp32: its FLOPs are negligible
     next to the latent and hidden products, so quantizing it would add Q/DQ work and rounding for nothing."""
-    int8 = {n for n, p in plan.items() if p == "int8"}
+    int8 = {n for n, p in precisions.items() if p == "int8"}
     width = {t.name: t.dims[0] for t in model.graph.initializer if len(t.dims) == 2}
     return [node for node in model.graph.node if node.op_type == "MatMul" and layer_of(node.name) in int8
             and width.get(node.input[1], MIN_INT8_K) >= MIN_INT8_K]
 
 
 def layer_of(node_name: str) -> str | None:
-    """The plan key of a MatMul node ('Q3.2/MatMul' -> 'Q.2': the Q heads share one plan entry)."""
+    """The layer key of a MatMul node ('Q3.2/MatMul' -> 'Q.2': the Q heads share one entry)."""
     m = re.search(r"(?:^|/)(encoder|dynamics|reward|pi|Q\d+)\.(\d+)/MatMul", node_name)
     return m and f"{'Q' if m.group(1)[0] == 'Q' else m.group(1)}.{m.group(2)}"
 
@@ -168,9 +168,9 @@ def calibrate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], recording: di
     return ranges
 
 
-def quantize_int8(model: onnx.ModelProto, plan: dict[str, str], recording: dict, out_dir: Path,
+def quantize_int8(model: onnx.ModelProto, precisions: dict[str, str], recording: dict, out_dir: Path,
                   percentile: float | None = None) -> tuple[onnx.ModelProto, Path]:
-    """Explicit INT8 on the plan's int8 layers -> (model with Q/DQ, calibration file with the ranges).
+    """Explicit INT8 on the int8 layers -> (model with Q/DQ, calibration file with the ranges).
 
     Each int8 MatMul gets its own QuantizeLinear/DequantizeLinear pair on the activation (symmetric, zero
     point 0, scale = max|x| / 127 over real closed-loop planning steps) and reads its weight through one
@@ -181,9 +181,9 @@ def quantize_int8(model: onnx.ModelProto, plan: dict[str, str], recording: dict,
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    nodes = int8_nodes(out, plan)
+    nodes = int8_nodes(out, precisions)
     if not nodes:
-        raise ValueError("the precision plan puts no layer in int8: nothing to quantize")
+        raise ValueError("the layer precisions put no layer in int8: nothing to quantize")
     ranges = calibrate(model, nodes, recording, percentile)
     g = out.graph
     inits = {t.name: t for t in g.initializer}

@@ -23,7 +23,7 @@ def noise_feed(noise: Noise) -> dict[str, np.ndarray]:
             "noise_q_pi": n.q_pi, "noise_gumbel": n.gumbel, "noise_action": n.action}
 
 
-def plan_feed(obs, task, prev_mean, t0, noise: Noise) -> dict[str, np.ndarray]:
+def step_feed(obs, task, prev_mean, t0, noise: Noise) -> dict[str, np.ndarray]:
     """One planning step's inputs as graph feeds (float32, int64 task)."""
     return {"obs": np.asarray(obs, np.float32), "task": np.array([task or 0], np.int64),
             "prev_mean": np.asarray(prev_mean, np.float32), "t0": np.array([float(t0)], np.float32),
@@ -80,7 +80,7 @@ def _recording_actor(model, cfg, index, gen, rows: list, step_fn):
 
     def act(obs, t):
         nonlocal prev_mean
-        feed = plan_feed(obs, index, prev_mean, t == 0, sample_noise(cfg, model.cfg.action_dim, model.cfg.num_q, gen))
+        feed = step_feed(obs, index, prev_mean, t == 0, sample_noise(cfg, model.cfg.action_dim, model.cfg.num_q, gen))
         rows.append(feed)
         if step_fn is None:
             out = reference_step(model, feed, cfg)

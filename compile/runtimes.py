@@ -1,8 +1,8 @@
 """Runtimes over compiled artifacts, behind the bench's interface (`edge_tdmpc.runtime.Runtime`).
 
-    onnxruntime       the artifact's plan.onnx on ONNX Runtime: CPU here, device='cuda' / 'tensorrt' for the
+    onnxruntime       the artifact's step.onnx on ONNX Runtime: CPU here, device='cuda' / 'tensorrt' for the
                       CUDA and TensorRT execution providers of onnxruntime-gpu
-    tensorrt          a TensorRT engine built from plan.onnx, run with execute_async_v3 inside a CUDA graph
+    tensorrt          a TensorRT engine built from step.onnx, run with execute_async_v3 inside a CUDA graph
     torch-cuda-graph  `planner.plan` itself on a CUDA GPU, the whole step (noise drawn on the device included)
                       captured in one CUDA graph: fp32 / fp16 / bf16
     torch-compile     the same, with `plan` first fused by torch.compile (Inductor/Triton kernels), then captured
@@ -22,7 +22,7 @@ import torch
 
 from edge_tdmpc.compile import artifact
 from edge_tdmpc.compile.fused import FusedWorldModel
-from edge_tdmpc.compile.record import plan_feed
+from edge_tdmpc.compile.record import step_feed
 from edge_tdmpc.planner import Noise, PlannerConfig, plan, sample_noise
 from edge_tdmpc.runtime import PRECISIONS, TORCH_DTYPES, Runtime, TorchRuntime
 from edge_tdmpc.tasks import discount, fit_obs
@@ -68,7 +68,7 @@ class _ArtifactRuntime(Runtime):
             raise ValueError(f"multi-task artifact: pass task=<index into its {len(self.tasks)} tasks>, not {task!r}")
         if noise is None:
             noise = sample_noise(self.cfg, self.action_dim, self.num_q, self.generator)
-        feed = plan_feed(self._obs(obs, task), task, self.prev_mean, t0, noise)
+        feed = step_feed(self._obs(obs, task), task, self.prev_mean, t0, noise)
         if eval_mode:  # action + std[0] * 0 == action: the eval-mode action of the same graph
             feed["noise_action"] = np.zeros_like(feed["noise_action"])
         return feed
@@ -84,7 +84,7 @@ class _ArtifactRuntime(Runtime):
 
 
 class OnnxRuntime(_ArtifactRuntime):
-    """plan.onnx on ONNX Runtime: one session call per control step."""
+    """step.onnx on ONNX Runtime: one session call per control step."""
     name = "onnxruntime"
 
     def __init__(self, directory, precision=None, planner=None, seed=0, device=None, threads=None):
@@ -99,16 +99,16 @@ class OnnxRuntime(_ArtifactRuntime):
 
 
 class TensorRTRuntime(_ArtifactRuntime):
-    """A TensorRT engine of plan.onnx (built on first use, or by build_engine.py on a Jetson), CUDA-graphed."""
+    """A TensorRT engine of step.onnx (built on first use, or by build_engine.py on a Jetson), CUDA-graphed."""
     name = "tensorrt"
     target = "x86-dgpu"
 
     def __init__(self, directory, precision=None, planner=None, seed=0, device=None, cuda_graph=True):
         super().__init__(directory, precision, planner, seed, device)
         from edge_tdmpc.compile import trt
-        engine = self.dir / "plan.engine"
+        engine = self.dir / "step.engine"
         if not engine.exists():
-            raise ValueError(f"{self.dir} has no plan.engine: build it on this GPU (python3 {self.dir}/build_engine.py)"
+            raise ValueError(f"{self.dir} has no step.engine: build it on this GPU (python3 {self.dir}/build_engine.py)"
                              " or compile for this GPU's target")
         self.engine = trt.Engine(engine, cuda_graph=cuda_graph)
 
@@ -299,22 +299,22 @@ def make_runtime(name: str, source, precision="fp32", planner=None, seed=0, devi
     return runtime_class(name)(source, precision=precision, planner=planner, seed=seed, device=device)
 
 
-def compile_for(name: str, model, precision="fp32", planner=None, echo=None, **compile_options) -> Path:
+def compile_for(name: str, model, precision="fp32", planner=None, options=None, echo=None) -> Path:
     """The compile step of a compiled runtime: `model`'s artifact for it, from the cache when it was compiled
-    before (`artifact.compile_cached`), its directory named through `echo`."""
+    before (`artifact.compile_cached`, with `options`: an `artifact.CompileOptions`), its directory named through
+    `echo`."""
     cls = runtime_class(name)
     if name not in ARTIFACT_RUNTIMES:
         raise ValueError(f"runtime '{name}' runs a model as it is: there is nothing to compile for it")
     cls.check_available()
-    directory = artifact.compile_cached(model, precision, planner, target=cls.target, echo=echo, **compile_options)
+    directory = artifact.compile_cached(model, precision, planner, target=cls.target, options=options, echo=echo)
     if echo is not None:
         echo(f"{name} {precision}: artifact {directory}")
     return directory
 
 
-def compiled_runtime(name: str, model, precision="fp32", planner=None, seed=0, device=None, echo=None,
-                     **compile_options) -> Runtime:
+def compiled_runtime(name: str, model, precision="fp32", planner=None, seed=0, device=None, options=None,
+                     echo=None) -> Runtime:
     """`model` compiled for the runtime `name` (`compile_for`), then loaded; torch runtimes take it as it is."""
-    source = compile_for(name, model, precision, planner, echo, **compile_options) if name in ARTIFACT_RUNTIMES \
-        else model
+    source = compile_for(name, model, precision, planner, options, echo) if name in ARTIFACT_RUNTIMES else model
     return make_runtime(name, source, precision, planner, seed, device)

@@ -2,7 +2,7 @@
 
     python -m edge_tdmpc.compile.speed CHECKPOINT [--precisions fp32,fp16,int8] [--steps 30]
                                                  [--tasks cartpole-swingup,walker-walk] [--threads 1]
-                                                 [--artifacts out/my-mixed-plan]   # compiled with --plan
+                                                 [--artifacts out/my-mixed-plan]   # compiled with --layers
     # on a GPU machine: eager on the GPU against the CUDA-graph steps (and TensorRT where it imports);
     # bench/gpu_check.sh runs this and the GPU tests in one go
     python -m edge_tdmpc.compile.speed CHECKPOINT --device cuda --runtimes torch-cuda-graph,torch-compile \
@@ -44,7 +44,7 @@ def _runtimes(model, precisions, planner, names=("onnxruntime",), device="cpu"):
 
 
 def _artifacts(checkpoint, dirs, planner: PlannerConfig) -> dict:
-    """Compiled artifact directories (e.g. a mixed plan from `compile --plan`) as more runtimes to time, each
+    """Compiled artifact directories (e.g. mixed with other `compile --layers`) as more runtimes to time, each
     keyed (its runtime, 'precision (directory name)'); they must come from `checkpoint`, with `planner`'s
     settings."""
     from edge_tdmpc.compile.artifact import read_manifest

@@ -3,7 +3,7 @@
 Needs only tensorrt, numpy and CUDA bindings (cuda-python; pycuda where a Jetson image has it instead) - no
 torch, no edge_tdmpc: a deploy bundle ships this very file as build_engine.py, so on the robot
 
-    python3 build_engine.py            # build plan.engine from plan.onnx, verify it on the recorded inputs
+    python3 build_engine.py            # build step.engine from step.onnx, verify it on the recorded inputs
 
 Engines are tied to the GPU architecture and the TensorRT version that built them: the build writes
 engine.json (TensorRT version, GPU, compute capability, sha256) and loading checks it first, so an engine
@@ -435,20 +435,20 @@ def main(argv=None):
     if _sha256(onnx_path) != manifest["files"][manifest["graph"]]["sha256"]:
         sys.exit(f"error: {onnx_path.name} does not match manifest.json: the bundle was modified or truncated")
     try:
-        meta = build_engine(onnx_path, directory / "plan.engine", manifest["precision"],
+        meta = build_engine(onnx_path, directory / "step.engine", manifest["precision"],
                             timing_cache=directory / "timing.cache", dla_core=args.dla_core, verbose=args.verbose)
-        print(f"built plan.engine: TensorRT {meta['tensorrt']}, {meta['gpu']} (sm {meta['compute_capability']}), "
+        print(f"built step.engine: TensorRT {meta['tensorrt']}, {meta['gpu']} (sm {meta['compute_capability']}), "
               f"{meta['bytes'] / 1e6:.2f} MB")
         if args.no_verify:
             return 0
-        engine = Engine(directory / "plan.engine", cuda_graph=args.cuda_graph)
+        engine = Engine(directory / "step.engine", cuda_graph=args.cuda_graph)
         ok, table = verify_engine(engine, directory, manifest)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(table)
     print("verification:", "PASS" if ok else "FAIL")
     meta["verified"] = ok
-    _atomic_write(directory / "plan.json", json.dumps(meta, indent=1).encode())
+    _atomic_write(directory / "step.json", json.dumps(meta, indent=1).encode())
     return 0 if ok else 1
 
 

@@ -35,7 +35,7 @@ def make_feed(model, cfg, seed, task=3, t0=False):
     noise = sample_noise(cfg, model.cfg.action_dim, model.cfg.num_q, g)
     obs = torch.randn(model.cfg.obs_dim, generator=g)
     prev = torch.rand(cfg.horizon, model.cfg.action_dim, generator=g) * 2 - 1
-    return record.plan_feed(obs.numpy(), task if model.cfg.multitask else None, prev.numpy(), t0, noise)
+    return record.step_feed(obs.numpy(), task if model.cfg.multitask else None, prev.numpy(), t0, noise)
 
 
 def assert_outputs_close(out, ref, atol):

@@ -24,7 +24,7 @@ def test_fp32_artifact_is_verified(fp32_artifact):
     m = artifact.read_manifest(fp32_artifact)
     assert m["status"] == "ok" and m["precision"] == "fp32" and m["runtime"] == "onnxruntime"
     assert m["verification"]["rows"] == 6 and m["verification"]["outputs"]["z"]["max_abs"] < 1e-5
-    assert set(m["files"]) >= {"plan.onnx", "verify.npz", "networks/Q.onnx", "networks/encoder.onnx"}
+    assert set(m["files"]) >= {"step.onnx", "verify.npz", "networks/Q.onnx", "networks/encoder.onnx"}
     with np.load(fp32_artifact / "verify.npz") as data:  # real closed-loop inputs + reference outputs
         assert {"obs", "noise_sample", "expected_action", "expected_z"} <= set(data.files)
         assert np.abs(data["obs"]).sum() > 0
@@ -35,12 +35,12 @@ def test_tampered_or_edited_artifact_is_refused(fp32_artifact, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(fp32_artifact, bad)
     artifact.read_manifest(bad)
-    data = bytearray((bad / "plan.onnx").read_bytes())
+    data = bytearray((bad / "step.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (bad / "plan.onnx").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="plan.onnx does not match its sha256"):
+    (bad / "step.onnx").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="step.onnx does not match its sha256"):
         artifact.read_manifest(bad)
-    shutil.copy(fp32_artifact / "plan.onnx", bad / "plan.onnx")
+    shutil.copy(fp32_artifact / "step.onnx", bad / "step.onnx")
     m = json.loads((bad / "manifest.json").read_text())
     m["precision"] = "int8"
     (bad / "manifest.json").write_text(json.dumps(m))
@@ -127,14 +127,14 @@ def test_cli_compile_cpu_and_jetson_bundle(model, cache, tmp_path):
     m = artifact.read_manifest(tmp_path / "jetson")
     assert m["target"] == "orin-nano" and m["runtime"] == "tensorrt" and m["engine"]["status"] == "bundle"
     assert m["checkpoint_sha256"] == artifact.file_sha256(ckpt)
-    assert {"build_engine.py", "verify.py", "control.py", "plan.onnx", "verify.npz"} <= set(m["files"])
+    assert {"build_engine.py", "verify.py", "control.py", "step.onnx", "verify.npz"} <= set(m["files"])
     assert m["layernorm"] == "native" and m["tensorrt_min"] == "8.6.2"
     res = runner.invoke(main, ["compile", str(ckpt), "--precision", "fp16", "--target", "xavier-nx",
                                "--out", str(tmp_path / "xavier"), *small])
     assert res.exit_code == 0, res.output
     m = artifact.read_manifest(tmp_path / "xavier")
     assert m["layernorm"].startswith("primitive") and m["verification"]["ok"]
-    ops = {n.op_type for n in onnx.load(tmp_path / "xavier" / "plan.onnx").graph.node}
+    ops = {n.op_type for n in onnx.load(tmp_path / "xavier" / "step.onnx").graph.node}
     assert "LayerNormalization" not in ops and ops <= set(export.TENSORRT_OPS)
     res = runner.invoke(main, ["compile", str(ckpt), "--precision", "bf16", "--target", "xavier-nx", *small])
     assert res.exit_code == 2 and "does not support bf16" in res.output

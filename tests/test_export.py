@@ -16,13 +16,13 @@ from edge_tdmpc.planner import PlannerConfig, plan, policy_action
 
 @pytest.mark.parametrize("task,t0", [(0, True), (3, False), (7, False), (29, True)])
 def test_plan_graph_matches_plan_fp32(model, task, t0):
-    session = OnnxSession(export.plan_graph(model, SMALL))
+    session = OnnxSession(export.step_graph(model, SMALL))
     feed = make_feed(model, SMALL, seed=task, task=task, t0=t0)
     assert_outputs_close(session.run(feed), record.reference_step(model, feed, SMALL), atol=1e-5)
 
 
 def test_plan_graph_eval_mode_is_zero_action_noise(model):
-    session = OnnxSession(export.plan_graph(model, SMALL))
+    session = OnnxSession(export.step_graph(model, SMALL))
     feed = make_feed(model, SMALL, seed=1)
     obs, task, prev, t0, noise = record.feed_to_torch(feed)
     a_eval, _, _ = plan(model, obs, task, prev, t0, noise, SMALL, 0.99, eval_mode=True)
@@ -40,7 +40,7 @@ def test_plan_graph_gathers_q_heads_and_single_task():
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        graph = export.plan_graph(m, SMALL)
+        graph = export.step_graph(m, SMALL)
         if m.cfg.num_q > 2:  # only the 2 heads q_idx picks are computed, not all 5
             assert not any("/Q4." in n.name for n in graph.graph.node)
             assert sum("of2." in n.name and n.op_type == "MatMul" for n in graph.graph.node) == 2 * 4 * SMALL.iterations
@@ -53,7 +53,7 @@ def test_plan_graph_gathers_q_heads_and_single_task():
 
 def test_policy_graph_for_mpc_false(model):
     cfg = PlannerConfig(mpc=False)
-    session = OnnxSession(export.plan_graph(model, cfg))
+    session = OnnxSession(export.step_graph(model, cfg))
     feed = make_feed(model, cfg, seed=4)
     obs, task, _, _, noise = record.feed_to_torch(feed)
     out = session.run(feed)
@@ -81,7 +81,7 @@ def test_network_graphs_match_the_model(model):
 
 
 def test_task_embedding_is_folded_not_concatenated(model):
-    proto = export.plan_graph(model, SMALL)
+    proto = export.step_graph(model, SMALL)
     assert not any(n.op_type == "Concat" and "encoder" in n.name for n in proto.graph.node)
     names = {t.name for t in proto.graph.initializer}
     assert "dynamics.0.b" in names and "dynamics.0.W_z" in names and "dynamics.0.W_a" in names
@@ -91,7 +91,7 @@ def test_task_embedding_is_folded_not_concatenated(model):
 
 def test_real_student_plan_graph_matches(student):
     cfg = PlannerConfig()
-    session = OnnxSession(export.plan_graph(student, cfg))
+    session = OnnxSession(export.step_graph(student, cfg))
     feed = make_feed(student, cfg, seed=0, task=10, t0=True)
     out, ref = session.run(feed), record.reference_step(student, feed, cfg)
     np.testing.assert_allclose(out["z"], ref["z"], atol=1e-5)
@@ -103,9 +103,9 @@ def test_real_student_plan_graph_matches(student):
 def test_primitive_layernorm_for_tensorrt_8_5_matches_native(model, prec, atol):
     """TensorRT 8.5 (JetPack 5, Xavier) has no LayerNormalization importer: the same graph with it written out
     in primitive ops parses there and computes the same step."""
-    layers = precision.model_plan(model, prec)
-    native = export.plan_graph(model, SMALL, layers)
-    primitive = export.plan_graph(model, SMALL, layers, native_layernorm=False)
+    layers = precision.model_layer_precisions(model, prec)
+    native = export.step_graph(model, SMALL, layers)
+    primitive = export.step_graph(model, SMALL, layers, native_layernorm=False)
     assert export.tensorrt_unsupported(native, (8, 5, 2)) == ["LayerNormalization"]
     assert export.tensorrt_unsupported(native, (8, 6)) == export.tensorrt_unsupported(primitive, (8, 5, 2)) == []
     feed = make_feed(model, SMALL, seed=8)

@@ -1,4 +1,4 @@
-"""Precision: per-layer precision plans, fp16 / bf16 graphs (bf16 emulated on the CPU), calibrated int8, mixed.
+"""Precision: layer precisions, fp16 / bf16 graphs (bf16 emulated on the CPU), calibrated int8, mixed.
 
 Tolerances vs the torch fp32 reference: the per-precision verification tolerances of edge_tdmpc.compile.verify.
 """
@@ -28,7 +28,7 @@ def _types(proto):
 
 @pytest.mark.parametrize("prec,atol", [("fp16", 5e-3), ("bf16", 5e-2)])
 def test_half_precision_graphs_are_real_and_close(model, prec, atol):
-    proto = export.plan_graph(model, SMALL, precision.model_plan(model, prec))
+    proto = export.step_graph(model, SMALL, precision.model_layer_precisions(model, prec))
     assert {"FLOAT16" if prec == "fp16" else "BFLOAT16"} <= _types(proto)
     assert any(n.op_type == "MatMul" for n in proto.graph.node)
     session = OnnxSession(proto)
@@ -51,23 +51,23 @@ def test_bf16_emulation_rounds_every_tensor():
 
 def test_precision_plans(tmp_path):
     layers = export.layer_names(make_tiny_model())
-    assert set(precision.precision_plan("fp16", layers).values()) == {"fp16"}
-    mixed = precision.precision_plan("mixed", layers)
+    assert set(precision.layer_precisions("fp16", layers).values()) == {"fp16"}
+    mixed = precision.layer_precisions("mixed", layers)
     assert {"int8", "fp16", "fp32"} <= set(mixed.values())
-    assert precision.precision_plan("int8", layers, {"Q.2": "fp32"})["Q.2"] == "fp32"
+    assert precision.layer_precisions("int8", layers, {"Q.2": "fp32"})["Q.2"] == "fp32"
     with pytest.raises(ValueError, match="unknown layer"):
-        precision.precision_plan("int8", layers, {"decoder.0": "fp32"})
+        precision.layer_precisions("int8", layers, {"decoder.0": "fp32"})
     with pytest.raises(ValueError, match="unknown precision"):
-        precision.precision_plan("fp8", layers)
-    # compile --plan: inline JSON or a file
-    (tmp_path / "plan.json").write_text('{"dynamics.1": "int8"}')
-    plan = precision.load_plan(tmp_path / "plan.json")
-    assert precision.load_plan(' {"dynamics.1": "int8"}') == plan
-    assert precision.precision_plan("mixed", layers, plan)["dynamics.1"] == "int8"
-    with pytest.raises(ValueError, match="cannot read precision plan"):
-        precision.load_plan('{"dynamics.1": int8}')
-    with pytest.raises(ValueError, match="cannot read precision plan"):
-        precision.load_plan(tmp_path / "missing.json")
+        precision.layer_precisions("fp8", layers)
+    # compile --layers: inline JSON or a file
+    (tmp_path / "layers.json").write_text('{"dynamics.1": "int8"}')
+    plan = precision.load_layers(tmp_path / "layers.json")
+    assert precision.load_layers(' {"dynamics.1": "int8"}') == plan
+    assert precision.layer_precisions("mixed", layers, plan)["dynamics.1"] == "int8"
+    with pytest.raises(ValueError, match="cannot read layer precisions"):
+        precision.load_layers('{"dynamics.1": int8}')
+    with pytest.raises(ValueError, match="cannot read layer precisions"):
+        precision.load_layers(tmp_path / "missing.json")
 
 
 def test_int8_is_calibrated_on_recorded_episodes(int8_artifact, model, tmp_path):
@@ -77,7 +77,7 @@ def test_int8_is_calibrated_on_recorded_episodes(int8_artifact, model, tmp_path)
     assert calib["rows"] == 24 and len(calib["tasks"]) == 3 and all(t in model.cfg.tasks for t in calib["tasks"])
     ranges = json.loads((int8_artifact / calib["file"]).read_text())["absmax"]
     assert ranges and all(v > 0 for v in ranges.values())  # activation ranges seen in the episodes
-    proto = onnx.load(int8_artifact / "plan.onnx")
+    proto = onnx.load(int8_artifact / "step.onnx")
     ops = [n.op_type for n in proto.graph.node]
     assert export.tensorrt_unsupported(proto, (8, 6)) == []  # Q/DQ included: the parser takes every op
     matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
@@ -85,7 +85,8 @@ def test_int8_is_calibrated_on_recorded_episodes(int8_artifact, model, tmp_path)
     kept = [n for n in matmuls if precision.layer_of(n.name) in precision.INT8_KEEP_FP32]
     int8_layers = [n for n in matmuls if n not in kept and n not in action_part]
     assert {precision.layer_of(n.name) for n in kept} == set(precision.INT8_KEEP_FP32)  # encoder, 2-hot outputs
-    assert m["layer_plan"]["Q.2"] == m["layer_plan"]["reward.2"] == "fp32" and m["layer_plan"]["Q.1"] == "int8"
+    layers = m["layer_precisions"]
+    assert layers["Q.2"] == layers["reward.2"] == "fp32" and layers["Q.1"] == "int8"
     assert action_part and not any(n.input[0].endswith("/x_dq") for n in action_part + kept)
     assert ops.count("QuantizeLinear") == len(int8_layers)  # one dedicated activation pair per int8 MatMul
     assert all(n.input[0].endswith("/x_dq") and n.input[1].endswith(".dequantized") for n in int8_layers)
@@ -111,9 +112,9 @@ def test_mixed_plan_mixes_precisions(model, cache, tmp_path):
     art = artifact.compile_model(model, "mixed", SMALL, out=tmp_path / "mixed", calib_episodes=2, calib_steps=2,
                                  verify_episodes=1, verify_steps=3)
     m = artifact.read_manifest(art)
-    assert set(m["layer_plan"].values()) == {"fp32", "fp16", "int8"}
+    assert set(m["layer_precisions"].values()) == {"fp32", "fp16", "int8"}
     assert m["verification"]["outputs"]["z"]["max_abs"] < 1e-5  # fp32 encoder, untouched by int8 neighbours
-    proto = onnx.load(art / "plan.onnx")
+    proto = onnx.load(art / "step.onnx")
     types = {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer}
     assert types["encoder.0.W_obs"] == "FLOAT" and types["dynamics.0.W_z.fp16"] == "FLOAT16"
     assert types["reward.1.W_x.int8"] == "INT8" and types["dynamics.1.W_x.fp16"] == "FLOAT16"

@@ -19,7 +19,7 @@ def test_artifact_runtime_matches_torch_runtime_on_same_seed(fp32_artifact, mode
     for t in range(4):
         a, b = rt.act(obs * t, 3, t == 0), ref.act(obs * t, 3, t == 0)
         assert a.shape == (6,) and np.abs(a - b).max() < 1e-5
-    assert rt.size_bytes() == artifact.read_manifest(fp32_artifact)["files"]["plan.onnx"]["bytes"]
+    assert rt.size_bytes() == artifact.read_manifest(fp32_artifact)["files"]["step.onnx"]["bytes"]
     rt.reset(3)
     ref.reset(3)
     np.testing.assert_allclose(rt.act(obs, 3, True, eval_mode=True), ref.act(obs, 3, True, eval_mode=True), atol=1e-5)
@@ -221,10 +221,10 @@ def test_tensorrt_engine_builds_matches_and_round_trips(prec, model, cache, tmp_
                                  calib_steps=8, verify_episodes=1, verify_steps=3)
     m = artifact.read_manifest(art)
     assert m["engine"]["status"] == "built"
-    engine = trt.Engine(art / "plan.engine")  # deserialized from the file: the serialization round trip
+    engine = trt.Engine(art / "step.engine")  # deserialized from the file: the serialization round trip
     ok, table = trt.verify_engine(engine, art, m)
     assert ok, table
-    graphed = trt.Engine(art / "plan.engine", cuda_graph=True)
+    graphed = trt.Engine(art / "step.engine", cuda_graph=True)
     with np.load(art / "verify.npz") as data:
         feed = {k: data[k][0] for k in graphed.inputs}
     np.testing.assert_allclose(graphed.run(feed)["action"], engine.run(feed)["action"], atol=1e-6)
