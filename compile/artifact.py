@@ -9,6 +9,7 @@
       calibration.json   INT8 activation ranges (int8 / mixed)
       build_engine.py, verify.py   TensorRT targets: build and verify the engine on the device
       control.py         TensorRT targets: the fixed-rate control loop (`edge_tdmpc.control`), numpy only
+      noise.py           TensorRT targets: the planning step's noise drawn with numpy (`edge_tdmpc.noise`)
 
 The directory is written under a temporary name and renamed into place, so an interrupted compile leaves no
 half artifact; recordings (the slow part) are cached and reused by the next compile of the same model.
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edge_tdmpc import control
+from edge_tdmpc import control, noise
 from edge_tdmpc.compile import export, record, verify
 from edge_tdmpc.compile.precision import load_layers, model_layer_precisions, quantize_int8
 from edge_tdmpc.compile.targets import check_precision, load_target, min_tensorrt
@@ -281,6 +282,7 @@ def _engine_or_bundle(tmp: Path, profile: dict, precision: str, rows, expected, 
     shutil.copy(here / "trt.py", tmp / "build_engine.py")
     shutil.copy(here / "verify.py", tmp / "verify.py")
     shutil.copy(control.__file__, tmp / "control.py")
+    shutil.copy(noise.__file__, tmp / "noise.py")
     (tmp / "README.txt").write_text(BUNDLE_README.format(target=profile["description"], precision=precision))
     try:
         from edge_tdmpc.compile import trt

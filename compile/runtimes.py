@@ -124,16 +124,6 @@ class TensorRTRuntime(_ArtifactRuntime):
         self.engine.close()
 
 
-def draw_noise(cfg: PlannerConfig, action_dim: int, num_q: int, device) -> Noise:
-    """`planner.sample_noise`'s draws (same shapes and distributions) from the device's default generator,
-    with ops a CUDA graph can capture: randperm cannot be, so the Q-head pair is an argsort of uniforms."""
-    I, H, S, P, K = cfg.iterations, cfg.horizon, cfg.num_samples, cfg.num_pi_trajs, cfg.num_elites
-    u = torch.rand(K, device=device).clamp_min(1e-20)
-    return Noise(torch.randn(H, P, action_dim, device=device), torch.randn(I, H, S - P, action_dim, device=device),
-                 torch.rand(I, num_q, device=device).argsort(1)[:, :2], torch.randn(I, S, action_dim, device=device),
-                 -torch.log((-torch.log(u)).clamp_min(1e-20)), torch.randn(action_dim, device=device))
-
-
 def graph_step(model, cfg: PlannerConfig, obs, task, prev_mean, t0, noise: Noise, gamma, explore):
     """`plan` on tensors only (explore = 0 is eval mode, exactly; task may come as a float): what the CUDA-graph
     runtimes capture and torch-compile hands to torch.compile."""
@@ -191,7 +181,8 @@ class TorchCudaGraphRuntime(Runtime):
 
     def _plan(self, draw: bool):
         c, D, x = self.model.cfg, self.model.cfg.obs_dim, self.inputs
-        noise = draw_noise(self.cfg, c.action_dim, c.num_q, self.device) if draw else self.noise_in
+        noise = sample_noise(self.cfg, c.action_dim, c.num_q, device=self.device, capturable=True) if draw \
+            else self.noise_in
         task = x[D:D + 1] if c.multitask else None
         action, mean = self.step(self.model, self.cfg, x[:D], task, self.prev_mean, x[D + 1], noise, x[D + 2],
                                  x[D + 3])

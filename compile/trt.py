@@ -345,20 +345,6 @@ class Engine:
         self.cuda.close()
 
 
-def numpy_noise(engine: Engine, rng: np.random.Generator, num_q: int = 2) -> dict:
-    """Noise for one planning step drawn with numpy (on a robot without torch); shapes from the engine."""
-    feeds = {}
-    for name, host in engine.inputs.items():
-        if name == "noise_q_idx":
-            feeds[name] = np.stack([rng.permutation(num_q)[:2] for _ in range(host.shape[0])])
-        elif name == "noise_gumbel":
-            u = np.clip(rng.random(host.shape), 1e-20, None)
-            feeds[name] = -np.log(np.clip(-np.log(u), 1e-20, None))
-        elif name.startswith("noise_"):
-            feeds[name] = rng.standard_normal(host.shape, dtype=np.float32)
-    return feeds
-
-
 class Planner:
     """The control loop on the robot: obs -> action with the warm-start mean kept between steps."""
 
@@ -382,8 +368,10 @@ class Planner:
             _bundled("control").shift_mean(self.prev_mean, ticks)
 
     def act(self, obs, task=0, t0=False, eval_mode=False):
+        shape = {k[len("noise_"):]: v.shape for k, v in self.engine.inputs.items() if k.startswith("noise_")}
+        drawn = _bundled("noise").numpy_noise(shape, self.num_q, self.rng)
         feeds = {"obs": obs, "task": np.array([task]), "t0": np.array([float(t0)]),
-                 **numpy_noise(self.engine, self.rng, self.num_q)}
+                 **{f"noise_{k}": v for k, v in drawn.items()}}
         if self.prev_mean is not None:
             feeds["prev_mean"] = self.prev_mean
         if eval_mode:
@@ -395,7 +383,7 @@ class Planner:
 
 
 def _bundled(name: str):
-    """edge_tdmpc's module `name` (control, verify), or in a deploy bundle the copy beside this file."""
+    """edge_tdmpc's module `name` (control, noise, verify), or in a deploy bundle the copy beside this file."""
     import importlib
     try:
         return importlib.import_module(f"edge_tdmpc.{'compile.' if name == 'verify' else ''}{name}")

@@ -157,4 +157,25 @@ def test_bundle_builder_needs_no_torch(tmp_path):
             "from control import ActionFilter; print(ActionFilter(alpha=0.5)([0.4]))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert res.returncode == 0 and "[0.4]" in res.stdout, res.stderr
+    # the bundle's Planner draws its noise with the bundle's noise.py and shifts its warm start with control.py
+    shutil.copy(ROOT / "toolkit" / "noise.py", tmp_path / "noise.py")
+    code = """if True:
+        import sys; sys.modules['torch'] = None; sys.modules['edge_tdmpc'] = None
+        import numpy as np
+        from build_engine import Planner
+        shapes = {"noise_pi": (3, 4, 6), "noise_sample": (2, 3, 60, 6), "noise_q_idx": (2, 2),
+                  "noise_q_pi": (2, 64, 6), "noise_gumbel": (8,), "noise_action": (6,), "prev_mean": (3, 6)}
+        class Engine:
+            inputs = {k: np.zeros(v, np.float32) for k, v in shapes.items()}
+            def run(self, feeds):
+                assert all(feeds[k].shape == v for k, v in shapes.items() if k != "prev_mean"), feeds
+                assert feeds["noise_q_idx"].dtype == np.int64 and (feeds["noise_q_idx"] < 5).all()
+                return {"action": np.ones(6, np.float32), "mean": np.arange(18, dtype=np.float32).reshape(3, 6)}
+        p = Planner(Engine(), seed=0, num_q=5)
+        p.act(np.zeros(24, np.float32), 0, t0=True)
+        p.advance_mean(1)
+        print(p.planned_mean()[0].tolist(), p.planned_mean()[2].tolist())"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("]")[0] == "[6.0, 7.0, 8.0, 9.0, 10.0, 11.0" and "[0.0, 0.0" in res.stdout, res.stdout
 

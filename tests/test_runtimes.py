@@ -120,21 +120,21 @@ def test_cuda_graph_runtime_stages_inputs_and_keeps_the_warm_start(model, name):
 def test_cuda_graph_noise_draws_match_sample_noise():
     """The torch-cuda-graph runtime's capturable draws (run here on the CPU) have sample_noise's shapes, dtypes
     and distributions, and plan() accepts them."""
-    from edge_tdmpc.compile.runtimes import draw_noise
     cfg = PlannerConfig(num_samples=64, num_elites=8, num_pi_trajs=4, iterations=300)
     torch.manual_seed(0)
-    drawn, ref = draw_noise(cfg, 6, 5, "cpu"), sample_noise(cfg, 6, 5, torch.Generator().manual_seed(0))
+    drawn = sample_noise(cfg, 6, 5, device="cpu", capturable=True)
+    ref = sample_noise(cfg, 6, 5, torch.Generator().manual_seed(0))
     assert [(t.shape, t.dtype) for t in drawn] == [(t.shape, t.dtype) for t in ref]
     q = drawn.q_idx
     assert ((q >= 0) & (q < 5)).all() and (q[:, 0] != q[:, 1]).all()
     assert np.bincount(q.flatten().numpy(), minlength=5).min() > 0.8 * q.numel() / 5  # every head, evenly
     assert abs(drawn.sample.mean()) < 0.01 and abs(drawn.sample.std() - 1) < 0.01
-    gumbel = torch.cat([draw_noise(cfg, 6, 5, "cpu").gumbel for _ in range(500)])
+    gumbel = torch.cat([sample_noise(cfg, 6, 5, device="cpu", capturable=True).gumbel for _ in range(500)])
     assert abs(gumbel.mean() - 0.5772) < 0.05 and abs(gumbel.std() - np.pi / 6 ** 0.5) < 0.05  # Gumbel(0, 1)
     m = make_tiny_model()
     small = PlannerConfig(num_samples=64, num_elites=8, num_pi_trajs=4, iterations=2)
     action, mean, _ = plan(m, torch.zeros(m.cfg.obs_dim), 0, torch.zeros(small.horizon, 6), True,
-                           draw_noise(small, 6, m.cfg.num_q, "cpu"), small)
+                           sample_noise(small, 6, m.cfg.num_q, device="cpu", capturable=True), small)
     assert action.shape == (6,) and torch.isfinite(mean).all() and action.abs().max() <= 1
 
 

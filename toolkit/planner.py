@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from edge_tdmpc import noise
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.tasks import discount, fit_obs
 
@@ -41,7 +42,7 @@ class PlannerConfig:
 
 
 class Noise(NamedTuple):
-    """All randomness of one planning step. Shapes for H horizon, P pi trajs, S samples, A action dim."""
+    """All randomness of one planning step (shapes and distributions: `edge_tdmpc.noise`)."""
     pi: torch.Tensor        # [H, P, A]   N(0,1), policy-trajectory sampling
     sample: torch.Tensor    # [I, H, S-P, A] N(0,1), MPPI candidate sampling per iteration
     q_idx: torch.Tensor     # [I, 2] long, the 2 Q heads averaged in each iteration
@@ -50,20 +51,14 @@ class Noise(NamedTuple):
     action: torch.Tensor    # [A] N(0,1), final exploration noise (ignored in eval mode)
 
 
+def noise_shapes(cfg: PlannerConfig, action_dim: int) -> dict[str, tuple]:
+    return noise.shapes(cfg.horizon, cfg.num_pi_trajs, cfg.num_samples, cfg.iterations, cfg.num_elites, action_dim)
+
+
 def sample_noise(cfg: PlannerConfig, action_dim: int, num_q: int, generator: torch.Generator | None = None,
-                 device="cpu") -> Noise:
-    H, P, S, I, K = cfg.horizon, cfg.num_pi_trajs, cfg.num_samples, cfg.iterations, cfg.num_elites
-    g = dict(generator=generator, device=device)
-    q_idx = torch.stack([torch.randperm(num_q, **g)[:2] for _ in range(I)])
-    u = torch.rand(K, **g).clamp_min(1e-20)
-    return Noise(
-        pi=torch.randn(H, P, action_dim, **g),
-        sample=torch.randn(I, H, S - P, action_dim, **g),
-        q_idx=q_idx,
-        q_pi=torch.randn(I, S, action_dim, **g),
-        gumbel=-torch.log((-torch.log(u)).clamp_min(1e-20)),  # Gumbel(0,1) = -log(Exp(1))
-        action=torch.randn(action_dim, **g),
-    )
+                 device="cpu", capturable=False) -> Noise:
+    """One step's noise drawn with torch (`noise.torch_noise`; capturable: in a CUDA graph)."""
+    return Noise(**noise.torch_noise(noise_shapes(cfg, action_dim), num_q, generator, device, capturable))
 
 
 def pi_rollout(model: WorldModel, z, task, eps):
