@@ -5,7 +5,6 @@ directory, a resume with different settings) are raised as one-line ValueErrors 
 """
 import copy
 import datetime
-import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -17,7 +16,7 @@ from tqdm import tqdm
 from edge_tdmpc.bench import faithful, report
 from edge_tdmpc.bench.meters import environment
 from edge_tdmpc.bench.runner import EpisodeLog, Job, Settings, run_jobs
-from edge_tdmpc.checkpoint import load_model, read_state_dict
+from edge_tdmpc.checkpoint import load_model, read_state_dict, weights_sha256
 from edge_tdmpc.compile.artifact import CompileOptions, read_manifest
 from edge_tdmpc.compile.runtimes import ARTIFACT_RUNTIMES, compile_for, make_runtime, runtime_class
 from edge_tdmpc.control import ActionFilter, check_budget, check_fallback
@@ -51,14 +50,6 @@ def resolve_pairs(runtimes, precisions) -> list[tuple[str, str]]:
     return pairs
 
 
-def _state_sha256(model: WorldModel) -> str:
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _model_tasks(path: Path, model_tasks, tasks) -> str:
     """The task set a checkpoint was trained on: given, mt30 for multitask files, or the single task benched."""
     if model_tasks:
@@ -75,7 +66,7 @@ def open_model(model, tasks=("mt30",), model_tasks=None):
     (fp32 reference model, what workers load, {pair: artifact dir}, model facts)."""
     if isinstance(model, WorldModel):
         ref = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
-        return ref.eval(), ref, {}, {"kind": "in-memory", "path": None, "sha256": _state_sha256(ref)}
+        return ref.eval(), ref, {}, {"kind": "in-memory", "path": None, "sha256": weights_sha256(ref)}
     path = Path(model)
     if path.is_dir():
         manifest = read_manifest(path)

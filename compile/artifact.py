@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from edge_tdmpc import control, noise
+from edge_tdmpc.checkpoint import weights_sha256
 from edge_tdmpc.compile import export, record, verify
 from edge_tdmpc.compile.precision import load_layers, model_layer_precisions, quantize_int8
 from edge_tdmpc.compile.targets import check_precision, load_target, min_tensorrt
@@ -65,16 +66,6 @@ def cache_root() -> Path:
     if os.environ.get("EDGE_TDMPC_CACHE"):
         return Path(os.environ["EDGE_TDMPC_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-tdmpc"
-
-
-def state_dict_sha256(model: WorldModel) -> str:
-    """Hash of the weights (names, shapes, fp32 values): the cache key of a model held in memory."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        v = v.detach().cpu()
-        h.update(f"{k}:{tuple(v.shape)}".encode())
-        h.update((v.float() if v.is_floating_point() else v).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _digest(obj) -> str:
@@ -154,7 +145,7 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     profile = load_target(target)
     check_precision(profile, precision)
     model = model.float().cpu().eval()
-    model_sha = state_dict_sha256(model)
+    model_sha = weights_sha256(model)
     layer_precisions = model_layer_precisions(model, precision, opts.layers)
     key = cache_key(model_sha, precision, cfg, target, layer_precisions, opts)
     out = Path(out) if out is not None else cache_root() / "artifacts" / key
@@ -216,7 +207,7 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
             "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "compile_seconds": None,
             "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
             "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
-            "state_dict_sha256": model_sha,
+            "weights_sha256": model_sha,
             "model": {"tasks": list(model.cfg.tasks), "size": model.cfg.size, "obs_dim": model.cfg.obs_dim,
                       "action_dim": model.cfg.action_dim, "latent_dim": model.cfg.latent_dim, "num_q": model.cfg.num_q},
             "tasks": list(model.cfg.tasks),
@@ -359,7 +350,7 @@ def check_matches(manifest: dict, precision=None, planner: PlannerConfig | None 
             raise ValueError("artifact was compiled for other planner settings: " +
                              ", ".join(f"{k}={b} (asked {a})" for k, (a, b) in diff.items()) +
                              "; compile it with these settings (the graph's shapes are fixed)")
-    if model is not None and state_dict_sha256(model) != manifest["state_dict_sha256"]:
+    if model is not None and weights_sha256(model) != manifest["weights_sha256"]:
         raise ValueError("artifact was compiled from other weights than this model: recompile it")
 
 
@@ -373,7 +364,7 @@ def compile_cached(model: WorldModel, precision="fp32", planner=None, target="cp
     cfg = planner or PlannerConfig()
     opts = replace(options or CompileOptions(), **settings)
     model = model.float().cpu().eval()
-    key = cache_key(state_dict_sha256(model), precision, cfg, load_target(target)["name"],
+    key = cache_key(weights_sha256(model), precision, cfg, load_target(target)["name"],
                     model_layer_precisions(model, precision, opts.layers), opts)
     out = cache_root() / "artifacts" / key
     if _intact(out):

@@ -24,7 +24,6 @@ from onnx import TensorProto, helper
 from edge_tdmpc.layers import NormedLinear, SimNorm
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import PlannerConfig
-from edge_tdmpc.tasks import discount
 
 OPSET = 17
 ONNX_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
@@ -429,7 +428,7 @@ def step_graph(model: WorldModel, cfg: PlannerConfig, precisions: dict[str, str]
         return g.model(doc="edge-tdmpc policy step (mpc=False)")
 
     # discounts per task: gamma^t for t = 0..H, rows gathered by task (all 0.99 for the 500-step MT30 tasks)
-    gammas = gammas or ([discount(L) for L in c.episode_lengths] if c.multitask else [0.99])
+    gammas = gammas or c.discounts
     disc = np.array([[g_ ** t for t in range(H + 1)] for g_ in gammas])
     disc = g.const(disc, key="discounts")
     disc = g.op("Gather", disc, "task", axis=0) if c.multitask else g.reshape(disc, [1, -1])  # [1, H+1]

@@ -9,7 +9,6 @@ import torch
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import Noise, PlannerConfig, plan, policy_action, sample_noise
 from edge_tdmpc.rollout import run
-from edge_tdmpc.tasks import discount
 
 # one task per domain first: calibration should see every body the model controls
 CALIB_TASKS = ("walker-walk", "cheetah-run", "cartpole-swingup", "reacher-easy", "hopper-stand", "finger-spin",
@@ -48,7 +47,7 @@ def reference_step(model: WorldModel, feed: dict, cfg: PlannerConfig) -> dict[st
     if not cfg.mpc:
         return {"action": policy_action(model, obs, task, noise.action).numpy(),
                 "mean": policy_action(model, obs, task, noise.action, eval_mode=True).numpy(), "z": z}
-    gamma = discount(model.cfg.episode_lengths[task or 0]) if model.cfg.episode_lengths else 0.99
+    gamma = model.cfg.discounts[task or 0]
     action, mean, info = plan(model, obs, task, prev_mean, t0, noise, cfg, gamma)
     return {"action": action.numpy(), "mean": mean.numpy(), "value": info["value"].reshape(1).numpy(), "z": z}
 

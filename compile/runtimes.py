@@ -25,7 +25,7 @@ from edge_tdmpc.compile.fused import FusedWorldModel
 from edge_tdmpc.compile.record import step_feed
 from edge_tdmpc.planner import Noise, PlannerConfig, plan, sample_noise
 from edge_tdmpc.runtime import PRECISIONS, TORCH_DTYPES, Runtime, TorchRuntime
-from edge_tdmpc.tasks import discount, fit_obs
+from edge_tdmpc.tasks import fit_obs
 
 
 def _numpy(t):
@@ -167,7 +167,7 @@ class TorchCudaGraphRuntime(Runtime):
         if self.world is not None:
             m = self.world(m)
         self.model, c = m, m.cfg
-        self.gammas = [discount(L) for L in c.episode_lengths] if c.multitask else [0.99]
+        self.gammas = c.discounts
         # static buffers, fp32 as plan() keeps its inputs and statistics (the model casts to its precision)
         z = lambda *s, dtype=torch.float32: torch.zeros(*s, device=self.device, dtype=dtype)  # noqa: E731
         H, A, pin = self.cfg.horizon, c.action_dim, self.device.type == "cuda"

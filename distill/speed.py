@@ -37,8 +37,7 @@ class Reference:
         self.optim = torch.optim.Adam(groups, lr=cfg.lr, foreach=False)
         self.pi_optim = torch.optim.Adam(m._pi.parameters(), lr=cfg.lr, eps=1e-5, foreach=False)
         self.scale = torch.ones(1)
-        from edge_tdmpc.tasks import discount
-        self.discount = torch.tensor([discount(L) for L in m.cfg.episode_lengths])
+        self.discount = torch.tensor(m.cfg.discounts)
 
 
 def reference_update(ref: Reference, batch, noise=None):

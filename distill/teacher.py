@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from edge_tdmpc.checkpoint import weights_sha256
 from edge_tdmpc.files import atomic_write
 from edge_tdmpc.model import WorldModel, two_hot_inv
 from edge_tdmpc.runtime import TORCH_DTYPES
@@ -28,16 +29,6 @@ def fit_dim(x, dim: int):
     if n > dim:
         return x[..., :dim]
     return torch.cat([x, x.new_zeros(*x.shape[:-1], dim - n)], dim=-1)
-
-
-def model_digest(model: WorldModel) -> str:
-    """sha256 over the parameters (names, shapes, bytes): identifies a teacher independent of its file."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(str(tuple(v.shape)).encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 class Teacher:
@@ -61,7 +52,7 @@ class Teacher:
             raise ValueError(f"teacher was trained on {len(own)} task(s) without {missing[0]!r}; pick a "
                              "teacher that knows every task of the data")
         self.task_map = torch.tensor([own.index(t) for t in tasks], device=self.device)
-        self.digest = model_digest(model)
+        self.digest = weights_sha256(model)
 
     @property
     def latent_dim(self) -> int:

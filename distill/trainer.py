@@ -40,7 +40,6 @@ from edge_tdmpc.distill.losses import (
 )
 from edge_tdmpc.distill.teacher import fit_dim
 from edge_tdmpc.model import WorldModel
-from edge_tdmpc.tasks import discount
 
 
 @dataclass(frozen=True)
@@ -157,8 +156,7 @@ class Trainer:
         self.pi_optim = torch.optim.Adam(m._pi.parameters(), lr=cfg.lr, eps=1e-5, fused=fused)
         self.scale = RunningScale(cfg.tau, self.device)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
-        gammas = [discount(L) for L in mc.episode_lengths] or [0.99]
-        self.discount = torch.tensor(gammas, device=self.device)
+        self.discount = torch.tensor(mc.discounts, device=self.device)
         self.model.eval()
 
     # --- randomness of one update, drawn for the global batch ---------------------------------------------

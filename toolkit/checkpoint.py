@@ -4,6 +4,7 @@ Layouts: older flat `_Qs.params.{n}` (n = 4*layer + slot) and newer `_Qs.params.
 with `_detach_Qs_params.` / `_target_Qs_params.` copies and tensordict bookkeeping. Files are always read with
 `torch.load(weights_only=True)`: a file that needs arbitrary unpickling is refused, never executed.
 """
+import hashlib
 import pickle
 import re
 import warnings
@@ -179,6 +180,17 @@ def save_model(model: WorldModel, path, dtype=None):
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu()
           for k, v in model.state_dict().items()}
     atomic_save({"model": to_official(sd, model.cfg.num_q)}, path)
+
+
+def weights_sha256(model: WorldModel) -> str:
+    """sha256 of a model's weights (names, shapes, fp32 values): the identity of a model held in memory, whatever
+    file or dtype it came from (compile cache keys, teacher label caches, in-memory bench runs)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        v = v.detach().cpu()
+        h.update(f"{k}:{tuple(v.shape)}".encode())
+        h.update((v.float() if v.is_floating_point() else v).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def atomic_save(obj, path):

@@ -1,7 +1,7 @@
 """World-model configuration and the official size presets."""
 from dataclasses import dataclass, field
 
-from edge_tdmpc.tasks import EPISODE_LENGTH, MT30_DIMS, resolve_tasks
+from edge_tdmpc.tasks import EPISODE_LENGTH, MT30_DIMS, discount, resolve_tasks
 
 # model_size -> architecture overrides (TD-MPC2 paper, Appendix / official config)
 PRESETS = {
@@ -41,6 +41,11 @@ class ModelConfig:
     @property
     def multitask(self) -> bool:
         return len(self.tasks) > 1
+
+    @property
+    def discounts(self) -> tuple[float, ...]:
+        """Each task's TD discount, from its episode length (TD-MPC2's heuristic)."""
+        return tuple(discount(L) for L in self.episode_lengths) or (0.99,)
 
     @property
     def bin_size(self) -> float:

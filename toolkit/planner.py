@@ -12,7 +12,7 @@ import torch
 
 from edge_tdmpc import noise
 from edge_tdmpc.model import WorldModel
-from edge_tdmpc.tasks import discount, fit_obs
+from edge_tdmpc.tasks import fit_obs
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,7 @@ class Agent:
         self.device = torch.device(device or p.device)
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.prev_mean = torch.zeros(self.cfg.horizon, model.cfg.action_dim, device=self.device)
-        tasks = model.cfg.tasks
-        self.gammas = [discount(L) for L in model.cfg.episode_lengths] if tasks else [0.99]
+        self.gammas = model.cfg.discounts
 
     def _obs(self, obs, task):
         c = self.model.cfg
