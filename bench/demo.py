@@ -59,8 +59,8 @@ def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=pri
     if threads:
         torch.set_num_threads(threads)
     from edge_tdmpc.distill.collect import collect
+    from edge_tdmpc.distill.offline import distill
     from edge_tdmpc.distill.online import train
-    from edge_tdmpc.distill.trainer import distill
     from edge_tdmpc.tasks import resolve_tasks
 
     out = Path(out)

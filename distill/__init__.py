@@ -7,8 +7,9 @@
 Data (episode format, sampler, convert, collect) lives in `edge_tdmpc.distill.data` and friends.
 """
 from edge_tdmpc.distill.losses import DISTILL_TERMS
+from edge_tdmpc.distill.offline import distill
 from edge_tdmpc.distill.online import train
 from edge_tdmpc.distill.teacher import LabelCache, Teacher
-from edge_tdmpc.distill.trainer import TrainConfig, Trainer, distill
+from edge_tdmpc.distill.trainer import TrainConfig, Trainer
 
 __all__ = ["DISTILL_TERMS", "LabelCache", "Teacher", "TrainConfig", "Trainer", "distill", "train"]

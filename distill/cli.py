@@ -79,7 +79,7 @@ def distill(teacher, teacher_tasks, data, student_size, student_dims, d_coef, te
     """Distill TEACHER into a small student on --data (TD-MPC-Opt); writes OUT/student.pt and metrics.jsonl.
 
     Data-parallel: torchrun --nproc_per_node N -m edge_tdmpc.cli distill ..."""
-    from edge_tdmpc.distill.trainer import distill as run
+    from edge_tdmpc.distill.offline import distill as run
     _threads(threads)
     summary = run(data, out, teacher=teacher, student_size=_size(student_size), steps=steps, resume=resume,
                   teacher_precision=teacher_precision, teacher_tasks=teacher_tasks, label_cache=label_cache,

@@ -22,16 +22,10 @@ from tqdm import tqdm
 from edge_tdmpc.checkpoint import save_model
 from edge_tdmpc.distill.collect import play
 from edge_tdmpc.distill.data import Batch, EpisodeWriter
+from edge_tdmpc.distill.loop import closed_loop_eval
+from edge_tdmpc.distill.runlog import Checkpoints, MetricsLog, external_logger
 from edge_tdmpc.distill.teacher import write_json
-from edge_tdmpc.distill.trainer import (
-    Checkpoints,
-    MetricsLog,
-    TrainConfig,
-    Trainer,
-    build_student,
-    closed_loop_eval,
-    external_logger,
-)
+from edge_tdmpc.distill.trainer import TrainConfig, Trainer, build_student
 from edge_tdmpc.seeding import derive_seed
 from edge_tdmpc.tasks import MT30_DIMS, resolve_tasks
 

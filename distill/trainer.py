@@ -1,4 +1,4 @@
-"""The TD-MPC2 update (official `_update`/`update_pi`) + TD-MPC-Opt distillation terms, and the training loop.
+"""The TD-MPC2 update (official `_update`/`update_pi`) + TD-MPC-Opt distillation terms: `Trainer.update`.
 
 One `Trainer.update(batch)` is, in order: TD targets from the target Qs; latent rollout through the dynamics;
 consistency + reward + value losses (+ d_coef x distillation terms); one Adam step (encoder lr x0.3, grad clip
@@ -6,25 +6,17 @@ consistency + reward + value losses (+ d_coef x distillation terms); one Adam st
 
 Every random draw of the update (policy noise, Q-head choice, Q dropout masks) comes from the trainer's own
 generator, drawn for the *global* batch and sliced to this rank's rows: data-parallel ranks then see exactly
-the noise a single process would, and `--resume` continues bit-for-bit from the saved generator state.
+the noise a single process would, and `--resume` continues bit-for-bit from the saved generator state. The
+loop around it is `distill.loop`; `edge-tdmpc distill` is `distill.offline`.
 """
-import copy
-import csv
-import json
-import os
-import re
-import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edge_tdmpc.checkpoint import atomic_save, save_model
 from edge_tdmpc.distill.losses import (
     DISTILL_TERMS,
     RunningScale,
@@ -364,293 +356,9 @@ class Trainer:
         self.generator.set_state(sd["generator"])
 
 
-# --- the training loop: checkpoints, metrics, eval ----------------------------------------------------------
-STATE_RE = re.compile(r"state-(\d+)\.pt")
-
-
-class Checkpoints:
-    """Training-state files `state-<step>.pt`, written atomically; the newest `keep` are kept so a corrupt or
-    half-written last one falls back to the previous good one."""
-
-    def __init__(self, root, keep: int = 2):
-        self.root, self.keep = Path(root), keep
-
-    def paths(self) -> list[Path]:
-        found = [(int(m.group(1)), p) for p in self.root.glob("state-*.pt")
-                 if (m := STATE_RE.fullmatch(p.name))]
-        return [p for _, p in sorted(found, reverse=True)]
-
-    def save(self, state: dict, step: int):
-        atomic_save(state, self.root / f"state-{step:09d}.pt")
-        for old in self.paths()[self.keep:]:
-            old.unlink(missing_ok=True)
-
-    def latest(self, echo=print) -> dict | None:
-        for path in self.paths():
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # truncated / corrupt: fall back to the previous file
-                echo(f"warning: skipping unreadable checkpoint {path.name} ({str(e).splitlines()[0][:120]})")
-        return None
-
-
-class MetricsLog:
-    """metrics.jsonl (every row) + metrics.csv (train rows) / <kind>.csv; a resume drops rows past its step."""
-
-    def __init__(self, out, resume_step: int | None = None, external=None):
-        self.out, self.external, self._fields = Path(out), external, {}
-        self.jsonl = self.out / "metrics.jsonl"
-        rows = []
-        if resume_step is not None and self.jsonl.is_file():
-            for line in self.jsonl.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill
-                    continue
-                if row.get("step", 0) <= resume_step:
-                    rows.append(row)
-        for name in ("metrics.jsonl", "metrics.csv", "eval.csv", "episode.csv"):
-            (self.out / name).unlink(missing_ok=True)
-        for row in rows:
-            self.write(row, external=False)
-
-    def write(self, row: dict, external=True):
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        kind = row.get("kind", "train")
-        name = "metrics.csv" if kind == "train" else f"{kind}.csv"  # one CSV per row kind: fixed columns
-        new = name not in self._fields
-        if new:
-            self._fields[name] = list(row)
-        with open(self.out / name, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self._fields[name], extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
-        if external and self.external is not None:
-            self.external(row)
-
-
-def external_logger(kind: str | None, out: Path, config: dict):
-    """Optional TensorBoard / wandb sink for metric rows; a clear error if the package is missing."""
-    if not kind or kind == "none":
-        return None
-    if kind == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError("--logger tensorboard needs the tensorboard package (pip install tensorboard)") \
-                from None
-        writer = SummaryWriter(str(out / "tensorboard"))
-
-        def log(row):
-            prefix = "eval/" if row.get("kind") == "eval" else "train/"
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    writer.add_scalar(prefix + k, v, row["step"])
-            writer.flush()
-        return log
-    if kind == "wandb":
-        try:
-            import wandb
-        except ImportError:
-            raise ValueError("--logger wandb needs the wandb package: pip install wandb") from None
-        wandb.init(project="edge-tdmpc", dir=str(out), config=config, resume="allow")
-        return lambda row: wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-    raise ValueError(f"unknown logger {kind!r}: choose none, tensorboard or wandb")
-
-
-def closed_loop_eval(model: WorldModel, tasks, episodes=1, steps=100, seed=0, mpc=False, **planner) -> dict:
-    """Short closed-loop episodes of the official evaluation protocol (`rollout.evaluation_episode`: torch fp32
-    runtime, eval-mode actions, seeds as `edge-tdmpc bench` draws them) -> {task: mean return}."""
-    from edge_tdmpc.planner import PlannerConfig
-    from edge_tdmpc.rollout import evaluation_episode
-    from edge_tdmpc.runtime import TorchRuntime
-    model.eval()
-    rt = TorchRuntime(model, "fp32", PlannerConfig.make(mpc=mpc, **planner), seed=seed)
-    out = {}
-    for task in tasks:
-        rets = [evaluation_episode(rt, model.cfg, task, seed, ep, steps, eval_mode=True)[0].ret
-                for ep in range(episodes)]
-        out[task] = float(np.mean(rets))
-    rt.close()
-    return out
-
-
-def fit(trainer: Trainer, sampler, steps: int, out, save_every=10_000, log_every=100, eval_every=0,
-        eval_fn=None, resume=False, logger=None, progress=True, echo=print, on_save=None) -> dict:
-    """Train to `steps` updates: log averaged metrics, eval, checkpoint (state + student.pt) every N steps.
-
-    With `resume`, continues from the newest readable state in out/checkpoints, bit-for-bit."""
-    from tqdm import tqdm
-
-    out = Path(out)
-    ckpts = Checkpoints(out / "checkpoints")
-    lead = trainer.rank == 0
-    resume_step = None
-    if ckpts.paths() and not resume:
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or pick a new "
-                         "--out")
-    if resume:
-        state = ckpts.latest(echo if lead else (lambda *_: None))
-        if state is not None:
-            trainer.load_state_dict(state["trainer"])
-            sampler.load_state_dict(state["sampler"])
-            torch.set_rng_state(state["torch_rng"])
-            resume_step = trainer.step
-            if lead:
-                echo(f"resumed from step {trainer.step}")
-    log = MetricsLog(out, resume_step, logger) if lead else None
-
-    def save():
-        if lead:
-            state = {"trainer": trainer.state_dict(), "sampler": sampler.state_dict(),
-                     "torch_rng": torch.get_rng_state()}
-            ckpts.save(state, trainer.step)
-            save_model(trainer.model, out / "student.pt")
-            if on_save is not None:
-                on_save(trainer)
-        if trainer.world_size > 1:
-            dist.barrier()
-
-    sums, n, t0, start = {}, 0, time.perf_counter(), trainer.step
-    with tqdm(total=steps, initial=trainer.step, unit="upd", desc="train", disable=not (progress and lead),
-              dynamic_ncols=True) as pbar:
-        while trainer.step < steps:
-            info = trainer.update(sampler.sample())
-            for k, v in info.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-            pbar.update(1)
-            step = trainer.step
-            if step % log_every == 0 or step == steps:
-                vec = torch.stack([sums[k] / n for k in sorted(sums)])
-                if trainer.world_size > 1:  # losses are per-rank means: average them
-                    dist.all_reduce(vec)
-                    vec /= trainer.world_size
-                dt = time.perf_counter() - t0
-                row = {"kind": "train", "step": step, **dict(zip(sorted(sums), vec.tolist(), strict=True)),
-                       "updates_per_s": n / dt if dt > 0 else float("nan")}
-                if lead:
-                    log.write(row)
-                    pbar.set_postfix(loss=f"{row['total_loss']:.3f}", ups=f"{row['updates_per_s']:.1f}")
-                sums, n, t0 = {}, 0, time.perf_counter()
-            if eval_fn is not None and eval_every and step % eval_every == 0 and lead:
-                returns = eval_fn(trainer.model)
-                log.write({"kind": "eval", "step": step, **returns,
-                           "mean_return": float(np.mean(list(returns.values())))})
-                t0 = time.perf_counter()  # eval time is not training time
-            if step % save_every == 0 or step == steps:
-                save()
-    if trainer.step == start and lead:  # resumed a finished run: still hand back the student
-        save_model(trainer.model, out / "student.pt")
-    return {"steps": trainer.step, "student": str(out / "student.pt")}
-
-
-# --- distributed launch (torchrun) --------------------------------------------------------------------------
-def init_distributed(device="cpu") -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment; initialises the process group (gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
-    return dist.get_rank(), world
-
-
-# --- `edge-tdmpc distill` -------------------------------------------------------------------------------
 def build_student(tasks, size=1, seed=1, device="cpu", **dims) -> WorldModel:
     """A fresh student for `tasks` (size preset, or custom dims when size is None), seeded."""
     from edge_tdmpc.config import make_config
     cfg = make_config(tasks, size=size, **{k: v for k, v in dims.items() if v is not None})
     torch.manual_seed(seed)
     return WorldModel(cfg).to(device)
-
-
-def load_teacher(path, tasks, precision="fp32", teacher_tasks=None, device="cpu"):
-    """Load a teacher checkpoint; its task set is `teacher_tasks`, else the data's or MT30 by row count."""
-    from edge_tdmpc.checkpoint import load_model, read_state_dict, to_internal
-    if teacher_tasks is None:
-        sd = to_internal(read_state_dict(path))
-        rows = sd["_task_emb.weight"].shape[0] if "_task_emb.weight" in sd else 1
-        if rows == len(tasks):
-            teacher_tasks = ",".join(tasks)
-        elif rows == 30:
-            teacher_tasks = "mt30"
-        else:
-            raise ValueError(f"{path} is a {rows}-task teacher and the data has {len(tasks)} tasks: name its "
-                             "task set with --teacher-tasks")
-    from edge_tdmpc.distill.teacher import Teacher
-    return Teacher(load_model(path, tasks=teacher_tasks, device=device), tasks=tasks, precision=precision,
-                   device=device)
-
-
-def distill(data, out, teacher=None, student_size: int | None = 1, steps: int = 1_000_000, resume=False,
-            teacher_precision="fp32", teacher_tasks=None, label_cache=None, horizon=3, save_every=10_000,
-            log_every=100, eval_every=0, eval_tasks=None, eval_steps=100, eval_episodes=1, eval_mpc=False,
-            student_dims: dict | None = None, device=None, logger=None, progress=True, echo=print,
-            **train) -> dict:
-    """Distill `teacher` into a fresh student on the dataset `data` (d_coef=0 or no teacher: from scratch).
-
-    Writes out/student.pt (official layout), out/metrics.jsonl + .csv, out/run.json and resumable training
-    state in out/checkpoints. Launch under `torchrun --nproc_per_node N` for data-parallel training."""
-    from edge_tdmpc.distill.data import EpisodeDataset, SliceSampler
-    from edge_tdmpc.distill.teacher import LabelCache
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world = init_distributed(device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    cfg = TrainConfig.make(**train)
-    if teacher is None and cfg.d_coef > 0:
-        cfg = TrainConfig.make(**{**asdict(cfg), "d_coef": 0.0})
-        if rank == 0:
-            echo("no --teacher: training the from-scratch baseline (d_coef 0)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dataset = EpisodeDataset(data)
-    tasks = dataset.tasks
-    if cfg.batch_size % world:
-        raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {world} processes")
-    # --batch-size is the global batch: each of the `world` ranks takes its contiguous share
-    sampler = SliceSampler(dataset, horizon=horizon, batch_size=cfg.batch_size // world, seed=cfg.seed,
-                           device=device, rank=rank, world_size=world)
-
-    run = dict(data=str(Path(data).resolve()), teacher=str(teacher) if teacher else None, tasks=list(tasks),
-               student_size=student_size, student_dims=student_dims or {}, horizon=horizon, steps=steps,
-               world_size=world, train=asdict(cfg))
-    if rank == 0:
-        from edge_tdmpc.distill.teacher import write_json
-        write_json(out / "run.json", run)
-
-    teach = labels = None
-    if teacher is not None and cfg.distill:  # at d_coef 0 the terms are only logged
-        teach = load_teacher(teacher, tasks, teacher_precision, teacher_tasks, device)
-        if label_cache is not None:
-            if rank == 0:
-                LabelCache.build(teach, dataset, label_cache, cfg.distill, horizon, progress=progress)
-            if world > 1:
-                dist.barrier()
-            labels = LabelCache(label_cache, cfg.distill, expect=dict(teacher=teach.digest, horizon=horizon))
-    student = build_student(tasks, student_size, cfg.seed, device, **(student_dims or {}))
-    trainer = Trainer(student, cfg, teacher=teach, labels=labels, rank=rank, world_size=world)
-    eval_fn = None
-    if eval_every:
-        if isinstance(eval_tasks, str):
-            eval_tasks = eval_tasks.split(",")
-        present = sorted(set(dataset.episode_table()["task"].tolist()))
-        eval_tasks = list(eval_tasks or [tasks[i] for i in present])  # default: the tasks the data covers
-        unknown = [t for t in eval_tasks if t not in tasks]
-        if unknown:
-            raise ValueError(f"eval task {unknown[0]!r} is not in the data's task set")
-
-        def eval_fn(model):
-            cpu = copy.deepcopy(model).cpu().float().eval()
-            return closed_loop_eval(cpu, eval_tasks, eval_episodes, eval_steps, seed=cfg.seed, mpc=eval_mpc)
-    ext = external_logger(logger, out, run) if rank == 0 else None
-    summary = fit(trainer, sampler, steps, out, save_every, log_every, eval_every, eval_fn, resume, ext,
-                  progress, echo)
-    summary.update(tasks=list(tasks), d_coef=cfg.d_coef, distill=list(cfg.distill), rank=rank)
-    if world > 1:
-        dist.destroy_process_group()
-    return summary

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from helpers import make_tiny_model
 
 from edge_tdmpc import load_model, save_model
+from edge_tdmpc.bench.official_update import Reference, reference_update
 from edge_tdmpc.distill import losses as L
 from edge_tdmpc.distill.data import Batch, EpisodeDataset, EpisodeWriter, SliceSampler
-from edge_tdmpc.distill.speed import Reference, reference_update
+from edge_tdmpc.distill.runlog import Checkpoints
 from edge_tdmpc.distill.teacher import LabelCache, Teacher
-from edge_tdmpc.distill.trainer import Checkpoints, TrainConfig, Trainer, build_student
+from edge_tdmpc.distill.trainer import TrainConfig, Trainer, build_student
 from edge_tdmpc.model import two_hot_inv
 
 TASKS = ("cartpole-balance", "pendulum-swingup")
@@ -255,7 +256,7 @@ RUN = dict(student_size=None, batch_size=16, save_every=5, log_every=5, progress
 
 
 def test_resume_continues_bit_for_bit(tmp_path, dataset, teacher_path):
-    from edge_tdmpc.distill.trainer import distill
+    from edge_tdmpc.distill.offline import distill
     data = dataset.root
     distill(data, tmp_path / "full", teacher=teacher_path, steps=12, **RUN)
     distill(data, tmp_path / "part", teacher=teacher_path, steps=7, **RUN)
@@ -272,7 +273,7 @@ def test_resume_continues_bit_for_bit(tmp_path, dataset, teacher_path):
 
 
 def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path, dataset):
-    from edge_tdmpc.distill.trainer import distill
+    from edge_tdmpc.distill.offline import distill
     distill(dataset.root, tmp_path / "run", d_coef=0, steps=10, **RUN)
     ck = Checkpoints(tmp_path / "run" / "checkpoints")
     newest, previous = ck.paths()
@@ -291,7 +292,7 @@ def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path, dataset):
 _KILL_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
-from edge_tdmpc.distill.trainer import distill
+from edge_tdmpc.distill.offline import distill
 dims = dict(enc_dim=32, mlp_dim=32, latent_dim=16, num_q=2, task_dim=8)
 distill(sys.argv[1], sys.argv[2], teacher=sys.argv[3], student_size=None, steps=int(sys.argv[4]), batch_size=16,
         save_every=4, log_every=4, progress=False, student_dims=dims, resume=sys.argv[5] == "1")
@@ -374,7 +375,7 @@ def test_distill_cli_writes_a_loadable_student(tmp_path, dataset, teacher_path):
 def test_collect_then_distill_then_resume(tmp_path, teacher_path):
     """The user's path without the official dataset: teacher rollouts -> distill -> resume a longer run."""
     from edge_tdmpc.distill.collect import collect
-    from edge_tdmpc.distill.trainer import distill
+    from edge_tdmpc.distill.offline import distill
     tasks = ",".join(TASKS)
     collect(teacher_path, tasks, 2, tmp_path / "data", mpc=False, noise_std=0.1, steps=20, workers=0,
             teacher_tasks=tasks, progress=False, echo=lambda *a: None)
@@ -403,7 +404,7 @@ def test_reduced_precision_teacher_targets_stay_close(precision, tol):
 
 
 def test_external_loggers_are_optional(tmp_path):
-    from edge_tdmpc.distill.trainer import external_logger
+    from edge_tdmpc.distill.runlog import external_logger
     assert external_logger("none", tmp_path, {}) is None
     with pytest.raises(ValueError, match="unknown logger"):
         external_logger("mlflow", tmp_path, {})
@@ -420,7 +421,7 @@ def test_distill_logs_to_tensorboard(tmp_path, dataset):
     pytest.importorskip("tensorboard", reason="tensorboard not installed (it is in the [dev] extra)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from edge_tdmpc.distill.trainer import distill
+    from edge_tdmpc.distill.offline import distill
     distill(dataset.root, tmp_path / "run", d_coef=0, steps=10, logger="tensorboard", **RUN)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r.get("kind", "train") == "train"]
@@ -433,7 +434,7 @@ def test_distill_logs_to_tensorboard(tmp_path, dataset):
 
 def test_distill_logs_to_wandb_offline(tmp_path, dataset, monkeypatch):
     pytest.importorskip("wandb", reason="wandb not installed (optional: pip install wandb)")
-    from edge_tdmpc.distill.trainer import distill
+    from edge_tdmpc.distill.offline import distill
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     distill(dataset.root, tmp_path / "run", d_coef=0, steps=10, logger="wandb", **RUN)
