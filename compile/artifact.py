@@ -28,7 +28,8 @@ import onnx
 
 from edge_tdmpc import control, noise
 from edge_tdmpc.checkpoint import weights_sha256
-from edge_tdmpc.compile import export, record, verify
+from edge_tdmpc.compile import export, networks, record, verify
+from edge_tdmpc.compile.graph import OPSET
 from edge_tdmpc.compile.precision import load_layers, model_layer_precisions, quantize_int8
 from edge_tdmpc.compile.targets import check_precision, load_target, min_tensorrt
 from edge_tdmpc.files import atomic_write, exclusive_lock, file_sha256
@@ -185,7 +186,7 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
         onnx.save(graph, tmp / GRAPH)
         (tmp / "networks").mkdir()
         float_layers = {k: ("fp32" if v == "int8" else v) for k, v in layer_precisions.items()}
-        for name, net in export.network_graphs(model, float_layers, native_layernorm=native_ln).items():
+        for name, net in networks.network_graphs(model, float_layers, native_layernorm=native_ln).items():
             onnx.save(net, tmp / "networks" / f"{name}.onnx")
         np.savez(tmp / VERIFY_FILE, **ver)
 
@@ -214,7 +215,7 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
             "precision": precision, "layer_precisions": layer_precisions,
             "runtime": "onnxruntime" if profile["family"] == "cpu" else "tensorrt",
             "target": profile["name"], "target_family": profile["family"],
-            "planner": asdict(cfg), "opset": export.OPSET, "graph": GRAPH,
+            "planner": asdict(cfg), "opset": OPSET, "graph": GRAPH,
             "layernorm": "native" if native_ln else "primitive ops, fp32 (TensorRT < 8.6 has no importer for it)",
             "tensorrt_min": ".".join(map(str, trt_min)) if trt_min else None,
             "inputs": {k: {"dtype": d, "shape": s} for k, (d, s) in export.step_inputs(model, cfg).items()},
@@ -233,11 +234,12 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
 
 def _code_sha256() -> str:
     """The code that shapes an artifact (graph, calibration and verification recordings, which the reference
-    planner and model produce): a cached artifact from older code is compiled again."""
-    from edge_tdmpc import layers, model, planner
+    planner and model produce in closed-loop episodes): a cached artifact from older code is compiled again."""
+    from edge_tdmpc import layers, model, planner, rollout
     here = Path(__file__).resolve().parent
-    files = [here / f for f in ("artifact.py", "export.py", "precision.py", "record.py", "verify.py")]
-    files += [Path(m.__file__) for m in (planner, model, layers)]
+    files = [here / f for f in ("artifact.py", "export.py", "graph.py", "networks.py", "precision.py", "record.py",
+                                "verify.py")]
+    files += [Path(m.__file__) for m in (planner, model, layers, noise, rollout)]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 

@@ -1,6 +1,6 @@
 """Reduced precision, for real: fp16/bf16 graphs, calibrated INT8 (Q/DQ) and per-layer mixed plans.
 
-The layer precisions map each layer ('encoder.0', ..., 'Q.2', see `export.layer_names`) to fp32/fp16/bf16/int8.
+The layer precisions map each layer ('encoder.0', ..., 'Q.2', see `networks.layer_names`) to fp32/fp16/bf16/int8.
 fp16/bf16 layers are emitted in that type (weights, matmuls, LayerNorm, Mish): what TensorRT's strongly typed
 mode and ONNX Runtime's CUDA EP execute. The two-hot decode, the policy's tanh/exp and the MPPI statistics
 stay fp32: they are a few hundred values per candidate, and exp(log_std) or a softmax over 101 bins in fp16 is
@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edge_tdmpc.compile.export import layer_names
+from edge_tdmpc.compile.networks import layer_names
 from edge_tdmpc.files import atomic_write
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")

@@ -9,7 +9,7 @@ import torch
 from helpers import SMALL, assert_outputs_close, make_feed
 
 from edge_tdmpc import WorldModel, make_config
-from edge_tdmpc.compile import export, precision, record
+from edge_tdmpc.compile import export, networks, precision, record
 from edge_tdmpc.compile.session import OnnxSession
 from edge_tdmpc.planner import PlannerConfig, plan, policy_action
 
@@ -62,7 +62,7 @@ def test_policy_graph_for_mpc_false(model):
 
 
 def test_network_graphs_match_the_model(model):
-    graphs = export.network_graphs(model)
+    graphs = networks.network_graphs(model)
     g = torch.Generator().manual_seed(0)
     B, c = 5, model.cfg
     obs, task = torch.randn(B, c.obs_dim, generator=g), torch.tensor([0, 3, 7, 12, 29])
@@ -113,5 +113,5 @@ def test_primitive_layernorm_for_tensorrt_8_5_matches_native(model, prec, atol):
     out, ref = OnnxSession(primitive).run(feed), OnnxSession(native).run(feed)
     for k in ("z", "mean", "action"):
         np.testing.assert_allclose(out[k], ref[k], atol=atol, rtol=0, err_msg=k)
-    for net in export.network_graphs(model, native_layernorm=False).values():
+    for net in networks.network_graphs(model, native_layernorm=False).values():
         assert export.tensorrt_unsupported(net, (8, 5, 2)) == []

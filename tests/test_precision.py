@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import SMALL, make_feed, make_tiny_model
 
-from edge_tdmpc.compile import artifact, export, precision, record
+from edge_tdmpc.compile import artifact, export, graph, networks, precision, record
 from edge_tdmpc.compile.session import OnnxSession
 
 
@@ -41,7 +41,7 @@ def test_half_precision_graphs_are_real_and_close(model, prec, atol):
 def test_bf16_emulation_rounds_every_tensor():
     x = np.linspace(-3, 3, 64, dtype=np.float32).reshape(8, 8)
     w = np.linspace(0.1, 1.7, 64, dtype=np.float32).reshape(8, 8)
-    g = export.Graph()
+    g = graph.Graph()
     g.input("x", "fp32", [8, 8])
     g.output("y", g.op("MatMul", g.cast("x", "bf16"), g.const(w, "bf16", key="w")), [8, 8])
     y = OnnxSession(g.model()).run({"x": x})["y"]
@@ -50,7 +50,7 @@ def test_bf16_emulation_rounds_every_tensor():
 
 
 def test_precision_plans(tmp_path):
-    layers = export.layer_names(make_tiny_model())
+    layers = networks.layer_names(make_tiny_model())
     assert set(precision.layer_precisions("fp16", layers).values()) == {"fp16"}
     mixed = precision.layer_precisions("mixed", layers)
     assert {"int8", "fp16", "fp32"} <= set(mixed.values())
