@@ -112,7 +112,7 @@ MIN_INT8_K = 16  # narrower products (the action segment, K = action dim) stay f
 # Weights use 7 bits (|q| <= 63) of their int8. x86-64 CPUs without VNNI (AVX2 only) multiply u8 x s8 with
 # vpmaddubsw, which adds two products in int16: 2 x 255 x 127 overflows it and ONNX Runtime's integer GEMM
 # saturates, while 2 x 255 x 63 fits. ONNX Runtime documents the same cure (`reduce_range`); with 8-bit weights
-# an int8 artifact verified on a VNNI CPU would give wrong values on an AVX2 one.
+# an int8 artifact verified on a VNNI CPU would give wrong values on an AVX2 one (docs/results/compile-cpu.md).
 WEIGHT_QMAX = 63
 
 
