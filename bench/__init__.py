@@ -6,7 +6,14 @@
 
 Modules: runner (episodes in worker processes, resumable JSONL), meters (latency, memory, machine facts),
 faithful (same inputs and noise through every runtime), report (JSON, Markdown, plots, compare), harness
-(`run_bench`, which validates everything before the first episode).
+(`run_bench`, which validates everything before the first episode), cli (`edge-tdmpc bench`, `edge-tdmpc demo`),
+demo (every stage at small scale).
+
+The other benchmarks, each a subcommand of `edge-tdmpc bench` (and `python -m edge_tdmpc.bench.<module>`):
+step_latency (`bench step-latency`: planning-step latency, |delta action|, kernel profile, closed-loop scores of
+the runtimes), train_speed (`bench train-speed`: trainer updates/s against official_update, the official update
+ported as written, which is also the trainer's test oracle; peak RSS on a dataset larger than RAM), wallclock
+(`bench wallclock`: the robot loop on a real clock against the bench's simulated time).
 """
 from edge_tdmpc.bench.faithful import TOLERANCE, check_actions
 from edge_tdmpc.bench.harness import open_model, resolve_pairs, run_bench

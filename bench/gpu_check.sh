@@ -31,7 +31,7 @@ stage_kernels() {
     2>&1 | tee "$out/triton-kernels.txt"
 }
 stage_compile() {
-  timeout "${COMPILE_S:-420}" python3 -m edge_tdmpc.compile.speed "$ckpt" --device cuda \
+  timeout "${COMPILE_S:-420}" python3 -m edge_tdmpc.bench.step_latency "$ckpt" --device cuda \
     --runtimes "${COMPILE_RUNTIMES:-torch-compile,torch-compile-triton,torch-cuda-graph-triton}" \
     --precisions "${COMPILE_PRECISIONS:-fp16}" --steps 100 --own-noise --profile --tasks "$tasks" \
     --json "$out/gpu-compile.json" 2>&1 | tee "$out/gpu-compile.txt"
@@ -42,8 +42,8 @@ stage_tests() {
     | tee "$out/pytest-gpu.txt"
 }
 stage_speed() {
-  timeout "${SPEED_S:-200}" python3 -m edge_tdmpc.compile.speed "$ckpt" --device cuda --runtimes torch-cuda-graph \
-    --precisions fp32,fp16,bf16 --steps 100 --own-noise --profile --tasks "$tasks" \
+  timeout "${SPEED_S:-200}" python3 -m edge_tdmpc.bench.step_latency "$ckpt" --device cuda \
+    --runtimes torch-cuda-graph --precisions fp32,fp16,bf16 --steps 100 --own-noise --profile --tasks "$tasks" \
     --json "$out/gpu-speed.json" 2>&1 | tee "$out/gpu-speed.txt"
 }
 stages=${STAGES:-compile,kernels,tests}

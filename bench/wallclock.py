@@ -5,9 +5,8 @@ robot); then `control.DeadlineSim` replays the same episode start in simulated t
 latency. Agreement of the two (fallback share, return) is what lets `edge-tdmpc bench --realtime` stand in for
 the robot. One episode start per mode; the planner's noise differs, so returns agree only roughly.
 
-    python -m edge_tdmpc.bench.wallclock CKPT --task cartpole-balance --hz 20 --ticks 200
+    edge-tdmpc bench wallclock CKPT --task cartpole-balance --hz 20 --ticks 200
 """
-import argparse
 import json
 
 import numpy as np
@@ -58,24 +57,18 @@ def compare(model, task: str, hz: float, ticks: int, runtime="onnxruntime", prec
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint")
-    p.add_argument("--task", required=True)
-    p.add_argument("--hz", type=float, required=True)
-    p.add_argument("--ticks", type=int, default=200)
-    p.add_argument("--runtime", default="onnxruntime")
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--fallback", default="hold", choices=["hold", "plan"])
-    p.add_argument("--seed", type=int, default=1, help="env seed (official initial state of episode 0)")
-    a = p.parse_args(argv)
-    res = compare(load_model(a.checkpoint), a.task, a.hz, a.ticks, a.runtime, a.precision, a.fallback, a.seed)
+def benchmark(checkpoint, task: str, hz: float, ticks=200, runtime="onnxruntime", precision="fp32", fallback="hold",
+              seed=1, echo=print) -> dict:
+    """`edge-tdmpc bench wallclock`: `compare` on the model in `checkpoint`, one line per mode, then the JSON."""
+    res = compare(load_model(checkpoint), task, hz, ticks, runtime, precision, fallback, seed)
     for mode, r in res.items():
-        print(f"{mode:4}  return {r['return']:8.1f}  fallback ticks {r['fallback_rate']:6.1%}  "
-              f"plan p50 {r['plan_ms_p50']:.1f} ms" + (f"  tick late p99 {r['late_ms_p99']:.2f} ms"
-                                                       if "late_ms_p99" in r else ""))
-    print(json.dumps(res))
+        echo(f"{mode:4}  return {r['return']:8.1f}  fallback ticks {r['fallback_rate']:6.1%}  "
+             f"plan p50 {r['plan_ms_p50']:.1f} ms" + (f"  tick late p99 {r['late_ms_p99']:.2f} ms"
+                                                      if "late_ms_p99" in r else ""))
+    echo(json.dumps(res))
+    return res
 
 
 if __name__ == "__main__":
-    main()
+    from edge_tdmpc.bench.cli import wallclock_cmd
+    wallclock_cmd()

@@ -12,5 +12,7 @@
     kernels.py    each planner MLP as one Triton kernel launch (fewer still)
     targets.py    device profiles (targets/*.json)
     cli.py        `edge-tdmpc compile`, `edge-tdmpc targets`
-    speed.py      latency / size / |delta action| / closed-loop table (python -m edge_tdmpc.compile.speed)
+
+Their benchmark (latency / size / |delta action| / closed-loop table) is `edge-tdmpc bench step-latency`
+(edge_tdmpc.bench.step_latency).
 """

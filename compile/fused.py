@@ -4,9 +4,10 @@ Every step of `planner.estimate_value` feeds the same [z, e, a] to the reward ML
 Stacked, the two need one GEMM per layer instead of two: the first layers' weights concatenated along the
 output, the later layers as a batch of 2 (bmm), the reward head zero-padded to the latent's width. On a GPU,
 where a CUDA-graphed step costs about one kernel's latency per op, that halves the rollout's GEMMs and its
-LayerNorm/Mish kernels (measure it with `compile.speed --runtimes torch-compile,torch-compile-fused`). On the
-CPU the time is in the GEMMs' arithmetic, not in launches, and the stack does not pay in ONNX Runtime
-(docs/results/compile-cpu.md). The arithmetic is the same, up to summation order.
+LayerNorm/Mish kernels (measure it with `edge-tdmpc bench step-latency --runtimes
+torch-compile,torch-compile-fused`). On the CPU the time is in the GEMMs' arithmetic, not in launches, and the
+stack does not pay in ONNX Runtime (docs/results/compile-cpu.md). The arithmetic is the same, up to summation
+order.
 """
 import torch
 import torch.nn as nn

@@ -17,6 +17,16 @@ def test_console_script_help():
         assert cmd in out
 
 
+
+def test_bench_benchmarks_are_subcommands():
+    """`bench step-latency | train-speed | wallclock` route to their own commands, not to `bench run MODEL`."""
+    runner = CliRunner()
+    out = runner.invoke(main, ["bench", "--help"]).output
+    for cmd, option in (("step-latency", "--own-noise"), ("train-speed", "--rss-gb"), ("wallclock", "--fallback")):
+        assert cmd in out
+        res = runner.invoke(main, ["bench", cmd, "--help"])
+        assert res.exit_code == 0 and option in res.output, res.output
+
 def test_inspect_reports_the_student(checkpoint_path):
     res = CliRunner().invoke(main, ["inspect", str(checkpoint_path)])
     assert res.exit_code == 0, res.output

@@ -1,11 +1,11 @@
 """Planning-step latency, size, |delta action| and closed-loop score per runtime x precision, in one run.
 
-    python -m edge_tdmpc.compile.speed CHECKPOINT [--precisions fp32,fp16,int8] [--steps 30]
-                                                 [--tasks cartpole-swingup,walker-walk] [--threads 1]
-                                                 [--artifacts out/my-mixed-plan]   # compiled with --layers
+    edge-tdmpc bench step-latency CHECKPOINT [--precisions fp32,fp16,int8] [--steps 30]
+                                            [--tasks cartpole-swingup,walker-walk] [--threads 1]
+                                            [--artifacts out/my-mixed-plan]   # compiled with --layers
     # on a GPU machine: eager on the GPU against the CUDA-graph steps (and TensorRT where it imports);
-    # bench/gpu_check.sh runs this and the GPU tests in one go
-    python -m edge_tdmpc.compile.speed CHECKPOINT --device cuda --runtimes torch-cuda-graph,torch-compile \
+    # bench/gpu_check.sh runs this (as python -m edge_tdmpc.bench.step_latency) and the GPU tests in one go
+    edge-tdmpc bench step-latency CHECKPOINT --device cuda --runtimes torch-cuda-graph,torch-compile \
         --precisions fp32,fp16,bf16 --own-noise --profile
 
 Latency: every runtime plans the same recorded observations with the same noise, interleaved step by step
@@ -13,7 +13,6 @@ with the eager PyTorch reference (so machine load hits all alike); ratios are ag
 same run. |delta action| is measured on those identical inputs. Closed loop: full episodes through the runtime
 interface, score = return / 10 as in the official evaluation.
 """
-import argparse
 import json
 import os
 import platform
@@ -165,65 +164,52 @@ def markdown(lat: dict, scores: dict | None = None, tasks=()) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def benchmark(checkpoint, precisions=("fp32", "fp16", "bf16", "int8", "mixed"), runtimes=("onnxruntime",),
+              artifacts=(), device="cpu", steps=30, own_noise=False, profile=False, tasks=(), episode_steps=500,
+              eager_closed_loop=False, seed=1, threads=None, json_path=None,
+              echo=lambda s: print(s, flush=True)) -> dict:
+    """`edge-tdmpc bench step-latency`: the latency table (`steps` > 0), the kernel profile (`profile`) and the
+    closed-loop scores on `tasks`, each written to `json_path` as soon as it is measured -> all numbers."""
     from edge_tdmpc.checkpoint import load_model
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint")
-    ap.add_argument("--precisions", default="fp32,fp16,bf16,int8,mixed", help="precisions of the timed runtimes")
-    ap.add_argument("--runtimes", default="onnxruntime",
-                    help="runtimes timed against eager fp32 (comma-separated): onnxruntime, tensorrt, "
-                         "torch-cuda-graph(-triton), torch-compile(-fused/-triton)")
-    ap.add_argument("--artifacts", default="", help="compiled artifact directories to time too (comma-separated)")
-    ap.add_argument("--device", default="cpu", help="eager baseline's device; cuda on a GPU machine")
-    ap.add_argument("--steps", type=int, default=30, help="timed planning steps (0: no latency table)")
-    ap.add_argument("--own-noise", action="store_true", help="also time each runtime drawing its own noise")
-    ap.add_argument("--profile", action="store_true", help="GPU: count each runtime's kernels per step")
-    ap.add_argument("--tasks", default="", help="closed-loop tasks (comma-separated); none: latency only")
-    ap.add_argument("--episode-steps", type=int, default=500)
-    ap.add_argument("--eager-closed-loop", action="store_true", help="also run the eager reference closed loop")
-    ap.add_argument("--seed", type=int, default=1, help="closed-loop episode seed")
-    ap.add_argument("--threads", type=int, default=None, help="intra-op threads for torch and ONNX Runtime")
-    ap.add_argument("--json", default=None, help="write all numbers here")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        os.environ["EDGE_TDMPC_ORT_THREADS"] = str(args.threads)
-    model = load_model(args.checkpoint)
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ["EDGE_TDMPC_ORT_THREADS"] = str(threads)
+    model = load_model(checkpoint)
     planner = PlannerConfig()
-    rts = _runtimes(model, [p for p in args.precisions.split(",") if p], planner,
-                    [r for r in args.runtimes.split(",") if r], args.device)
-    rts.update(_artifacts(args.checkpoint, [d for d in args.artifacts.split(",") if d], planner))
-    gpu = args.device.startswith("cuda")
-    result = {"torch_threads": torch.get_num_threads(), "episode_steps": args.episode_steps, "seed": args.seed,
+    rts = _runtimes(model, list(precisions), planner, list(runtimes), device)
+    rts.update(_artifacts(checkpoint, list(artifacts), planner))
+    gpu = device.startswith("cuda")
+    result = {"torch_threads": torch.get_num_threads(), "episode_steps": episode_steps, "seed": seed,
               "device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()}
 
     def save():  # after each stage: a run cut short keeps what it measured
-        if args.json:
-            atomic_write(args.json, lambda f: json.dump(result, f, indent=1), mode="w")
+        if json_path:
+            atomic_write(json_path, lambda f: json.dump(result, f, indent=1), mode="w")
 
-    if args.steps:
-        lat = latency(model, rts, planner, args.steps, own_noise=args.own_noise)
+    if steps:
+        lat = latency(model, rts, planner, steps, own_noise=own_noise)
         result["latency"] = {f"{k[0]}/{k[1]}": v for k, v in lat.items()}
         save()
-        print(markdown(lat), flush=True)
-    if args.profile:
+        echo(markdown(lat))
+    if profile:
         result["kernels"] = {f"{k[0]}/{k[1]}": v for k, v in kernel_profile(model, rts, planner).items()}
         save()
         for k, v in result["kernels"].items():
-            print(f"{k}: {v['kernels']} kernels per step, {v['kernel_ms']:.3f} ms of kernel time", flush=True)
-    tasks = [t for t in args.tasks.split(",") if t]
+            echo(f"{k}: {v['kernels']} kernels per step, {v['kernel_ms']:.3f} ms of kernel time")
     if tasks:
         result["scores"] = {}
         for (name, prec), rt in rts.items():
-            if name == "torch" and not args.eager_closed_loop:
+            if name == "torch" and not eager_closed_loop:
                 continue
             t = time.time()
-            scores = closed_loop(model, rt, tasks, args.episode_steps, args.seed)
+            scores = closed_loop(model, rt, list(tasks), episode_steps, seed)
             result["scores"][f"{name}/{prec}"] = scores
             save()
-            print(f"{name}/{prec}: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()) +
-                  f"  ({time.time() - t:.0f} s)", flush=True)
+            echo(f"{name}/{prec}: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()) +
+                 f"  ({time.time() - t:.0f} s)")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    from edge_tdmpc.bench.cli import step_latency_cmd
+    step_latency_cmd()

@@ -1,10 +1,10 @@
 """Updates/s of our trainer against a straightforward eager port of the official update, same run, same data.
 
-    python -m edge_tdmpc.distill.speed --batch-size 256 --teacher-sizes 5,1 --updates 20
+    edge-tdmpc bench train-speed --batch-size 256 --teacher-sizes 5,1 --updates 20
+    edge-tdmpc bench train-speed --skip-speed --rss-data /tmp/big --rss-gb 26   # peak RSS, dataset > RAM
 
-`reference_update` is the official `_update` + `update_pi` with TD-MPC-Opt's reward term, written the way the
-official code is (per-step Python loops, a live fp32 teacher forward every update, for-loop Adam). It is also the
-test oracle: given the trainer's noise it must produce the trainer's parameters.
+The baseline is `edge_tdmpc.bench.official_update.reference_update`: the official update written the way the
+official code is (per-step Python loops, a live fp32 teacher forward every update, for-loop Adam).
 """
 import copy
 import json
@@ -13,108 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import click
 import numpy as np
 import psutil
 import torch
-import torch.nn.functional as F
 
-from edge_tdmpc.model import WorldModel, soft_ce, two_hot_inv
-
-
-# --- the straightforward implementation ------------------------------------------------------------------
-class Reference:
-    """Official-style TD-MPC2 (+ reward distillation) agent state: model, two Adams, running Q scale."""
-
-    def __init__(self, model: WorldModel, cfg, teacher=None):
-        m = model
-        self.model, self.cfg, self.teacher = model, cfg, teacher
-        groups = [{"params": m._encoder.parameters(), "lr": cfg.lr * cfg.enc_lr_scale},
-                  {"params": m._dynamics.parameters()}, {"params": m._reward.parameters()},
-                  {"params": m._Qs.parameters()}]
-        if m.cfg.multitask:
-            groups.append({"params": m._task_emb.parameters()})
-        self.optim = torch.optim.Adam(groups, lr=cfg.lr, foreach=False)
-        self.pi_optim = torch.optim.Adam(m._pi.parameters(), lr=cfg.lr, eps=1e-5, foreach=False)
-        self.scale = torch.ones(1)
-        self.discount = torch.tensor(m.cfg.discounts)
-
-
-def reference_update(ref: Reference, batch, noise=None):
-    """One update, loops and all. `noise` (the trainer's draws) makes it reproducible; else global RNG."""
-    m, cfg, mc = ref.model, ref.cfg, ref.model.cfg
-    obs, action, reward = batch.obs, batch.action, batch.reward
-    task = batch.task if mc.multitask else None
-    H, B = action.shape[:2]
-    n = noise or (None,) * 6
-    with torch.no_grad():
-        next_z = m.encode(obs[1:], task)
-        pi_a, _ = m.pi(next_z, task, eps=n[0])
-        gamma = ref.discount[task].unsqueeze(-1) if task is not None else ref.discount[0]
-        td_targets = reward + gamma * m.Q(next_z, pi_a, task, return_type="min", target=True, qidx=n[1])
-    m.train()
-    zs = torch.empty(H + 1, B, mc.latent_dim)
-    z = m.encode(obs[0], task)
-    zs[0] = z
-    consistency = 0
-    for t in range(H):
-        z = m.next(z, action[t], task)
-        consistency = consistency + F.mse_loss(z, next_z[t]) * cfg.rho ** t
-        zs[t + 1] = z
-    _zs = zs[:-1]
-    if noise is not None and n[4] is not None:
-        m._Qs.params[0].dropout.mask = n[4]
-    qs = m.Q(_zs, action, task, return_type="all")
-    reward_preds = m.reward(_zs, action, task)
-    reward_loss, value_loss = 0, 0
-    for t in range(H):
-        reward_loss = reward_loss + soft_ce(reward_preds[t], reward[t]).mean() * cfg.rho ** t
-        for q in range(mc.num_q):
-            value_loss = value_loss + soft_ce(qs[q][t], td_targets[t]).mean() * cfg.rho ** t
-    consistency = consistency / H
-    reward_loss = reward_loss / H
-    value_loss = value_loss / (H * mc.num_q)
-    total = cfg.consistency_coef * consistency + cfg.reward_coef * reward_loss + cfg.value_coef * value_loss
-    if ref.teacher is not None and cfg.d_coef > 0:  # TD-MPC-Opt: live teacher forward, student re-encoded
-        t_model = ref.teacher
-        with torch.no_grad():
-            t_task = task
-            t_reward = two_hot_inv(t_model.reward(t_model.encode(obs[0], t_task), action[0], t_task))
-        s_reward = two_hot_inv(m.reward(m.encode(obs[0], task), action[0], task))
-        total = total + cfg.d_coef * F.mse_loss(s_reward, t_reward)
-    total.backward()
-    torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip_norm)
-    ref.optim.step()
-    ref.optim.zero_grad(set_to_none=True)
-
-    # policy update on detached latents
-    zs = zs.detach()
-    for p in m._Qs.parameters():
-        p.requires_grad_(False)
-    action_pi, info = m.pi_info(zs, task, eps=n[2])
-    if noise is not None and n[5] is not None:
-        m._Qs.params[0].dropout.mask = n[5]
-    qs = m.Q(zs, action_pi, task, return_type="avg", qidx=n[3])
-    x = qs[0].detach().flatten(1)
-    srt = torch.sort(x, dim=0).values
-    pos = torch.tensor([5.0, 95.0]) * (x.shape[0] - 1) / 100
-    lo = torch.floor(pos)
-    hi = torch.clamp(lo + 1, max=x.shape[0] - 1)
-    w = (pos - lo).unsqueeze(1)
-    pct = srt[lo.long()] * (1 - w) + srt[hi.long()] * w
-    ref.scale.lerp_(torch.clamp(pct[1] - pct[0], min=1.0), cfg.tau)
-    qs = qs / ref.scale
-    rho = torch.pow(cfg.rho, torch.arange(len(qs)))
-    pi_loss = (-(cfg.entropy_coef * info["scaled_entropy"] + qs).mean(dim=(1, 2)) * rho).mean()
-    pi_loss.backward()
-    for p in m._Qs.parameters():
-        p.requires_grad_(True)
-    torch.nn.utils.clip_grad_norm_(m._pi.parameters(), cfg.grad_clip_norm)
-    ref.pi_optim.step()
-    ref.pi_optim.zero_grad(set_to_none=True)
-    m.soft_update_target_Q(cfg.tau)
-    m.eval()
-    return float(total.detach())
+from edge_tdmpc.bench.official_update import Reference, reference_update
+from edge_tdmpc.model import WorldModel
 
 
 # --- the benchmark -------------------------------------------------------------------------------------
@@ -225,7 +129,7 @@ def _disk_bytes(root) -> int:
 
 _RSS_CHILD = """
 import json, sys, time, psutil
-from edge_tdmpc.distill.trainer import distill
+from edge_tdmpc.distill.offline import distill
 t = time.perf_counter()
 s = distill(sys.argv[1], sys.argv[2], teacher=None, steps=int(sys.argv[3]), batch_size=int(sys.argv[4]),
             save_every=10**9, log_every=10, progress=False, echo=lambda *a: None)
@@ -255,34 +159,23 @@ def rss_run(root, gigabytes: float, updates=100, batch_size=256, echo=print) -> 
     return row
 
 
-@click.command()
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--student-size", default=1, show_default=True)
-@click.option("--teacher-sizes", default="5,1", show_default=True)
-@click.option("--updates", default=20, show_default=True, help="timed updates per variant")
-@click.option("--warmup", default=3, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-@click.option("--json-out", type=click.Path(dir_okay=False), default=None)
-@click.option("--rss-data", type=click.Path(file_okay=False), default=None,
-              help="also measure peak RSS training on a synthetic dataset in this directory (written if absent)")
-@click.option("--rss-gb", default=26.0, show_default=True, help="its size on disk (make it exceed RAM)")
-@click.option("--rss-updates", default=60, show_default=True)
-@click.option("--skip-speed", is_flag=True, help="only the RSS measurement")
-def main(batch_size, student_size, teacher_sizes, updates, warmup, threads, json_out, rss_data, rss_gb,
-         rss_updates, skip_speed):
-    """Trainer updates/s vs an eager port of the official update (ratios measured in this run)."""
+def benchmark(batch_size=256, student_size=1, teacher_sizes=(5, 1), updates=20, warmup=3, threads=None,
+              json_out=None, rss_data=None, rss_gb=26.0, rss_updates=60, skip_speed=False, echo=print) -> list[dict]:
+    """`edge-tdmpc bench train-speed`: `run` (unless `skip_speed`), then `rss_run` on `rss_data` if given; the
+    rows also go to `json_out`."""
     if threads:
         torch.set_num_threads(threads)
-    rows = [] if skip_speed else run(batch_size, student_size, [int(s) for s in teacher_sizes.split(",")],
-                                     updates, warmup)
+    rows = [] if skip_speed else run(batch_size, student_size, teacher_sizes, updates, warmup, echo=echo)
     if rss_data:
-        rows.append(dict(rss=rss_run(rss_data, rss_gb, rss_updates, batch_size)))
+        rows.append(dict(rss=rss_run(rss_data, rss_gb, rss_updates, batch_size, echo=echo)))
     peak = psutil.Process(os.getpid()).memory_info().rss
-    click.echo(f"torch {torch.__version__}, {torch.get_num_threads()} threads; this process's RSS now "
-               f"{peak / 2**20:.0f} MiB")
+    echo(f"torch {torch.__version__}, {torch.get_num_threads()} threads; this process's RSS now "
+         f"{peak / 2**20:.0f} MiB")
     if json_out:
         Path(json_out).write_text(json.dumps(rows, indent=1))
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    from edge_tdmpc.bench.cli import train_speed_cmd
+    train_speed_cmd()
