@@ -54,7 +54,8 @@ def run(batch_size=256, student_size=1, teacher_sizes=(5, 1), updates=20, warmup
     """Per setting (no teacher, then each teacher size): the eager reference and our trainer's variants,
     interleaved; ratios are against the reference of the same setting."""
     from edge_tdmpc.config import make_config
-    from edge_tdmpc.distill.data import EpisodeDataset, SliceSampler
+    from edge_tdmpc.distill.data import EpisodeDataset
+    from edge_tdmpc.distill.sampler import SliceSampler
     from edge_tdmpc.distill.teacher import LabelCache, Teacher
     from edge_tdmpc.distill.trainer import TrainConfig, Trainer, build_student
 

@@ -40,7 +40,8 @@ def distill(data, out, teacher=None, student_size: int | None = 1, steps: int = 
 
     Writes out/student.pt (official layout), out/metrics.jsonl + .csv, out/run.json and resumable training
     state in out/checkpoints. Launch under `torchrun --nproc_per_node N` for data-parallel training."""
-    from edge_tdmpc.distill.data import EpisodeDataset, SliceSampler
+    from edge_tdmpc.distill.data import EpisodeDataset
+    from edge_tdmpc.distill.sampler import SliceSampler
     from edge_tdmpc.distill.teacher import LabelCache
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

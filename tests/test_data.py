@@ -16,7 +16,8 @@ from edge_tdmpc.cli import main
 from edge_tdmpc.distill import convert as convert_mod
 from edge_tdmpc.distill.collect import collect
 from edge_tdmpc.distill.convert import convert
-from edge_tdmpc.distill.data import EpisodeDataset, EpisodeWriter, SliceSampler
+from edge_tdmpc.distill.data import EpisodeDataset, EpisodeWriter
+from edge_tdmpc.distill.sampler import SliceSampler
 from edge_tdmpc.tasks import MT30
 
 H = 3
@@ -335,7 +336,8 @@ def test_collect_with_a_single_task_teacher(tmp_path):
 # --- memory: bounded RSS on a memory-mapped dataset ------------------------------------------------------
 RSS_PROBE = textwrap.dedent("""
     import sys, psutil
-    from edge_tdmpc.distill.data import EpisodeDataset, SliceSampler
+    from edge_tdmpc.distill.data import EpisodeDataset
+    from edge_tdmpc.distill.sampler import SliceSampler
     root, batches, io = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     sampler = SliceSampler(EpisodeDataset(root, io=io), batch_size=256, seed=0)
     proc = psutil.Process()

@@ -18,8 +18,9 @@ from helpers import make_tiny_model
 from edge_tdmpc import load_model, save_model
 from edge_tdmpc.bench.official_update import Reference, reference_update
 from edge_tdmpc.distill import losses as L
-from edge_tdmpc.distill.data import Batch, EpisodeDataset, EpisodeWriter, SliceSampler
+from edge_tdmpc.distill.data import Batch, EpisodeDataset, EpisodeWriter
 from edge_tdmpc.distill.runlog import Checkpoints
+from edge_tdmpc.distill.sampler import SliceSampler
 from edge_tdmpc.distill.teacher import LabelCache, Teacher
 from edge_tdmpc.distill.trainer import TrainConfig, Trainer, build_student
 from edge_tdmpc.model import two_hot_inv
