@@ -62,7 +62,7 @@ def bench():
 @click.option("--budget", type=float, default=1.0, show_default=True,
               help="fraction of the control period a tick waits for its own plan before the fallback")
 @click.option("--smooth", type=float, default=1.0, show_default=True,
-              help="action low-pass a += alpha (u - a), alpha in (0, 1]; 1 = off")
+              help="action low-pass a += smooth (u - a), smooth in (0, 1]; 1 = off")
 @click.option("--rate-limit", type=float, default=None, help="largest action change per tick (off by default)")
 @click.option("--check-actions", default=0, show_default=True,
               help="replay N recorded observations through every runtime with fp32 eager's noise; report |Δaction|")

@@ -19,10 +19,11 @@ from edge_tdmpc.bench.runner import EpisodeLog, Job, Settings, run_jobs
 from edge_tdmpc.checkpoint import load_model, read_state_dict, weights_sha256
 from edge_tdmpc.compile.artifact import CompileOptions, read_manifest
 from edge_tdmpc.compile.runtimes import ARTIFACT_RUNTIMES, compile_for, make_runtime, runtime_class
-from edge_tdmpc.control import ActionFilter, check_budget, check_fallback
+from edge_tdmpc.control import ActionFilter
 from edge_tdmpc.files import atomic_write_text, file_sha256
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import PlannerConfig
+from edge_tdmpc.rollout import ControlOptions
 from edge_tdmpc.runtime import PRECISIONS
 from edge_tdmpc.tasks import resolve_tasks
 
@@ -102,18 +103,13 @@ def _writable(out: Path) -> Path:
 
 
 def control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit, budget=1.0) -> dict | None:
-    """The `rollout.with_deadline` settings of a run (None: runtimes act as they are), validated."""
-    if latency_ms is not None and latency_ms <= 0:
-        raise ValueError(f"--latency-ms must be positive, got {latency_ms}")
+    """The `rollout.ControlOptions` of a run as report.json records them (None: runtimes act as they are),
+    validated; --hz alone only reports the actions that miss its deadline."""
     realtime = realtime or latency_ms is not None
     if realtime and not hz:
         raise ValueError("--realtime / --latency-ms need --hz: the control rate whose deadline the actions meet")
-    check_fallback(fallback)  # its policy is made in the workers
-    check_budget(budget)
-    if not realtime and not ActionFilter(smooth, rate_limit).active:
-        return None
-    return {"hz": hz if realtime else None, "fallback": fallback, "alpha": smooth, "max_delta": rate_limit,
-            "latency_ms": latency_ms, "budget": budget}
+    options = ControlOptions(hz if realtime else None, latency_ms, fallback, budget, smooth, rate_limit)
+    return asdict(options) if realtime or ActionFilter(smooth, rate_limit).active else None
 
 
 def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes=10, seed=1, steps=500,
@@ -142,7 +138,7 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
             raise ValueError(f"--{name} must be at least {lo}, got {v}")
     if not episodes and not check_actions:
         raise ValueError("--episodes 0 runs no episodes: give --check-actions N for a faithfulness check alone")
-    if hz is not None and hz <= 0:
+    if hz is not None and not hz > 0:  # NaN too
         raise ValueError(f"--hz must be positive, got {hz}")
     control = control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit, budget)
     if str(device).startswith("cuda") and not torch.cuda.is_available():

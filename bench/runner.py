@@ -49,7 +49,7 @@ class Settings:
     steps: int = 500
     eval_mode: bool = False
     planner: PlannerConfig = field(default_factory=PlannerConfig)
-    control: dict | None = None  # `rollout.with_deadline` settings: deadline, fallback, action filter
+    control: dict | None = None  # `rollout.ControlOptions`: deadline, fallback, action filter
     compile: dict | None = None  # `CompileOptions` of the artifacts compiled for this run's runtimes
 
     def identity(self) -> dict:

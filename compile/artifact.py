@@ -57,7 +57,7 @@ smoothing and a rate limit optional):
 
     from control import ActionFilter, RealtimeLoop
     loop = RealtimeLoop(planner, hz=100, sense=read_sensors, actuate=send_to_motors, task=task,
-                        fallback="hold", action_filter=ActionFilter(alpha=0.5, max_delta=0.2))
+                        fallback="hold", action_filter=ActionFilter(smooth=0.5, rate_limit=0.2))
     print(loop.run(ticks=6000))   # fresh / fallback ticks, schedule lateness, planning latency
 """
 

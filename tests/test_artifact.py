@@ -154,7 +154,7 @@ def test_bundle_builder_needs_no_torch(tmp_path):
     assert res.returncode == 0 and "Build (and verify) the TensorRT engine" in res.stdout, res.stderr
     shutil.copy(ROOT / "toolkit" / "control.py", tmp_path / "control.py")  # the bundle's control loop too
     code = ("import sys; sys.modules['torch'] = None; sys.modules['edge_tdmpc'] = None; "
-            "from control import ActionFilter; print(ActionFilter(alpha=0.5)([0.4]))")
+            "from control import ActionFilter; print(ActionFilter(smooth=0.5)([0.4]))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert res.returncode == 0 and "[0.4]" in res.stdout, res.stderr
     # the bundle's Planner draws its noise with the bundle's noise.py and shifts its warm start with control.py

@@ -27,19 +27,19 @@ def _observations(n, seed=0):
 
 
 def test_action_filter():
-    f = ActionFilter(alpha=0.5)
+    f = ActionFilter(smooth=0.5)
     assert f([0.8]).tolist() == pytest.approx([0.8])  # an episode's first action passes as planned
     assert f([0.0]).tolist() == pytest.approx([0.4])
     assert f([0.0]).tolist() == pytest.approx([0.2])
     f.reset()
     assert f([-0.6]).tolist() == pytest.approx([-0.6])
-    limit = ActionFilter(max_delta=0.1)
+    limit = ActionFilter(rate_limit=0.1)
     limit([0.0, 0.0])
     assert limit([1.0, -0.05]).tolist() == pytest.approx([0.1, -0.05])
     assert limit([1.0, -1.0]).tolist() == pytest.approx([0.2, -0.15])
-    assert ActionFilter(alpha=1.0)([2.0]).tolist() == [1.0]  # always within the action bounds
-    assert not ActionFilter().active and ActionFilter(alpha=0.3).active
-    for bad in (dict(alpha=0), dict(alpha=1.5), dict(max_delta=0)):
+    assert ActionFilter(smooth=1.0)([2.0]).tolist() == [1.0]  # always within the action bounds
+    assert not ActionFilter().active and ActionFilter(smooth=0.3).active
+    for bad in (dict(smooth=0), dict(smooth=1.5), dict(rate_limit=0)):
         with pytest.raises(ValueError, match="smoothing alpha|rate limit"):
             ActionFilter(**bad)
 
@@ -105,7 +105,7 @@ def test_a_late_plan_lands_later_and_the_ticks_between_take_the_fallback(mode):
 
 def test_deadline_that_fits_and_filter():
     obs = _observations(6)
-    sim = DeadlineSim(_runtime(), hz=100, latency_ms=9.9, action_filter=ActionFilter(alpha=0.5))
+    sim = DeadlineSim(_runtime(), hz=100, latency_ms=9.9, action_filter=ActionFilter(smooth=0.5))
     sim.reset(3)
     got = [sim.act(x, TASK, t0=t == 0)[0] for t, x in enumerate(obs)]
     assert all(sim.stats.fresh)
@@ -144,7 +144,7 @@ def test_realtime_loop_sends_an_action_every_tick():
     rt, obs = _runtime(), _observations(1)[0]
     sent = []
     stats = RealtimeLoop(rt, hz=200, sense=lambda: obs, actuate=sent.append, task=TASK,
-                         action_filter=ActionFilter(max_delta=0.5)).run(40)
+                         action_filter=ActionFilter(rate_limit=0.5)).run(40)
     assert len(sent) == stats["ticks"] == 40
     assert stats["fresh"] + stats["fallback"] == 40 and stats["fresh"] >= 1
     assert stats["plan_ms_p50"] > 0 and "late_ms_p99" in stats
@@ -191,7 +191,7 @@ def test_bench_realtime(tmp_path):
     (s,) = rep["summary"]
     fresh = math.ceil(20 / 3)  # every third tick: 2 of 3 ticks take the fallback
     assert s["fallback_rate"] == pytest.approx(1 - fresh / 20)
-    assert rep["settings"]["control"] == {"hz": 100, "fallback": "hold", "alpha": 1.0, "max_delta": None,
+    assert rep["settings"]["control"] == {"hz": 100, "fallback": "hold", "smooth": 1.0, "rate_limit": None,
                                           "latency_ms": 25, "budget": 1.0}
     assert "fallback ticks" in (tmp_path / "rt" / "report.md").read_text()
     pi = run_bench(make_tiny_model(), tmp_path / "pi", tasks="cartpole-swingup", episodes=1, steps=20,

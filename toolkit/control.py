@@ -30,19 +30,20 @@ def check_fallback(mode: str) -> str:
 
 
 class ActionFilter:
-    """a_t = clip(a_{t-1} + clamp(alpha (u_t - a_{t-1}), ±max_delta), ±1): a first-order low-pass (alpha < 1)
-    and a per-tick rate limit (max_delta), both off by default. Start of an episode: `reset()`."""
+    """a_t = clip(a_{t-1} + clamp(smooth (u_t - a_{t-1}), ±rate_limit), ±1): a first-order low-pass (its
+    smoothing alpha `smooth` < 1) and a per-tick rate limit, both off by default. Start of an episode:
+    `reset()`."""
 
-    def __init__(self, alpha: float = 1.0, max_delta: float | None = None):
-        if not 0 < alpha <= 1:
-            raise ValueError(f"smoothing alpha must be in (0, 1] (1 = off), got {alpha}")
-        if max_delta is not None and max_delta <= 0:
-            raise ValueError(f"rate limit must be positive (action change per tick), got {max_delta}")
-        self.alpha, self.max_delta, self.prev = alpha, max_delta, None
+    def __init__(self, smooth: float = 1.0, rate_limit: float | None = None):
+        if not 0 < smooth <= 1:
+            raise ValueError(f"smooth (the low-pass's smoothing alpha) must be in (0, 1] (1 = off), got {smooth}")
+        if rate_limit is not None and rate_limit <= 0:
+            raise ValueError(f"rate limit must be positive (action change per tick), got {rate_limit}")
+        self.smooth, self.rate_limit, self.prev = smooth, rate_limit, None
 
     @property
     def active(self) -> bool:
-        return self.alpha < 1 or self.max_delta is not None
+        return self.smooth < 1 or self.rate_limit is not None
 
     def reset(self):
         self.prev = None
@@ -50,10 +51,10 @@ class ActionFilter:
     def __call__(self, u) -> np.ndarray:
         a = np.asarray(u, np.float32)
         if self.prev is not None:  # the first action of an episode passes as planned
-            if self.alpha < 1:
-                a = self.prev + self.alpha * (a - self.prev)
-            if self.max_delta is not None:
-                a = self.prev + np.clip(a - self.prev, -self.max_delta, self.max_delta)
+            if self.smooth < 1:
+                a = self.prev + self.smooth * (a - self.prev)
+            if self.rate_limit is not None:
+                a = self.prev + np.clip(a - self.prev, -self.rate_limit, self.rate_limit)
         self.prev = np.clip(a, -1, 1).astype(np.float32)
         return self.prev.copy()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_tdmpc.control import ActionFilter, DeadlineSim
+from edge_tdmpc.control import ActionFilter, DeadlineSim, check_budget, check_fallback
 from edge_tdmpc.seeding import evaluation_seeds
 from edge_tdmpc.tasks import fit_obs
 
@@ -75,19 +75,40 @@ def runtime_actor(runtime, model_cfg, task: str, eval_mode=False):
     return act
 
 
-def with_deadline(runtime, control: dict | None, policy=None):
-    """The runtime as the robot's control loop runs it (`control.DeadlineSim`), or as it is without settings.
-    control: {"hz": control rate whose deadline applies (None: none), "fallback", "alpha", "max_delta",
-    "latency_ms": assumed planning latency (None: measured), "budget"}; policy: the "policy" fallback's runtime."""
+@dataclass(frozen=True)
+class ControlOptions:
+    """The robot's control loop as the bench simulates it (`control.DeadlineSim`); the names of the bench's
+    flags (--hz, --latency-ms, --fallback, --budget, --smooth, --rate-limit) and of report.json's settings."""
+    hz: float | None = None            # the control rate whose deadline applies (None: none, the filter alone)
+    latency_ms: float | None = None    # assumed planning latency (None: each plan's measured one)
+    fallback: str = "hold"             # a tick without a fresh plan: hold, plan or policy
+    budget: float = 1.0                # fraction of the period a tick waits for its own plan
+    smooth: float = 1.0                # the action low-pass's smoothing alpha (1: off)
+    rate_limit: float | None = None    # largest action change per tick (None: off)
+
+    def __post_init__(self):
+        check_fallback(self.fallback)
+        check_budget(self.budget)
+        ActionFilter(self.smooth, self.rate_limit)  # checks them
+        if self.hz is not None and not self.hz > 0:
+            raise ValueError(f"--hz must be positive, got {self.hz}")
+        if self.latency_ms is not None and not self.latency_ms > 0:
+            raise ValueError(f"--latency-ms must be positive, got {self.latency_ms}")
+
+
+def with_deadline(runtime, control: ControlOptions | dict | None, policy=None):
+    """The runtime as the robot's control loop runs it (`control.DeadlineSim`), or as it is without settings;
+    policy: the "policy" fallback's runtime."""
     if not control:
         return runtime
-    return DeadlineSim(runtime, control.get("hz"), control.get("fallback", "hold"),
-                       ActionFilter(control.get("alpha", 1.0), control.get("max_delta")), control.get("latency_ms"),
-                       policy, control.get("budget", 1.0))
+    c = control if isinstance(control, ControlOptions) else ControlOptions(**control)
+    return DeadlineSim(runtime, c.hz, c.fallback, ActionFilter(c.smooth, c.rate_limit), c.latency_ms, policy,
+                       c.budget)
 
 
 def evaluation_episode(runtime, model_cfg, task: str, seed: int, episode: int, steps=500, eval_mode=False,
-                       control: dict | None = None, policy=None, on_step=None) -> tuple[Episode, object, dict]:
+                       control: ControlOptions | dict | None = None, policy=None,
+                       on_step=None) -> tuple[Episode, object, dict]:
     """One episode of the official evaluation protocol: the initial state of `episode` under env seed `seed`,
     planner noise seeded from (seed, task, episode) (`seeding.evaluation_seeds`), optionally under a control
     deadline. -> (episode, the actor that ran it (a DeadlineSim keeps tick stats), its seeds)."""
