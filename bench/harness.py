@@ -20,7 +20,7 @@ from edge_tdmpc.checkpoint import load_model, read_state_dict, weights_sha256
 from edge_tdmpc.compile.artifact import CompileOptions, read_manifest
 from edge_tdmpc.compile.runtimes import ARTIFACT_RUNTIMES, compile_for, make_runtime, runtime_class
 from edge_tdmpc.control import ActionFilter
-from edge_tdmpc.files import atomic_write_text, file_sha256
+from edge_tdmpc.files import atomic_write_text, exclusive_lock, file_sha256
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.rollout import ControlOptions
@@ -144,76 +144,82 @@ def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' asked for, but torch sees no CUDA device; use --device cpu")
     out = _writable(Path(out))
-    ref_model, source, artifacts, model_facts = open_model(model, tasks, model_tasks)
-    overrides = asdict(planner) if isinstance(planner, PlannerConfig) else dict(planner or {})
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if artifacts:  # the planner is baked into a compiled artifact: use its settings, refuse others
-        base = model_facts["manifest"].get("planner") or {}
-        clash = sorted(k for k in overrides if k in base and overrides[k] != base[k])
-        if clash:
-            raise ValueError(f"{model_facts['path']} was compiled with {clash[0]}={base[clash[0]]!r}, not "
-                             f"{overrides[clash[0]]!r}; drop that override or recompile the artifact")
-        overrides = {**base, **overrides}
-    planner = PlannerConfig.make(**overrides)
-    if artifacts and runtimes is None and precisions is None:  # the artifact against the fp32 eager reference
-        pairs = list(dict.fromkeys([report.REFERENCE, *artifacts]))
-        for r, _ in pairs:
-            runtime_class(r)
-    else:  # with an artifact, the option not given is the artifact's (--runtime onnxruntime: the artifact, not
-        # a fresh fp32 compile of its checkpoint)
-        (art_rt, art_prec), = artifacts or [("torch", "fp32")]
-        pairs = resolve_pairs(runtimes or art_rt, precisions or art_prec)
-    missing = [t for t in tasks if t not in ref_model.cfg.tasks]
-    if missing:
-        raise ValueError(f"task '{missing[0]}' is not in this model's task set ({len(ref_model.cfg.tasks)} tasks: "
-                         f"{', '.join(ref_model.cfg.tasks[:4])}, ...); pick tasks it was trained on")
-    identity = model_facts["sha256"]
-    if artifacts:  # a recompiled artifact is another model as far as resuming goes
-        identity += "+" + str(model_facts["manifest"].get("manifest_sha256"))
-    compiles = any(r in ARTIFACT_RUNTIMES and (r, p) not in artifacts for r, p in pairs)
-    compile_options = compile_options or CompileOptions()
-    settings = Settings(identity, seed, steps, eval_mode, planner, control,
-                        asdict(compile_options) if compiles else None)
-    log = EpisodeLog(out, settings, resume)
-    sizes = {}
-    for rt_name, prec in pairs:  # the compile step of compiled runtimes, then each runtime once (validates it)
-        if rt_name in ARTIFACT_RUNTIMES and (rt_name, prec) not in artifacts:
-            artifacts[rt_name, prec] = str(compile_for(rt_name, ref_model, prec, planner, compile_options, echo))
-        with make_runtime(rt_name, artifacts.get((rt_name, prec), ref_model), prec, planner, seed, device) as rt:
-            sizes[rt_name, prec] = rt.size_bytes()
+    with exclusive_lock(out / ".lock", what=out):  # one bench per --out at a time
+        ref_model, source, artifacts, model_facts = open_model(model, tasks, model_tasks)
+        overrides = asdict(planner) if isinstance(planner, PlannerConfig) else dict(planner or {})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if artifacts:  # the planner is baked into a compiled artifact: use its settings, refuse others
+            base = model_facts["manifest"].get("planner") or {}
+            clash = sorted(k for k in overrides if k in base and overrides[k] != base[k])
+            if clash:
+                raise ValueError(f"{model_facts['path']} was compiled with {clash[0]}={base[clash[0]]!r}, not "
+                                 f"{overrides[clash[0]]!r}; drop that override or recompile the artifact")
+            overrides = {**base, **overrides}
+        planner = PlannerConfig.make(**overrides)
+        if artifacts and runtimes is None and precisions is None:  # the artifact against the fp32 eager reference
+            pairs = list(dict.fromkeys([report.REFERENCE, *artifacts]))
+            for r, _ in pairs:
+                runtime_class(r)
+        else:  # with an artifact, the option not given is the artifact's (--runtime onnxruntime: the artifact, not
+            # a fresh fp32 compile of its checkpoint)
+            (art_rt, art_prec), = artifacts or [("torch", "fp32")]
+            pairs = resolve_pairs(runtimes or art_rt, precisions or art_prec)
+        missing = [t for t in tasks if t not in ref_model.cfg.tasks]
+        if missing:
+            raise ValueError(f"task '{missing[0]}' is not in this model's task set ({len(ref_model.cfg.tasks)} tasks: "
+                             f"{', '.join(ref_model.cfg.tasks[:4])}, ...); pick tasks it was trained on")
+        identity = model_facts["sha256"]
+        if artifacts:  # a recompiled artifact is another model as far as resuming goes
+            identity += "+" + str(model_facts["manifest"].get("manifest_sha256"))
+        compiles = any(r in ARTIFACT_RUNTIMES and (r, p) not in artifacts for r, p in pairs)
+        compile_options = compile_options or CompileOptions()
+        settings = Settings(identity, seed, steps, eval_mode, planner, control,
+                            asdict(compile_options) if compiles else None)
+        log = EpisodeLog(out, settings, resume)
+        sizes = {}
+        for rt_name, prec in pairs:  # the compile step of compiled runtimes, then each runtime once (validates it)
+            if rt_name in ARTIFACT_RUNTIMES and (rt_name, prec) not in artifacts:
+                artifacts[rt_name, prec] = str(compile_for(rt_name, ref_model, prec, planner, compile_options, echo))
+            with make_runtime(rt_name, artifacts.get((rt_name, prec), ref_model), prec, planner, seed, device) as rt:
+                sizes[rt_name, prec] = rt.size_bytes()
 
-    # --- faithfulness on identical inputs (cached, so a resumed run does not redo it) ---
-    check = None
-    if check_actions:
-        key = {"n": check_actions, "pairs": [list(p) for p in pairs], **settings.identity()}
-        cache = out / CHECK_FILE
-        cached = json.loads(cache.read_text()) if resume and cache.exists() else None
-        if cached and cached.get("key") == key:
-            check = faithful.judge(cached["results"], planner.mpc)
-        else:
-            check = faithful.check_actions(ref_model, pairs, tasks, check_actions, planner, seed, eval_mode,
-                                           artifacts, device)
-            atomic_write_text(cache, json.dumps({"key": key, "results": check}, indent=1))
+        # --- faithfulness on identical inputs (cached, so a resumed run does not redo it) ---
+        check = None
+        if check_actions:
+            key = {"n": check_actions, "pairs": [list(p) for p in pairs], **settings.identity()}
+            cache = out / CHECK_FILE
+            cached = json.loads(cache.read_text()) if resume and cache.exists() else None
+            if cached and cached.get("key") == key:
+                check = faithful.judge(cached["results"], planner.mpc)
+            else:
+                check = faithful.check_actions(ref_model, pairs, tasks, check_actions, planner, seed, eval_mode,
+                                               artifacts, device)
+                atomic_write_text(cache, json.dumps({"key": key, "results": check}, indent=1))
 
-    # --- episodes ---
-    jobs = [Job(r, p, t, e) for r, p in pairs for t in tasks for e in range(episodes)]
-    workers = workers or os.cpu_count() or 1
-    todo = sum(j.key not in log.records for j in jobs)
-    if todo < len(jobs):
-        echo(f"resuming: {len(jobs) - todo} of {len(jobs)} episodes already in {out / 'episodes.jsonl'}")
-    with tqdm(total=todo * steps, unit="step", desc="bench", disable=not progress or not todo, smoothing=0.05) as pbar:
-        run_jobs(jobs, log, source, artifacts, planner, settings, workers, device, warmup, pbar)
+        # --- episodes ---
+        jobs = [Job(r, p, t, e) for r, p in pairs for t in tasks for e in range(episodes)]
+        workers = workers or os.cpu_count() or 1
+        todo = sum(j.key not in log.records for j in jobs)
+        if todo < len(jobs):
+            echo(f"resuming: {len(jobs) - todo} of {len(jobs)} episodes already in {out / 'episodes.jsonl'}")
+        with tqdm(total=todo * steps, unit="step", desc="bench", disable=not progress or not todo,
+                  smoothing=0.05) as pbar:
+            run_jobs(jobs, log, source, artifacts, planner, settings, workers, device, warmup, pbar)
 
-    # --- reports ---
-    records = [log.records[j.key] for j in jobs]
-    meta = {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command, "model": model_facts, "environment": environment(),
-        "settings": {"tasks": list(tasks), "episodes": episodes, "seed": seed, "steps": steps,
-                     "eval_mode": eval_mode, "mpc": planner.mpc, "planner": asdict(planner), "hz": hz,
-                     "control": control, "compile": settings.compile,
-                     "workers": workers, "warmup": warmup, "device": str(device),
-                     "pairs": [list(p) for p in pairs]},
-    }
-    rep = report.build_report(records, pairs, tasks, sizes, meta, check, hz)
-    return report.write_reports(rep, records, out)
+        # --- reports ---
+        records = [log.records[j.key] for j in jobs]
+        meta = {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "model": model_facts, "environment": environment(),
+            "settings": {"tasks": list(tasks), "episodes": episodes, "seed": seed, "steps": steps,
+                         "eval_mode": eval_mode, "mpc": planner.mpc, "planner": asdict(planner), "hz": hz,
+                         "control": control, "compile": settings.compile,
+                         "workers": workers, "warmup": warmup, "device": str(device),
+                         "pairs": [list(p) for p in pairs]},
+        }
+        rep = report.build_report(records, pairs, tasks, sizes, meta, check, hz)
+        for s in rep["summary"]:
+            if s["nonfinite_obs"]:
+                echo(f"warning: {s['runtime']}/{s['precision']}: {s['nonfinite_obs']} step(s) had a NaN or Inf "
+                     "observation and got the safe action (report.md says more)")
+        return report.write_reports(rep, records, out)

@@ -19,6 +19,7 @@ def _stats(recs, hz, size_bytes) -> dict:
     device = [r["peak_device_mib"] for r in recs if r.get("peak_device_mib") is not None]
     ticks = [r["control"] for r in recs if r.get("control")]
     return {
+        "nonfinite_obs": sum(r.get("nonfinite_obs", 0) for r in recs),  # steps the runtime met NaN/Inf in
         # with a fixed-rate loop (`--realtime`): the share of ticks that took the fallback, not a fresh plan
         "fallback_rate": sum(t["fallback"] for t in ticks) / sum(t["ticks"] for t in ticks) if ticks else None,
         "latency_ms": latency_stats(ms),
@@ -163,6 +164,12 @@ def _summary_md(report: dict) -> str:
                      *([f"{s['fallback_rate']:.1%}"] if realtime else []), _f(s["env_step_ms"], ".2f"),
                      _f(s["throughput_steps_per_s"], ".1f"), _f(s["peak_rss_mib"], ".0f"),
                      *([_f(s["peak_device_mib"], ".0f")] if env.get("gpu") else []), _f(s["size_mib"], ".2f")])
+    bad = [s for s in report["summary"] if s.get("nonfinite_obs")]
+    if bad:
+        text += ("\n\n**Warning: non-finite observations.** " + "; ".join(
+            f"{s['runtime']}/{s['precision']}: {s['nonfinite_obs']} step(s)" for s in bad) +
+            " had a NaN or Inf observation; each got the runtime's safe action (the last action held, zeros "
+            "before the first) instead of a plan. Their returns are not the model's.")
     return text + "\n\n" + _table(header, rows) + "\n"
 
 

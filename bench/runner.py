@@ -24,6 +24,7 @@ from edge_tdmpc.compile.runtimes import make_runtime
 from edge_tdmpc.files import atomic_write_text
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.rollout import evaluation_episode
+from edge_tdmpc.workers import die_with_parent
 
 EPISODES_FILE, RUN_FILE = "episodes.jsonl", "run.json"
 PROGRESS_EVERY = 10  # steps between progress messages from a worker
@@ -76,7 +77,7 @@ def run_episode(runtime, model_cfg, task: str, seed: int, episode: int, steps: i
         progress(ep.steps - told[0])
     ticks = agent.stats.summary() if control else None
     return {
-        "return": ep.ret, "steps": ep.steps, **seeds,
+        "return": ep.ret, "steps": ep.steps, "nonfinite_obs": ep.nonfinite, **seeds,
         "latency_ms": [round(ns / 1e6, 4) for ns in ep.act_ns] if not control else
         [round(ms, 4) for ms in agent.stats.plan_ms], **({"control": ticks} if ticks else {}),
         "agent_s": sum(ep.act_ns) / 1e9, "env_s": ep.env_ns / 1e9, "wall_s": ep.wall_s,
@@ -129,8 +130,9 @@ def _run_job(job: Job, progress=None) -> dict:
     return {**asdict(job), **rec, "worker": os.getpid()}
 
 
-def _worker(init_args, jobs, results):
+def _worker(parent, init_args, jobs, results):
     """Worker loop: take jobs until None; report ("steps", n), ("done", record) or ("error", traceback)."""
+    die_with_parent(parent)
     try:
         _init_worker(*init_args)
         while (job := jobs.get()) is not None:
@@ -199,7 +201,7 @@ def run_jobs(jobs: list[Job], log: EpisodeLog, source, artifacts: dict, planner:
     for job in [*todo, *[None] * n]:
         job_q.put(job)
     init = (source, artifacts, planner, settings, device, warmup)
-    procs = [ctx.Process(target=_worker, args=(init, job_q, results), daemon=True) for _ in range(n)]
+    procs = [ctx.Process(target=_worker, args=(os.getpid(), init, job_q, results), daemon=True) for _ in range(n)]
     for p in procs:
         p.start()
     try:

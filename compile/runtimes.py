@@ -56,7 +56,7 @@ class _ArtifactRuntime(Runtime):
     def check_available(cls):
         """Raise a one-line ValueError before compiling when this runtime cannot run here."""
 
-    def reset(self, seed=None):
+    def _reset(self, seed):
         self.generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         self.prev_mean = np.zeros((self.cfg.horizon, self.action_dim), np.float32)
 
@@ -94,7 +94,7 @@ class OnnxRuntime(_ArtifactRuntime):
                                    trt_cache=self.dir / "ort-trt-cache" if device == "tensorrt" else None,
                                    precision=self.manifest["precision"])
 
-    def act(self, obs, task, t0, eval_mode=False, noise=None):
+    def _act(self, obs, task, t0, eval_mode, noise):
         return self._step(self.session.run(self.feed(obs, task, t0, eval_mode, noise)), eval_mode)
 
 
@@ -117,7 +117,7 @@ class TensorRTRuntime(_ArtifactRuntime):
         from edge_tdmpc.compile import trt
         trt._trt()
 
-    def act(self, obs, task, t0, eval_mode=False, noise=None):
+    def _act(self, obs, task, t0, eval_mode, noise):
         return self._step(self.engine.run(self.feed(obs, task, t0, eval_mode, noise)), eval_mode)
 
     def close(self):
@@ -167,6 +167,7 @@ class TorchCudaGraphRuntime(Runtime):
         if self.world is not None:
             m = self.world(m)
         self.model, c = m, m.cfg
+        self.action_dim = c.action_dim
         self.gammas = c.discounts
         # static buffers, fp32 as plan() keeps its inputs and statistics (the model casts to its precision)
         z = lambda *s, dtype=torch.float32: torch.zeros(*s, device=self.device, dtype=dtype)  # noqa: E731
@@ -209,12 +210,12 @@ class TorchCudaGraphRuntime(Runtime):
         graph.replay()
         return action
 
-    def reset(self, seed=None):
+    def _reset(self, seed):
         (torch.cuda.manual_seed if self.capture else torch.manual_seed)(self.seed if seed is None else seed)
         self.prev_mean.zero_()
 
     @torch.no_grad()
-    def act(self, obs, task, t0, eval_mode=False, noise=None):
+    def _act(self, obs, task, t0, eval_mode, noise):
         c, D = self.model.cfg, self.model.cfg.obs_dim
         host = self.host_in.numpy()
         host[:D] = fit_obs(_numpy(obs), D, c.tasks[task] if c.multitask and task is not None else None)

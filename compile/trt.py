@@ -346,19 +346,25 @@ class Engine:
 
 
 class Planner:
-    """The control loop on the robot: obs -> action with the warm-start mean kept between steps."""
+    """The control loop on the robot: obs -> action with the warm-start mean kept between steps. A non-finite
+    observation gets the safe action, as in every edge_tdmpc runtime: the last action returned this episode
+    (zeros before the first), nothing planned, `flagged` set and counted in `nonfinite`."""
 
     def __init__(self, engine: Engine, seed=0, num_q=2):
         self.engine, self.rng, self.num_q = engine, np.random.default_rng(seed), num_q
         shape = engine.inputs["prev_mean"].shape if "prev_mean" in engine.inputs else None
         self.prev_mean = np.zeros(shape, np.float32) if shape else None
+        self.action_dim = engine.inputs["noise_action"].shape[-1]
+        self.last_action, self.flagged, self.nonfinite = None, False, 0
 
     def reset(self, seed=None):
-        """Start of an episode: the warm start cleared (and the noise reseeded when given a seed)."""
+        """Start of an episode: the warm start and the safe action cleared (the noise reseeded when given a
+        seed)."""
         if seed is not None:
             self.rng = np.random.default_rng(seed)
         if self.prev_mean is not None:
             self.prev_mean = np.zeros_like(self.prev_mean)
+        self.last_action, self.flagged = None, False
 
     def planned_mean(self):
         return None if self.prev_mean is None else self.prev_mean.copy()
@@ -368,6 +374,14 @@ class Planner:
             _bundled("control").shift_mean(self.prev_mean, ticks)
 
     def act(self, obs, task=0, t0=False, eval_mode=False):
+        self.flagged = not _bundled("control").finite(obs)
+        if self.flagged:
+            self.nonfinite += 1
+            return (self.last_action if self.last_action is not None else np.zeros(self.action_dim, np.float32)).copy()
+        self.last_action = np.asarray(self._plan(obs, task, t0, eval_mode), np.float32)
+        return self.last_action.copy()
+
+    def _plan(self, obs, task, t0, eval_mode):
         shape = {k[len("noise_"):]: v.shape for k, v in self.engine.inputs.items() if k.startswith("noise_")}
         drawn = _bundled("noise").numpy_noise(shape, self.num_q, self.rng)
         feeds = {"obs": obs, "task": np.array([task]), "t0": np.array([float(t0)]),

@@ -169,6 +169,10 @@ def load_model(path, tasks="mt30", size=None, dtype=torch.float32, device="cpu")
             f"{Path(path).name}: dequantizing the paper's int8 tensors (quantize_per_tensor with scale 1.0: most "
             "weights were rounded to 0, so this model is degraded; use edge-tdmpc compile --precision int8 for "
             "calibrated INT8)", stacklevel=2)
+    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{Path(path).name}: {len(bad)} weight tensor(s) hold NaN or Inf (first: {bad[0]}); the "
+                         "model diverged or the file is damaged: use an earlier checkpoint")
     cfg = infer_config(sd, tasks, size)
     model = WorldModel(cfg)
     load_state_into(model, sd)

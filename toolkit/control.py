@@ -23,6 +23,11 @@ import numpy as np
 FALLBACKS = ("hold", "plan", "policy")
 
 
+def finite(obs) -> bool:
+    """Whether an observation may reach the networks: every entry finite (no NaN, no Inf)."""
+    return bool(np.isfinite(np.asarray(obs, np.float64)).all())
+
+
 def check_fallback(mode: str) -> str:
     if mode not in FALLBACKS:
         raise ValueError(f"unknown fallback '{mode}': choose from {list(FALLBACKS)}")
@@ -118,11 +123,12 @@ class TickStats:
     fresh: list = field(default_factory=list)
     late_ms: list = field(default_factory=list)
     plan_ms: list = field(default_factory=list)
+    nonfinite: int = 0  # ticks whose observation had a NaN or Inf entry (the runtime acted safely on them)
 
     def summary(self) -> dict:
         fresh = np.asarray(self.fresh, bool)
         out = {"ticks": int(fresh.size), "fresh": int(fresh.sum()), "fallback": int((~fresh).sum()),
-               "fallback_rate": float((~fresh).mean()) if fresh.size else 0.0}
+               "fallback_rate": float((~fresh).mean()) if fresh.size else 0.0, "nonfinite": self.nonfinite}
         if self.late_ms:
             out["late_ms_p50"], out["late_ms_p99"] = (float(np.percentile(self.late_ms, q)) for q in (50, 99))
         if self.plan_ms:
@@ -161,6 +167,7 @@ class DeadlineSim:
         self.stats = TickStats()
 
     def act(self, obs, task=None, t0=False, eval_mode=False):
+        self.stats.nonfinite += not finite(obs)
         if t0:
             self._episode()
         if self.pending is None:  # the planner is idle: it starts on this tick's observation
@@ -243,6 +250,7 @@ class RealtimeLoop:
                 time.sleep(max(due - time.perf_counter(), 0))
                 stats.late_ms.append((time.perf_counter() - due) * 1e3)
                 obs = self.sense()
+                stats.nonfinite += not finite(obs)
                 with self._cv:
                     self._obs = (obs, tick)
                     self._cv.notify_all()

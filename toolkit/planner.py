@@ -183,6 +183,9 @@ class Agent:
         if self.model.cfg.multitask and task is None:
             raise ValueError("multi-task model: pass task=<index into model.cfg.tasks>")
         obs = self._obs(obs, task)
+        if not torch.isfinite(obs).all():
+            raise ValueError("observation has non-finite entries (NaN/Inf): a runtime (edge_tdmpc.runtime) acts "
+                             "safely on them; the Agent refuses them")
         noise = self._cast(noise if noise is not None else self.noise())
         if not self.cfg.mpc:
             return policy_action(self.model, obs, task, noise.action, eval_mode).float().cpu()

@@ -3,9 +3,16 @@
 A runtime turns (obs, task, t0) into an action. Everything its callers use is declared here: `cfg` (the
 planner settings it runs), `prev_mean` (the warm-start mean, None for a policy-only runtime) with
 `planned_mean()` and `advance_mean(ticks)` for the control loop, `reset`, `act`, `close` and use as a context
-manager. `TorchRuntime` (PyTorch eager, the reference) lives here; the compiled runtimes and the registry of
-every runtime by name are `edge_tdmpc.compile.runtimes`. A runtime only loads and runs: compiling is a step of
-its own (`edge_tdmpc.compile`).
+manager.
+
+A non-finite observation (NaN or Inf, from a broken sensor or a diverged simulation) never reaches the networks,
+in every runtime: `act` returns the safe action instead, the last action this runtime returned in the episode
+(zeros before its first), plans nothing (the warm start and the noise stream stay where they were), sets
+`flagged` and counts it in `nonfinite`.
+
+`TorchRuntime` (PyTorch eager, the reference) lives here; the compiled runtimes and the registry of every
+runtime by name are `edge_tdmpc.compile.runtimes`. A runtime only loads and runs: compiling is a step of its own
+(`edge_tdmpc.compile`).
 """
 import copy
 from abc import ABC, abstractmethod
@@ -13,10 +20,14 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
-from edge_tdmpc.control import copy_mean, shift_mean
+from edge_tdmpc.control import copy_mean, finite, shift_mean
 from edge_tdmpc.planner import Agent, Noise, PlannerConfig
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")
+
+
+def _host(x):
+    return x.detach().cpu() if torch.is_tensor(x) else x
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -24,20 +35,40 @@ class Runtime(ABC):
     name = "base"
     precisions: tuple[str, ...] = ("fp32",)
     prev_mean = None  # the warm-start mean (H x A) after the last step: set by runtimes that plan
+    action_dim: int   # the (padded) action dim it returns
+    nonfinite = 0     # non-finite observations seen (never reset: the caller takes differences)
 
     def __init__(self, precision="fp32", planner: PlannerConfig | None = None, seed=0):
         if precision not in self.precisions:
             raise ValueError(f"runtime '{self.name}' supports precisions {list(self.precisions)}, not '{precision}'")
         self.precision, self.cfg, self.seed = precision, planner or PlannerConfig(), seed
+        self.last_action, self.flagged = None, False
 
-    @abstractmethod
     def reset(self, seed: int | None = None):
-        """Start of an episode: clear the warm-start mean (and reseed the noise when given a seed)."""
+        """Start of an episode: clear the warm-start mean and the safe action (and reseed the noise when given a
+        seed)."""
+        self.last_action, self.flagged = None, False
+        self._reset(seed)
 
-    @abstractmethod
     def act(self, obs: np.ndarray, task: int | None, t0: bool, eval_mode=False,
             noise: Noise | None = None) -> np.ndarray:
-        """Padded observation (or the task's own) -> action in [-1, 1] (padded action dim)."""
+        """Padded observation (or the task's own) -> action in [-1, 1] (padded action dim); a non-finite
+        observation -> the safe action, flagged (module doc)."""
+        self.flagged = not finite(_host(obs))
+        if self.flagged:
+            self.nonfinite += 1
+            safe = self.last_action if self.last_action is not None else np.zeros(self.action_dim, np.float32)
+            return safe.copy()
+        self.last_action = np.asarray(self._act(obs, task, t0, eval_mode, noise), np.float32)
+        return self.last_action.copy()
+
+    @abstractmethod
+    def _reset(self, seed: int | None):
+        """The runtime's own start of an episode."""
+
+    @abstractmethod
+    def _act(self, obs, task, t0, eval_mode, noise) -> np.ndarray:
+        """One step on a finite observation."""
 
     def planned_mean(self) -> np.ndarray | None:
         """A copy of the warm-start mean after the last step (H x A), or None without MPC."""
@@ -71,13 +102,14 @@ class TorchRuntime(Runtime):
     def __init__(self, model, precision="fp32", planner=None, seed=0, device=None):
         super().__init__(precision, planner, seed)
         self.model = copy.deepcopy(model).to(device=device or "cpu", dtype=TORCH_DTYPES[precision]).eval()
+        self.action_dim = self.model.cfg.action_dim
         self.reset(seed)
 
-    def reset(self, seed=None):
+    def _reset(self, seed):
         seed = self.seed if seed is None else seed
         self.agent = Agent(self.model, seed=seed, **vars(self.cfg))
 
-    def act(self, obs, task, t0, eval_mode=False, noise=None):
+    def _act(self, obs, task, t0, eval_mode, noise):
         return self.agent.act(obs, t0=t0, eval_mode=eval_mode, task=task, noise=noise).numpy()
 
     @property

@@ -1,0 +1,159 @@
+"""Faults and bad input: non-finite observations, non-finite weights, a second writer, killed parents, the umask.
+
+Each case asserts the exit code or the error's one line, and that what was there before is intact."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import SMALL, make_tiny_model
+
+from edge_tdmpc import save_model
+from edge_tdmpc.cli import main
+from edge_tdmpc.compile.runtimes import compiled_runtime
+from edge_tdmpc.control import RealtimeLoop
+from edge_tdmpc.envs import episode_env
+from edge_tdmpc.rollout import run, runtime_actor
+from edge_tdmpc.runtime import TorchRuntime
+
+TASK = 10  # cartpole-swingup: 5 observations, 1 action
+NAN = np.full(5, np.nan, np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_model()
+
+
+def _obs(seed):
+    return np.random.default_rng(seed).standard_normal(5).astype(np.float32)
+
+
+def _runtimes(model):
+    return {"torch": TorchRuntime(model, "fp32", SMALL, seed=3),
+            "onnxruntime": compiled_runtime("onnxruntime", model, "fp32", SMALL, seed=3)}
+
+
+def test_nonfinite_observation_gets_the_same_flagged_safe_action_everywhere(tiny):
+    """torch and ONNX Runtime: zeros before the first action of an episode, then the last action held; flagged
+    and counted; nothing planned, so the warm start and the noise stream go on as if the step never came."""
+    for name, rt in _runtimes(tiny).items():
+        rt.reset(3)
+        for bad in (NAN, np.array([0, np.inf, 0, 0, 0], np.float32)):
+            assert np.array_equal(rt.act(bad, TASK, t0=True), np.zeros(6, np.float32)) and rt.flagged, name
+        a1 = rt.act(_obs(1), TASK, t0=True)
+        assert not rt.flagged and np.abs(a1).max() > 0
+        assert np.array_equal(rt.act(NAN, TASK, t0=False), a1) and rt.flagged and rt.nonfinite == 3, name
+        a2 = rt.act(_obs(2), TASK, t0=False)
+        ref = _runtimes(tiny)[name]  # the same episode without the bad steps
+        ref.reset(3)
+        assert np.array_equal(ref.act(_obs(1), TASK, t0=True), a1)
+        assert np.array_equal(ref.act(_obs(2), TASK, t0=False), a2), name
+        rt.reset(3)  # a new episode has no action to hold yet
+        assert np.array_equal(rt.act(NAN, TASK, t0=True), np.zeros(6, np.float32))
+
+
+class _BrokenSensor:
+    """A real env whose observations are NaN on the given steps (a sensor dropping out)."""
+
+    def __init__(self, env, bad_steps):
+        self.env, self.bad, self.t = env, set(bad_steps), 0
+        self.action_dim = env.action_dim
+
+    def step(self, action):
+        obs, *rest = self.env.step(action)
+        self.t += 1
+        return (np.full_like(obs, np.nan) if self.t in self.bad else obs), *rest
+
+    def close(self):
+        self.env.close()
+
+
+def test_rollout_counts_nonfinite_observations_and_the_runtime_holds(tiny):
+    rt = TorchRuntime(tiny, "fp32", SMALL, seed=0)
+    rt.reset(0)
+    env, obs = episode_env("cartpole-swingup", 1)
+    ep = run(_BrokenSensor(env, {3, 4, 7}), obs, runtime_actor(rt, tiny.cfg, "cartpole-swingup"), 10)
+    assert ep.nonfinite == 3 and rt.nonfinite == 3 and np.isfinite(ep.rewards).all()
+    assert np.array_equal(ep.actions[3], ep.actions[2]) and np.array_equal(ep.actions[4], ep.actions[2])
+    assert np.array_equal(ep.actions[7], ep.actions[6])
+
+
+def test_realtime_loop_counts_nonfinite_observations(tiny):
+    rt = TorchRuntime(tiny, "fp32", SMALL, seed=0)
+    sent, ticks = [], iter(range(100))
+
+    def sense():
+        return NAN if next(ticks) in (2, 3) else _obs(0)
+    stats = RealtimeLoop(rt, hz=20, sense=sense, actuate=sent.append, task=TASK).run(6)
+    assert stats["nonfinite"] == 2 and len(sent) == 6 and all(np.isfinite(a).all() for a in sent)
+
+
+def test_model_with_nonfinite_weights_is_refused_at_load(tiny, tmp_path):
+    bad = make_tiny_model()
+    with torch.no_grad():
+        bad._dynamics[0].weight[0, 0] = float("nan")
+    save_model(bad, tmp_path / "nan.pt")
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "nan.pt"), "--tasks", "cartpole-swingup", "--steps", "2"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+    assert "hold NaN or Inf" in res.output and "use an earlier checkpoint" in res.output
+
+
+def test_bench_refuses_a_nan_rate_and_a_second_writer(tiny, tmp_path):
+    save_model(tiny, tmp_path / "tiny.pt")
+    args = ["bench", str(tmp_path / "tiny.pt"), "--tasks", "cartpole-swingup", "--episodes", "1", "--steps", "3",
+            "--workers", "1", "--samples", "64", "--elites", "16", "--iterations", "2"]
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a"), "--hz", "nan"])
+    assert res.exit_code == 2 and "--hz must be positive" in res.output
+    out = tmp_path / "b"
+    out.mkdir()
+    import fcntl
+    with open(out / ".lock", "a") as held:  # another bench holds this --out
+        fcntl.flock(held, fcntl.LOCK_EX)
+        res = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert res.exit_code == 2 and "is being written by another process" in res.output
+    assert not (out / "episodes.jsonl").exists()
+    res = CliRunner().invoke(main, [*args, "--out", str(out)])  # once it is free, it runs
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("command", ["bench", "collect"])
+def test_kill_9_leaves_no_worker(command, tiny, tmp_path):
+    """kill -9 of `bench` or `data collect` (the parent alone): its spawned workers exit too, by pid."""
+    save_model(tiny, tmp_path / "tiny.pt")
+    tasks = "cartpole-swingup,walker-walk"
+    args = {"bench": ["bench", str(tmp_path / "tiny.pt"), "--tasks", tasks, "--episodes", "4", "--workers", "2",
+                      "--out", str(tmp_path / "run")],
+            "collect": ["data", "collect", "--teacher", str(tmp_path / "tiny.pt"), "--tasks", tasks, "--episodes",
+                        "4", "--workers", "2", "--out", str(tmp_path / "data")]}[command]
+    proc = subprocess.Popen([sys.executable, "-m", "edge_tdmpc.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline, children = time.time() + 120, []
+        while time.time() < deadline and len(children) < 2:  # the spawned workers (resource tracker aside)
+            children = [c for c in psutil.Process(proc.pid).children()
+                        if "resource_tracker" not in " ".join(c.cmdline())]
+            time.sleep(0.1)
+        assert len(children) >= 2, "the command should have started its workers"
+        os.kill(proc.pid, signal.SIGKILL)  # the parent alone: its workers are orphaned
+    finally:
+        proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=60)  # a worker still importing torch exits once it can
+    assert not alive, [p.pid for p in alive]
+
+
+def test_atomic_writes_honour_the_umask(tiny, tmp_path):
+    old = os.umask(0o027)
+    try:
+        save_model(tiny, tmp_path / "student.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "student.pt").stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
+    from edge_tdmpc import load_model
+    assert load_model(tmp_path / "student.pt").cfg == tiny.cfg  # and complete
