@@ -96,9 +96,10 @@ def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=pri
     # 2. data from the teacher: a small MPPI planner (official datasets come from planning agents; an early
     #    policy prior alone can be far worse), or the policy prior when collect_planner is empty (--quick)
     mpc = bool(b.collect_planner)
-    stage("data", lambda: collect(teacher, task_list, b.episodes, out / "data", mpc=mpc, noise_std=b.noise_std,
-                                  steps=b.episode_steps, workers=workers, seed=seed, teacher_tasks=task_list,
-                                  progress=progress, echo=echo, **dict(b.collect_planner)))
+    stage("data", lambda: collect(teacher, task_list, out / "data", episodes=b.episodes, mpc=mpc,
+                                  noise_std=b.noise_std, steps=b.episode_steps, workers=workers, seed=seed,
+                                  teacher_tasks=task_list, planner=dict(b.collect_planner), progress=progress,
+                                  echo=echo))
 
     # 3. distilled student and from-scratch baseline: same data, same steps, same seed
     common = dict(student_size=None, student_dims=dict(b.student_dims), steps=b.distill_steps,

@@ -7,8 +7,10 @@ Exploration: the agent acts stochastically (the planner's final action noise, or
 with --no-mpc), plus optional Gaussian noise of std `noise_std`. An interrupted collection resumes: episodes
 already in the dataset are skipped.
 """
+import json
 import multiprocessing as mp
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,8 @@ from tqdm import tqdm
 from edge_tdmpc.checkpoint import load_model
 from edge_tdmpc.distill.data import INDEX, EpisodeDataset, EpisodeWriter
 from edge_tdmpc.files import file_sha256
-from edge_tdmpc.planner import Agent
+from edge_tdmpc.options import check_min, setting
+from edge_tdmpc.planner import Agent, PlannerConfig
 from edge_tdmpc.rollout import run
 from edge_tdmpc.seeding import derive_seed
 from edge_tdmpc.tasks import resolve_tasks
@@ -55,6 +58,32 @@ def rollout(model, task: str, episode: int, seed=0, mpc=True, noise_std=0.0, ste
     return dict(task=index, key=episode, obs=obs, action=action, reward=reward)
 
 
+@dataclass(frozen=True)
+class CollectOptions:
+    """The settings of `edge-tdmpc data collect` and `collect()` (their flags: `--field-name`), as the dataset's
+    index records them (meta "collect"). eval_mode and planner (overrides of the teacher's planner) are the Python
+    API's only."""
+    teacher_tasks: str = setting("mt30", "the teacher's task set")
+    episodes: int = setting(10, "episodes per task")
+    mpc: bool = setting(True, "MPPI planning, or the policy prior")
+    noise_std: float = setting(0.0, "extra Gaussian noise on actions")
+    steps: int = setting(500, "agent steps per episode (500 = full)")
+    workers: int = setting(1, "worker processes (0: this process)")
+    seed: int = setting(0)
+    eval_mode: bool = setting(False, "act without the final action noise (the planner's eval mode)")
+    planner: dict | None = setting(None, "planner overrides (PlannerConfig fields)")
+
+    def __post_init__(self):
+        object.__setattr__(self, "planner", dict(self.planner or {}))
+        check_min(self, 1, "episodes", "steps")
+        check_min(self, 0, "workers", "noise_std")
+        PlannerConfig.make(mpc=self.mpc, **self.planner)  # unknown or inconsistent planner settings
+
+
+# settings that do not change the episodes: a collection may resume with others
+RESUME_MAY_CHANGE = ("episodes", "workers")
+
+
 _WORKER = {}
 
 
@@ -68,34 +97,37 @@ def _run_job(job):
     return rollout(_WORKER["model"], task, episode, **_WORKER["settings"])
 
 
-def collect(teacher, tasks, episodes: int, out_dir, mpc=True, noise_std=0.0, steps=500, workers=1, seed=0,
-            teacher_tasks="mt30", eval_mode=False, flush_seconds=60.0, echo=print, progress=True,
-            **planner) -> dict:
+def collect(teacher, tasks, out_dir, options: CollectOptions | None = None, *, echo=print, progress=True,
+            flush_seconds=60.0, **settings) -> dict:
     """Collect `episodes` per task into `out_dir` -> {task: [episode returns]} of the episodes run now.
 
+    `settings` override fields of `options` (CollectOptions: the flags of `edge-tdmpc data collect`).
     workers=0 runs in this process (still one torch thread, so results match any worker count)."""
-    if episodes < 1 or steps < 1 or workers < 0 or noise_std < 0:
-        raise ValueError(f"need episodes >= 1, steps >= 1, workers >= 0, noise_std >= 0; got {episodes}, "
-                         f"{steps}, {workers}, {noise_std}")
-    model = load_model(teacher, tasks=teacher_tasks)
+    opts = replace(options or CollectOptions(), **settings)
+    model = load_model(teacher, tasks=opts.teacher_tasks)
     tasks = resolve_tasks(tasks)
     for t in tasks:
         if t not in model.cfg.tasks:
             raise ValueError(f"task '{t}' is not in the teacher's task set ({len(model.cfg.tasks)} tasks); "
                              "pick tasks it was trained on, or pass --teacher-tasks")
-    settings = dict(seed=seed, mpc=mpc, noise_std=noise_std, steps=steps, eval_mode=eval_mode, **planner)
-    record = dict(settings, teacher=Path(teacher).name, teacher_sha256=file_sha256(teacher))
+    run_settings = dict(seed=opts.seed, mpc=opts.mpc, noise_std=opts.noise_std, steps=opts.steps,
+                        eval_mode=opts.eval_mode, **opts.planner)  # what rollout() takes
+    record = json.loads(json.dumps(dict(asdict(opts), teacher=Path(teacher).name,
+                                        teacher_sha256=file_sha256(teacher))))
     out_dir = Path(out_dir)
     done = set()
     if (out_dir / INDEX).exists():
         ds = EpisodeDataset(out_dir)
         old = ds.meta.get("collect") or {}
-        same = {**old, "teacher": None} == {**record, "teacher": None}  # the teacher by content, not by name
-        if ds.num_episodes and not same:
+        ignored = {*RESUME_MAY_CHANGE, "teacher"}  # the teacher by content (teacher_sha256), not by name
+        diff = sorted(k for k in {*old, *record} - ignored if old.get(k) != record.get(k))
+        if ds.num_episodes and diff:
             raise ValueError(f"{out_dir} already holds episodes collected with other settings or another "
-                             f"teacher ({old}); choose another --out to collect with these")
+                             "teacher (" + ", ".join(f"{k}={old.get(k)!r}, now {record.get(k)!r}" for k in diff)
+                             + "); choose another --out to collect with these")
         table = ds.episode_table()
         done = set(zip(table["task"].tolist(), table["key"].tolist(), strict=True))
+    episodes = opts.episodes
     jobs = [(t, e) for t in tasks for e in range(episodes) if (model.cfg.tasks.index(t), e) not in done]
     if len(jobs) < len(tasks) * episodes:
         echo(f"{out_dir}: {len(tasks) * episodes - len(jobs)} of the episodes are already there, resuming")
@@ -104,7 +136,7 @@ def collect(teacher, tasks, episodes: int, out_dir, mpc=True, noise_std=0.0, ste
     cfg = model.cfg
     with EpisodeWriter(out_dir, cfg.obs_dim, cfg.action_dim, cfg.tasks) as writer:
         writer.meta["collect"] = record
-        results, pool = _results(model, jobs, workers, teacher, teacher_tasks, settings)
+        results, pool = _results(model, jobs, opts.workers, teacher, opts.teacher_tasks, run_settings)
         last = time.monotonic()
         try:
             for ep in tqdm(results, total=len(jobs), unit="ep", desc="collect", disable=not progress):

@@ -1,6 +1,9 @@
 """`edge-tdmpc data convert|collect|info`: write and inspect offline datasets for distillation."""
 import click
 
+from edge_tdmpc.distill.collect import CollectOptions
+from edge_tdmpc.options import click_options, order_options, pop_settings
+
 _out = click.option("--out", required=True, type=click.Path(file_okay=False),
                     help="dataset directory (created, or appended to)")
 
@@ -29,26 +32,20 @@ def convert(sources, out, tasks, trust_pickle, obs_dim, action_dim, shard_rows):
         shard_rows=shard_rows, echo=click.echo)
 
 
+@order_options("teacher", "teacher_tasks", "tasks", "episodes", "out")
 @data.command()
 @click.option("--teacher", required=True, type=click.Path(exists=True, dir_okay=False), help="checkpoint")
-@click.option("--teacher-tasks", default="mt30", show_default=True, help="the teacher's task set")
 @click.option("--tasks", required=True, help="comma-separated task names to collect on, or mt30")
-@click.option("--episodes", default=10, show_default=True, help="episodes per task")
 @_out
-@click.option("--mpc/--no-mpc", default=True, show_default=True, help="MPPI planning, or the policy prior")
-@click.option("--noise-std", default=0.0, show_default=True, help="extra Gaussian noise on actions")
-@click.option("--steps", default=500, show_default=True, help="agent steps per episode (500 = full)")
-@click.option("--workers", default=1, show_default=True, help="worker processes (0: this process)")
-@click.option("--seed", default=0, show_default=True)
-def collect(teacher, teacher_tasks, tasks, episodes, out, mpc, noise_std, steps, workers, seed):
+@click_options(CollectOptions, exclude=("eval_mode", "planner"))
+def collect(teacher, tasks, out, **settings):
     """Collect episodes by rolling a teacher checkpoint out on tasks.
 
     Planning (--mpc) or the policy prior (--no-mpc), acting stochastically plus --noise-std Gaussian noise;
     one seed per (task, episode), so the data does not depend on --workers. Rerun the same command to
     resume or to add episodes."""
     from edge_tdmpc.distill.collect import collect as run
-    run(teacher, tasks, episodes, out, mpc=mpc, noise_std=noise_std, steps=steps, workers=workers, seed=seed,
-        teacher_tasks=teacher_tasks, echo=click.echo)
+    run(teacher, tasks, out, pop_settings(CollectOptions, settings), echo=click.echo)
 
 
 @data.command()

@@ -2,6 +2,7 @@
 evaluation, and the data-parallel launch (torchrun)."""
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,26 @@ import torch.distributed as dist
 
 from edge_tdmpc.checkpoint import save_model
 from edge_tdmpc.distill.runlog import Checkpoints, MetricsLog
-from edge_tdmpc.distill.trainer import Trainer
+from edge_tdmpc.distill.trainer import TrainConfig, Trainer
 from edge_tdmpc.model import WorldModel
+from edge_tdmpc.options import check_min, setting
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """What `edge-tdmpc distill` (`DistillOptions`) and `edge-tdmpc train` (`OnlineOptions`) share: the seed
+    (of the student, the batches and the update's noise) and the periods of checkpoints, metric rows and the
+    closed-loop evaluation."""
+    seed: int = setting(TrainConfig.seed)
+    save_every: int = setting(10_000, "checkpoint period (state + model file)")
+    log_every: int = setting(100, "metrics row period (averaged)")
+    eval_every: int = setting(0, "closed-loop eval period (0: never)")
+    eval_steps: int = setting(100, "agent steps per eval episode")
+    eval_episodes: int = setting(1, None)
+
+    def __post_init__(self):
+        check_min(self, 1, "save_every", "log_every", "eval_steps", "eval_episodes")
+        check_min(self, 0, "eval_every")
 
 
 def closed_loop_eval(model: WorldModel, tasks, episodes=1, steps=100, seed=0, mpc=False, **planner) -> dict:

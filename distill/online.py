@@ -12,7 +12,7 @@ atomically at episode ends.
 """
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +22,53 @@ from tqdm import tqdm
 from edge_tdmpc.checkpoint import save_model
 from edge_tdmpc.distill.collect import play
 from edge_tdmpc.distill.data import Batch, EpisodeWriter
-from edge_tdmpc.distill.loop import closed_loop_eval
-from edge_tdmpc.distill.runlog import Checkpoints, MetricsLog, external_logger
+from edge_tdmpc.distill.loop import LoopOptions, closed_loop_eval
+from edge_tdmpc.distill.runlog import LOGGERS, Checkpoints, MetricsLog, external_logger
 from edge_tdmpc.distill.teacher import write_json
-from edge_tdmpc.distill.trainer import TrainConfig, Trainer, build_student
+from edge_tdmpc.distill.trainer import TrainConfig, Trainer, build_student, parse_dims, parse_size
+from edge_tdmpc.options import check_choices, check_min, setting, split_settings
+from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.seeding import derive_seed
 from edge_tdmpc.tasks import MT30_DIMS, resolve_tasks
+
+
+@dataclass(frozen=True)
+class OnlineOptions(LoopOptions):
+    """The settings of `edge-tdmpc train` and `train()` (their flags: `--field-name`), as run.json and the
+    training state record them. batch_size and seed (LoopOptions) are the run's side of the update's
+    TrainConfig (their defaults are its); eval_episodes and planner (overrides of the acting planner) are the
+    Python API's only."""
+    size: int | None = setting(1, "size preset, or 'custom' with --dims", type=str)
+    dims: dict | None = setting(None, "architecture overrides, e.g. mlp_dim=256,latent_dim=64", type=str)
+    steps: int = setting(100_000, "environment steps, all tasks together")
+    mpc: bool = setting(False, "act by MPPI planning (official, ~100x slower on CPU) or the policy prior")
+    seed_steps: int | None = setting(None, "random-action steps first [max(1000, 5 x episode)]", type=int)
+    episode_steps: int = setting(500, "agent steps per training episode")
+    utd: float = setting(1.0, "updates per environment step")
+    batch_size: int = setting(TrainConfig.batch_size)
+    logger: str = setting("none", "also send metric rows to TensorBoard or wandb (when installed)", choices=LOGGERS)
+    planner: dict | None = setting(None, "planner overrides (PlannerConfig fields) for acting and eval")
+
+    def __post_init__(self):
+        super().__post_init__()
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise once)
+        put("size", parse_size(self.size, "--size"))
+        put("dims", parse_dims(self.dims, "--dims"))
+        put("planner", dict(self.planner or {}))
+        if self.logger is None:
+            put("logger", "none")
+        check_min(self, 1, "steps", "batch_size")
+        check_min(self, 4, "episode_steps")
+        if self.seed_steps is not None:
+            check_min(self, 0, "seed_steps")
+        if not (isinstance(self.utd, (int, float)) and 0 < self.utd < float("inf")):
+            raise ValueError(f"--utd must be a number > 0, got {self.utd!r}")
+        check_choices(self)
+        PlannerConfig.make(mpc=self.mpc, **self.planner)  # unknown or inconsistent planner settings
+
+
+# a resumed run may change these (a longer run, other logging); any other setting must be the run's
+RESUME_MAY_CHANGE = ("steps", "logger", "save_every", "log_every", "eval_every", "eval_steps", "eval_episodes")
 
 
 class Replay:
@@ -86,28 +127,25 @@ def _pad(x, dim):
     return np.pad(x, ((0, 0), (0, dim - x.shape[1]))) if x.shape[1] < dim else x
 
 
-def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1, dims: dict | None = None,
-          mpc=False, seed_steps: int | None = None, episode_steps: int = 500, utd: float = 1.0,
-          batch_size: int = 256, save_every: int = 10_000, log_every: int = 500, eval_every: int = 0,
-          eval_episodes: int = 1, eval_steps: int = 500, resume=False, logger=None, progress=True, echo=print,
-          planner: dict | None = None, **train_overrides) -> dict:
-    """Online TD-MPC2 on `tasks` for `steps` environment steps -> out/model.pt (official layout), metrics."""
+def train(tasks, out, options: OnlineOptions | None = None, *, resume=False, progress=True, echo=print,
+          **settings) -> dict:
+    """Online TD-MPC2 on `tasks` for `steps` environment steps -> out/model.pt (official layout), metrics.
+
+    `settings` override fields of `options` (OnlineOptions: the flags of `edge-tdmpc train`); any others are
+    TrainConfig fields (lr, tau, ...). `resume` continues the run in `out`."""
     tasks = resolve_tasks(tasks)
-    if steps < 1 or episode_steps < 4 or utd <= 0:
-        raise ValueError(f"need steps >= 1, episode_steps >= 4 and utd > 0; got {steps}, {episode_steps}, {utd}")
-    seed_steps = max(1000, 5 * episode_steps) if seed_steps is None else seed_steps
-    seed_steps = min(seed_steps, steps)
-    planner = planner or {}
+    own, train_overrides = split_settings(OnlineOptions, settings)
+    opts = replace(options or OnlineOptions(), **own)
+    seed_steps = max(1000, 5 * opts.episode_steps) if opts.seed_steps is None else opts.seed_steps
+    opts = replace(opts, seed_steps=min(seed_steps, opts.steps))  # the run's: recorded, compared on resume
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig.make(batch_size=batch_size, seed=seed, d_coef=0.0, **train_overrides)
-    model = build_student(tasks, size, seed, "cpu", **(dims or {}))
+    cfg = TrainConfig.make(batch_size=opts.batch_size, seed=opts.seed, d_coef=0.0, **train_overrides)
+    model = build_student(tasks, opts.size, opts.seed, "cpu", **opts.dims)
     mc = model.cfg
     trainer = Trainer(model, cfg)
-    replay = Replay(mc.obs_dim, mc.action_dim, batch_size=batch_size, seed=seed)
-    settings = dict(tasks=list(tasks), size=size, dims=dims or {}, steps=steps, seed=seed, mpc=mpc,
-                    seed_steps=seed_steps, episode_steps=episode_steps, utd=utd, planner=planner,
-                    train=asdict(cfg))
+    replay = Replay(mc.obs_dim, mc.action_dim, batch_size=opts.batch_size, seed=opts.seed)
+    settings = json.loads(json.dumps(dict(tasks=list(tasks), **asdict(opts), train=asdict(cfg))))
     ckpts = Checkpoints(out / "checkpoints")
     env_steps = episodes = 0
     update_budget = 0.0
@@ -115,20 +153,22 @@ def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1,
     if ckpts.paths() and not resume:
         raise ValueError(f"{out} already holds a training run; pass --resume to continue it or pick a new --out")
     if resume and (state := ckpts.latest(echo)) is not None:
-        same = lambda d: {k: v for k, v in d.items() if k != "steps"}  # noqa: E731 (a longer run may resume)
-        if same(state["settings"]) != same(json.loads(json.dumps(settings))):
-            raise ValueError(f"cannot resume {out}: it was started with other settings ({state['settings']})")
+        old = state["settings"]
+        diff = sorted(k for k in {*old, *settings} - set(RESUME_MAY_CHANGE) if old.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(f"cannot resume {out}: it was started with other settings ("
+                             + ", ".join(f"{k}={old.get(k)!r}, now {settings.get(k)!r}" for k in diff) + ")")
         trainer.load_state_dict(state["trainer"])
         replay.load_state_dict(state["replay"])
         env_steps, episodes, update_budget = state["env_steps"], state["episodes"], state["update_budget"]
         resume_step = env_steps
         echo(f"resumed at {env_steps} environment steps, {trainer.step} updates")
     write_json(out / "run.json", settings)
-    log = MetricsLog(out, resume_step, external_logger(logger, out, settings))
+    log = MetricsLog(out, resume_step, external_logger(opts.logger, out, settings))
 
     def checkpoint():
         ckpts.save(dict(trainer=trainer.state_dict(), replay=replay.state_dict(), env_steps=env_steps,
-                        episodes=episodes, update_budget=update_budget, settings=json.loads(json.dumps(settings))),
+                        episodes=episodes, update_budget=update_budget, settings=settings),
                    env_steps)
         save_model(model, out / "model.pt")
 
@@ -140,42 +180,44 @@ def train(tasks, out, size: int | None = 1, steps: int = 100_000, seed: int = 1,
         updates at s == seed_steps, then `utd` per step."""
         nonlocal update_budget, sums, n, t_log
         s = env_steps + t
-        if s < seed_steps or not replay.episodes:
+        if s < opts.seed_steps or not replay.episodes:
             return
-        update_budget += seed_steps if s == seed_steps else utd
+        update_budget += opts.seed_steps if s == opts.seed_steps else opts.utd
         while update_budget >= 1:
             info = trainer.update(replay.sample())
             update_budget -= 1
             for k, v in info.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
-            if trainer.step % log_every == 0:
+            if trainer.step % opts.log_every == 0:
                 dt = time.perf_counter() - t_log
                 log.write({"kind": "train", "step": s + 1, "updates": trainer.step,
                            **{k: v / n for k, v in sums.items()}, "updates_per_s": n / dt})
                 sums, n, t_log = {}, 0, time.perf_counter()
 
-    with tqdm(total=steps, initial=env_steps, unit="step", desc="train", disable=not progress,
+    with tqdm(total=opts.steps, initial=env_steps, unit="step", desc="train", disable=not progress,
               dynamic_ncols=True) as pbar:
-        while env_steps < steps:
+        while env_steps < opts.steps:
             i = episodes % len(tasks)
             task = tasks[i]
-            length = min(episode_steps, steps - env_steps)
-            random_phase = env_steps < seed_steps
-            obs, action, reward = play(model, task, i if mc.multitask else None, derive_seed(seed, episodes),
-                                       length, mpc, random_actions=random_phase, after_step=learn, **planner)
+            length = min(opts.episode_steps, opts.steps - env_steps)
+            random_phase = env_steps < opts.seed_steps
+            obs, action, reward = play(model, task, i if mc.multitask else None, derive_seed(opts.seed, episodes),
+                                       length, opts.mpc, random_actions=random_phase, after_step=learn,
+                                       **opts.planner)
             replay.add(obs, action, reward, i)
             T = len(action)
             env_steps, episodes = env_steps + T, episodes + 1
             pbar.update(T)
             log.write({"kind": "episode", "step": env_steps, "task": task, "return": float(reward.sum()),
                        "length": T, "random": random_phase})
-            if eval_every and (env_steps // eval_every) > ((env_steps - T) // eval_every):
-                returns = closed_loop_eval(model, tasks, eval_episodes, eval_steps, seed + 10_000, mpc, **planner)
+            if opts.eval_every and (env_steps // opts.eval_every) > ((env_steps - T) // opts.eval_every):
+                returns = closed_loop_eval(model, tasks, opts.eval_episodes, opts.eval_steps, opts.seed + 10_000,
+                                           opts.mpc, **opts.planner)
                 log.write({"kind": "eval", "step": env_steps, **returns,
                            "mean_return": float(np.mean(list(returns.values())))})
                 pbar.set_postfix(eval=f"{np.mean(list(returns.values())):.0f}")
-            if env_steps - last_save >= save_every or env_steps >= steps:
+            if env_steps - last_save >= opts.save_every or env_steps >= opts.steps:
                 checkpoint()
                 last_save = env_steps
     if resume_step == env_steps:

@@ -10,6 +10,7 @@ import torch
 from edge_tdmpc.checkpoint import atomic_save
 
 STATE_RE = re.compile(r"state-(\d+)\.pt")
+LOGGERS = ("none", "tensorboard", "wandb")  # `external_logger`'s kinds (--logger)
 
 
 class Checkpoints:

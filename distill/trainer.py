@@ -362,3 +362,29 @@ def build_student(tasks, size=1, seed=1, device="cpu", **dims) -> WorldModel:
     cfg = make_config(tasks, size=size, **{k: v for k, v in dims.items() if v is not None})
     torch.manual_seed(seed)
     return WorldModel(cfg).to(device)
+
+
+STUDENT_DIMS = ("enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "num_q", "task_dim", "simnorm_dim")
+
+
+def parse_size(value, flag="--size") -> int | None:
+    """A size preset as the command line gives it ('1'; 'custom' or None: the dims decide) -> int | None."""
+    if value is None or value == "custom":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{flag} {value!r}: use a size preset (1, 5, 19, 48, 317) or 'custom'") from None
+
+
+def parse_dims(dims, flag="--dims") -> dict:
+    """Architecture overrides: 'mlp_dim=128,latent_dim=64' (or such a dict) -> {'mlp_dim': 128, 'latent_dim': 64}."""
+    if not isinstance(dims, str):
+        return dict(dims or {})
+    out = {}
+    for item in filter(None, dims.split(",")):
+        key, _, value = item.partition("=")
+        if key not in STUDENT_DIMS or not value.isdigit():
+            raise ValueError(f"bad {flag} entry {item!r}: use key=int with keys {', '.join(STUDENT_DIMS)}")
+        out[key] = int(value)
+    return out

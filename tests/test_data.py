@@ -1,4 +1,5 @@
 """Offline data: the episode format, the slice sampler, the official-file converter and teacher collection."""
+import dataclasses
 import json
 import pickle
 import subprocess
@@ -14,7 +15,7 @@ from helpers import make_tiny_model
 from edge_tdmpc import save_model
 from edge_tdmpc.cli import main
 from edge_tdmpc.distill import convert as convert_mod
-from edge_tdmpc.distill.collect import collect
+from edge_tdmpc.distill.collect import CollectOptions, collect
 from edge_tdmpc.distill.convert import convert
 from edge_tdmpc.distill.data import EpisodeDataset, EpisodeWriter
 from edge_tdmpc.distill.sampler import SliceSampler
@@ -300,6 +301,31 @@ def test_collect_two_tasks_two_workers_independent_of_worker_count(tmp_path):
         assert np.abs(ep["action"]).max() <= 1 and np.any(ep["obs"][:, :own_obs] != 0)
     eps = list(by_key(w2).values())
     assert not np.array_equal(eps[0]["obs"], eps[1]["obs"]), "episodes have their own seeds"
+    # the index records the settings by their flags' names; the same command (any --workers) resumes
+    assert EpisodeDataset(tmp_path / "w2").meta["collect"]["noise_std"] == 0.1
+    args[args.index("--workers") + 1] = "0"
+    rerun = CliRunner().invoke(main, args)
+    assert rerun.exit_code == 0 and "4 of the episodes are already there" in rerun.output, rerun.output
+    assert EpisodeDataset(tmp_path / "w2").num_episodes == 4
+
+
+def test_collect_settings_are_checked_once_for_the_cli_and_the_api(tmp_path):
+    meta_keys = set(dataclasses.asdict(CollectOptions())) | {"teacher", "teacher_sha256"}
+    assert {"episodes", "noise_std", "teacher_tasks", "workers"} <= meta_keys
+    for bad, flag in ((dict(episodes=0), "--episodes"), (dict(steps=0), "--steps"), (dict(workers=-1), "--workers"),
+                      (dict(noise_std=-0.1), "--noise-std"), (dict(noise_std=float("nan")), "--noise-std")):
+        with pytest.raises(ValueError, match=flag):
+            CollectOptions(**bad)
+        with pytest.raises(ValueError, match=flag):
+            collect("never-read.pt", "cartpole-balance", tmp_path / "x", **bad)
+    with pytest.raises(ValueError, match="unknown planner setting"):
+        CollectOptions(planner=dict(samples=3))
+    teacher = tmp_path / "tiny.pt"
+    save_model(make_tiny_model(), teacher)
+    r = CliRunner().invoke(main, ["data", "collect", "--teacher", str(teacher), "--tasks", "cartpole-balance",
+                                  "--out", str(tmp_path / "y"), "--noise-std", "nan"])
+    assert r.exit_code == 2 and "--noise-std must be at least 0, got nan" in r.output, r.output
+    assert not (tmp_path / "y").exists()
 
 
 def test_collect_resumes_and_matches_in_process(tmp_path):
@@ -319,18 +345,18 @@ def test_collect_resumes_and_matches_in_process(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         collect(teacher, episodes=3, out_dir=tmp_path / "parts", workers=0, mpc=True, **COLLECT)
     with pytest.raises(ValueError, match="unknown task 'cartpole-balanse'"):
-        collect(teacher, "cartpole-balanse", 1, tmp_path / "x", workers=0)
+        collect(teacher, "cartpole-balanse", tmp_path / "x", episodes=1, workers=0)
 
 
 def test_collect_with_a_single_task_teacher(tmp_path):
     teacher = tmp_path / "single.pt"
     save_model(make_tiny_model("cartpole-balance"), teacher)
-    collect(teacher, "cartpole-balance", 1, tmp_path / "out", steps=5, workers=0,
+    collect(teacher, "cartpole-balance", tmp_path / "out", episodes=1, steps=5, workers=0,
             teacher_tasks="cartpole-balance", progress=False)
     ds = EpisodeDataset(tmp_path / "out")
     assert ds.tasks == ("cartpole-balance",) and (ds.obs_dim, ds.action_dim, ds.num_transitions) == (5, 1, 5)
     with pytest.raises(ValueError, match="not in the teacher's task set"):
-        collect(teacher, "reacher-easy", 1, tmp_path / "x", workers=0, teacher_tasks="cartpole-balance")
+        collect(teacher, "reacher-easy", tmp_path / "x", episodes=1, workers=0, teacher_tasks="cartpole-balance")
 
 
 # --- memory: bounded RSS on a memory-mapped dataset ------------------------------------------------------

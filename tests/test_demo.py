@@ -41,6 +41,8 @@ def test_online_train_resumes_and_writes_model_and_replay(tmp_path):
     train(TASKS, tmp_path / "part", **{**kw, "steps": 150})
     with pytest.raises(ValueError, match="--resume"):
         train(TASKS, tmp_path / "part", **kw)
+    with pytest.raises(ValueError, match="other settings .*utd=1.0, now 2.0"):
+        train(TASKS, tmp_path / "part", resume=True, **{**kw, "utd": 2.0})
     train(TASKS, tmp_path / "part", resume=True, **kw)
     a, b = (load_model(tmp_path / d / "model.pt", tasks=TASKS).state_dict() for d in ("full", "part"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -49,6 +51,21 @@ def test_online_train_resumes_and_writes_model_and_replay(tmp_path):
     assert ds.num_transitions == 300 and ds.tasks == tuple(TASKS.split(","))
     rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "episode" for r in rows) == 6
+    run = json.loads((tmp_path / "full" / "run.json").read_text())  # the settings by their flags' names
+    assert (run["seed_steps"], run["episode_steps"], run["log_every"], run["dims"]) == (100, 50, 50, kw["dims"])
+
+
+def test_online_settings_are_checked_where_they_are_declared(tmp_path):
+    from edge_tdmpc.distill.online import OnlineOptions
+    for bad, flag in ((dict(steps=0), "--steps"), (dict(episode_steps=3), "--episode-steps"), (dict(utd=0), "--utd"),
+                      (dict(utd=float("nan")), "--utd"), (dict(seed_steps=-1), "--seed-steps"),
+                      (dict(size="huge"), "--size"), (dict(dims="width=3"), "--dims"),
+                      (dict(save_every=0), "--save-every")):
+        with pytest.raises(ValueError, match=flag):
+            OnlineOptions(**bad)
+        with pytest.raises(ValueError, match=flag):
+            train(TASKS, tmp_path / "x", **bad)
+    assert not (tmp_path / "x").exists()
 
 
 def test_quick_demo_runs_end_to_end(tmp_path):

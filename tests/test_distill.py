@@ -250,6 +250,15 @@ def test_bad_settings_are_one_line_errors():
         Trainer(student(), TrainConfig.make(d_coef=0.4))
     with pytest.raises(ValueError, match="d_coef must be"):
         TrainConfig.make(d_coef=-1)
+    from edge_tdmpc.distill.offline import DistillOptions
+    for bad, flag in ((dict(d_coef=-1), "--d-coef"), (dict(d_coef=math.nan), "--d-coef"),
+                      (dict(distill="reward,vibes"), "--distill"), (dict(batch_size=0), "--batch-size"),
+                      (dict(steps=0), "--steps"), (dict(student_size="huge"), "--student-size"),
+                      (dict(student_dims="mlp_dim=x"), "--student-dims"), (dict(log_every=0), "--log-every"),
+                      (dict(eval_every=-1), "--eval-every"), (dict(teacher_precision="fp8"), "--teacher-precision"),
+                      (dict(logger="mlflow"), "--logger")):
+        with pytest.raises(ValueError, match=flag):
+            DistillOptions(**bad)
 
 
 # --- the loop: checkpoints, resume, faults ---------------------------------------------------------------------
@@ -368,6 +377,9 @@ def test_distill_cli_writes_a_loadable_student(tmp_path, dataset, teacher_path):
     assert model.cfg.latent_dim == 16
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 6 and "distill_value_loss" in rows[-1]
+    run = json.loads((out / "run.json").read_text())  # the settings by their flags' names
+    assert (run["steps"], run["batch_size"], run["log_every"], run["distill"]) == (6, 16, 3, ["reward", "value"])
+    assert run["student_dims"] == DIMS and run["train"]["distill"] == ["reward", "value"]
     r = CliRunner().invoke(main, ["distill", "--teacher", str(teacher_path), "--data", str(dataset.root),
                                   "--steps", "6", "--out", str(out), "--distill", "reward,vibes"])
     assert r.exit_code == 2 and "unknown distillation term" in r.output
@@ -378,7 +390,7 @@ def test_collect_then_distill_then_resume(tmp_path, teacher_path):
     from edge_tdmpc.distill.collect import collect
     from edge_tdmpc.distill.offline import distill
     tasks = ",".join(TASKS)
-    collect(teacher_path, tasks, 2, tmp_path / "data", mpc=False, noise_std=0.1, steps=20, workers=0,
+    collect(teacher_path, tasks, tmp_path / "data", episodes=2, mpc=False, noise_std=0.1, steps=20, workers=0,
             teacher_tasks=tasks, progress=False, echo=lambda *a: None)
     kw = dict(teacher=teacher_path, student_size=None, student_dims=DIMS, batch_size=16, save_every=4, log_every=4,
               progress=False, eval_every=4, eval_steps=5, echo=lambda *a: None)
