@@ -64,8 +64,6 @@ class _ArtifactRuntime(Runtime):
         return fit_obs(_numpy(obs), self.obs_dim, self.tasks[task] if self.multitask and task is not None else None)
 
     def feed(self, obs, task, t0, eval_mode=False, noise: Noise | None = None) -> dict:
-        if self.multitask and (task is None or not 0 <= task < len(self.tasks)):
-            raise ValueError(f"multi-task artifact: pass task=<index into its {len(self.tasks)} tasks>, not {task!r}")
         if noise is None:
             noise = sample_noise(self.cfg, self.action_dim, self.num_q, self.generator)
         feed = step_feed(self._obs(obs, task), task, self.prev_mean, t0, noise)
@@ -167,7 +165,7 @@ class TorchCudaGraphRuntime(Runtime):
         if self.world is not None:
             m = self.world(m)
         self.model, c = m, m.cfg
-        self.action_dim = c.action_dim
+        self.action_dim, self.tasks = c.action_dim, c.tasks
         self.gammas = c.discounts
         # static buffers, fp32 as plan() keeps its inputs and statistics (the model casts to its precision)
         z = lambda *s, dtype=torch.float32: torch.zeros(*s, device=self.device, dtype=dtype)  # noqa: E731

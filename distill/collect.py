@@ -9,6 +9,7 @@ already in the dataset are skipped.
 """
 import json
 import multiprocessing as mp
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from edge_tdmpc.planner import Agent, PlannerConfig
 from edge_tdmpc.rollout import run
 from edge_tdmpc.seeding import derive_seed
 from edge_tdmpc.tasks import resolve_tasks
+from edge_tdmpc.workers import die_with_parent
 
 
 def play(model, task: str, task_index, seed: int, steps: int, mpc=True, eval_mode=False, noise_std=0.0,
@@ -87,7 +89,8 @@ RESUME_MAY_CHANGE = ("episodes", "workers")
 _WORKER = {}
 
 
-def _init_worker(teacher, teacher_tasks, settings):
+def _init_worker(parent, teacher, teacher_tasks, settings):
+    die_with_parent(parent)
     torch.set_num_threads(1)  # parallelism comes from processes; one thread each also makes runs repeatable
     _WORKER.update(model=load_model(teacher, tasks=teacher_tasks), settings=settings)
 
@@ -168,5 +171,5 @@ def _results(model, jobs, workers, teacher, teacher_tasks, settings):
                 torch.set_num_threads(threads)
         return run_here(), None
     pool = mp.get_context("spawn").Pool(min(workers, max(len(jobs), 1)), initializer=_init_worker,
-                                        initargs=(str(teacher), teacher_tasks, settings))
+                                        initargs=(os.getpid(), str(teacher), teacher_tasks, settings))
     return pool.imap(_run_job, jobs), pool

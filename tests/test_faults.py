@@ -157,3 +157,31 @@ def test_atomic_writes_honour_the_umask(tiny, tmp_path):
     assert (tmp_path / "student.pt").stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
     from edge_tdmpc import load_model
     assert load_model(tmp_path / "student.pt").cfg == tiny.cfg  # and complete
+
+
+def _act_of(name, rt):
+    if name == "agent":  # the Agent's signature: act(obs, t0, eval_mode, task)
+        return lambda o, task: rt.act(o, t0=True, task=task)
+    return lambda o, task: rt.act(o, task, t0=True)
+
+
+def test_bad_task_and_observation_are_one_line_errors_everywhere(tiny):
+    """One set of validators for every runtime and the Agent: numpy integers are task indices, booleans and
+    out-of-range indices are not; an observation is one real vector."""
+    from edge_tdmpc.planner import Agent
+    obs = _obs(0)
+    for name, rt in {**_runtimes(tiny), "agent": Agent(tiny, seed=3, **vars(SMALL))}.items():
+        act = _act_of(name, rt)
+        if name != "agent":
+            rt.reset(3)
+            a = act(obs, np.int64(TASK))
+            rt.reset(3)
+            assert np.array_equal(a, act(obs, TASK)), name
+        for task, message in ((True, "pass task="), (-1, "out of range"), (30, "out of range"), ("3", "pass task="),
+                              (None, "pass task=")):
+            with pytest.raises(ValueError, match=message):
+                act(obs, task)
+        with pytest.raises(ValueError, match="one vector"):
+            act(np.zeros((2, 12), np.float32), TASK)
+        with pytest.raises(ValueError, match="real numbers"):
+            act(np.zeros(5, np.complex64), TASK)

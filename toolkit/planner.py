@@ -12,7 +12,7 @@ import torch
 
 from edge_tdmpc import noise
 from edge_tdmpc.model import WorldModel
-from edge_tdmpc.tasks import fit_obs
+from edge_tdmpc.tasks import check_task_index, fit_obs
 
 
 @dataclass(frozen=True)
@@ -180,8 +180,7 @@ class Agent:
 
     @torch.no_grad()
     def act(self, obs, t0=False, eval_mode=False, task=None, noise: Noise | None = None) -> torch.Tensor:
-        if self.model.cfg.multitask and task is None:
-            raise ValueError("multi-task model: pass task=<index into model.cfg.tasks>")
+        task = check_task_index(task, self.model.cfg.tasks)
         obs = self._obs(obs, task)
         if not torch.isfinite(obs).all():
             raise ValueError("observation has non-finite entries (NaN/Inf): a runtime (edge_tdmpc.runtime) acts "

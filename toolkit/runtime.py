@@ -22,6 +22,7 @@ import torch
 
 from edge_tdmpc.control import copy_mean, finite, shift_mean
 from edge_tdmpc.planner import Agent, Noise, PlannerConfig
+from edge_tdmpc.tasks import check_task_index
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")
 
@@ -36,6 +37,7 @@ class Runtime(ABC):
     precisions: tuple[str, ...] = ("fp32",)
     prev_mean = None  # the warm-start mean (H x A) after the last step: set by runtimes that plan
     action_dim: int   # the (padded) action dim it returns
+    tasks: tuple      # the model's task set (`act` takes an index into it)
     nonfinite = 0     # non-finite observations seen (never reset: the caller takes differences)
 
     def __init__(self, precision="fp32", planner: PlannerConfig | None = None, seed=0):
@@ -54,6 +56,7 @@ class Runtime(ABC):
             noise: Noise | None = None) -> np.ndarray:
         """Padded observation (or the task's own) -> action in [-1, 1] (padded action dim); a non-finite
         observation -> the safe action, flagged (module doc)."""
+        task = check_task_index(task, self.tasks)
         self.flagged = not finite(_host(obs))
         if self.flagged:
             self.nonfinite += 1
@@ -102,7 +105,7 @@ class TorchRuntime(Runtime):
     def __init__(self, model, precision="fp32", planner=None, seed=0, device=None):
         super().__init__(precision, planner, seed)
         self.model = copy.deepcopy(model).to(device=device or "cpu", dtype=TORCH_DTYPES[precision]).eval()
-        self.action_dim = self.model.cfg.action_dim
+        self.action_dim, self.tasks = self.model.cfg.action_dim, self.model.cfg.tasks
         self.reset(seed)
 
     def _reset(self, seed):

@@ -47,9 +47,28 @@ def discount(episode_length: int, denom=5, lo=0.95, hi=0.995) -> float:
     return min(max((frac - 1) / frac, lo), hi)
 
 
+def check_task_index(task, tasks) -> int | None:
+    """A task index as runtimes and the Agent take it: an int (numpy integers too) into `tasks` for a multi-task
+    model, None for a single-task one."""
+    if len(tasks) <= 1:
+        if task not in (None, 0):
+            raise ValueError(f"single-task model ({tasks[0] if tasks else '?'}): pass task=None, not {task!r}")
+        return None
+    if isinstance(task, (bool, np.bool_)) or not isinstance(task, (int, np.integer)):
+        raise ValueError(f"multi-task model: pass task=<an int index into its {len(tasks)} tasks>, not {task!r}")
+    if not 0 <= task < len(tasks):
+        raise ValueError(f"task index {task} is out of range: the model has {len(tasks)} tasks (0..{len(tasks) - 1})")
+    return int(task)
+
+
 def fit_obs(obs, obs_dim: int, task: str | None = None) -> np.ndarray:
     """An observation as a model takes it: obs_dim float32 entries. A multi-task model (pass the task's name)
     also takes the task's own observation and zero-pads it, as the official multitask env does."""
+    if np.iscomplexobj(obs) or np.asarray(obs).dtype.kind not in "biuf":
+        raise ValueError(f"observation must be real numbers, got dtype {np.asarray(obs).dtype}: pass a float array")
+    if np.ndim(obs) > 1:
+        raise ValueError(f"observation must be one vector, got shape {np.shape(obs)}: act on one observation at a "
+                         "time")
     obs = np.asarray(obs, dtype=np.float32).reshape(-1)
     own = MT30_DIMS.get(task, (None,))[0]
     if obs.size == obs_dim:
