@@ -63,10 +63,18 @@ smoothing and a rate limit optional):
 
 
 def cache_root() -> Path:
-    """$EDGE_TDMPC_CACHE, else $XDG_CACHE_HOME/edge-tdmpc, else ~/.cache/edge-tdmpc."""
+    """$EDGE_TDMPC_CACHE, else $XDG_CACHE_HOME/edge-tdmpc, else ~/.cache/edge-tdmpc; where that cannot be written
+    (a read-only HOME, a container's), a per-user directory under the system's temporary directory."""
     if os.environ.get("EDGE_TDMPC_CACHE"):
         return Path(os.environ["EDGE_TDMPC_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-tdmpc"
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-tdmpc"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"edge-tdmpc-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def _digest(obj) -> str:
@@ -150,6 +158,7 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     layer_precisions = model_layer_precisions(model, precision, opts.layers)
     key = cache_key(model_sha, precision, cfg, target, layer_precisions, opts)
     out = Path(out) if out is not None else cache_root() / "artifacts" / key
+    _parent(out)  # an unwritable --out fails here, before minutes of recording
     from edge_tdmpc.compile.session import OnnxSession
 
     t_start = time.time()

@@ -30,7 +30,8 @@ def _trt():
         import tensorrt as trt
     except ImportError as e:
         raise ValueError("TensorRT is not installed: it ships with JetPack on a Jetson (python3-libnvinfer); on a "
-                         f"workstation `pip install tensorrt` from NVIDIA's index ({e})") from None
+                         "workstation `pip install tensorrt` from NVIDIA's index; without TensorRT, run this bundle's "
+                         f"step.onnx with ONNX Runtime (`edge-tdmpc bench DIR --runtime onnxruntime`) ({e})") from None
     return trt
 
 
@@ -432,7 +433,16 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     directory = Path(args.dir)
-    manifest = json.loads((directory / "manifest.json").read_text())
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        sys.exit(f"error: {directory} has no readable manifest.json ({e}): copy the whole bundle from "
+                 "`edge-tdmpc compile`")
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    if hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest() != \
+            manifest.get("manifest_sha256"):
+        sys.exit("error: manifest.json was edited after compile (its digest does not match): compile the bundle "
+                 "again rather than editing it")
     onnx_path = directory / manifest["graph"]
     if _sha256(onnx_path) != manifest["files"][manifest["graph"]]["sha256"]:
         sys.exit(f"error: {onnx_path.name} does not match manifest.json: the bundle was modified or truncated")

@@ -1,11 +1,14 @@
 """Faults and bad input: non-finite observations, non-finite weights, a second writer, killed parents, the umask.
 
 Each case asserts the exit code or the error's one line, and that what was there before is intact."""
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -185,3 +188,62 @@ def test_bad_task_and_observation_are_one_line_errors_everywhere(tiny):
             act(np.zeros((2, 12), np.float32), TASK)
         with pytest.raises(ValueError, match="real numbers"):
             act(np.zeros(5, np.complex64), TASK)
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_caught(tiny, tmp_path, checkpoint_path):
+    """Our files carry a checksum of their weights (torch does not check the zip's CRCs); official files, which
+    carry none, still load."""
+    from edge_tdmpc import load_model
+    from edge_tdmpc.checkpoint import METADATA
+    save_model(tiny, tmp_path / "ok.pt")
+    obj = torch.load(tmp_path / "ok.pt", weights_only=True)
+    assert set(obj) == {"model", METADATA}
+    key = next(k for k, v in obj["model"].items() if v.is_floating_point() and v.numel() > 10)
+    obj["model"][key].view(-1)[3] += 1e-3  # one weight changed, the file otherwise well-formed
+    torch.save(obj, tmp_path / "flipped.pt")
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "flipped.pt")])
+    assert res.exit_code == 2 and "do not match the checksum" in res.output and len(res.output.splitlines()) == 1
+    assert load_model(tmp_path / "ok.pt").cfg == tiny.cfg
+    assert METADATA not in torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    load_model(checkpoint_path)
+
+
+def test_runs_that_would_do_nothing_and_unwritable_places_are_one_line_errors(tiny, tmp_path):
+    save_model(tiny, tmp_path / "tiny.pt")
+    ckpt = str(tmp_path / "tiny.pt")
+    for args, message in ((["--episodes", "0"], "--episodes must be at least 1"),
+                          (["--steps", "0"], "--steps must be at least 1"), (["--tasks", ""], "no tasks given")):
+        res = CliRunner().invoke(main, ["eval", ckpt, "--tasks", "cartpole-swingup", *args])
+        assert res.exit_code == 2 and message in res.output and "nan" not in res.output
+    (tmp_path / "a-file").write_text("")  # nothing can be written under a file, whoever runs this (root too)
+    small = ["--samples", "64", "--elites", "16", "--iterations", "2"]
+    for args in (["compile", ckpt, "--out", str(tmp_path / "a-file" / "art"), *small],
+                 ["data", "collect", "--teacher", ckpt, "--tasks", "cartpole-swingup", "--episodes", "1", "--steps",
+                  "3", "--out", str(tmp_path / "a-file" / "data")]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and "cannot write" in res.output and "writable --out" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1
+
+
+def test_cache_falls_back_where_home_cannot_be_written(monkeypatch, tmp_path):
+    from edge_tdmpc.compile.artifact import cache_root
+    monkeypatch.delenv("EDGE_TDMPC_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file-not-dir"))
+    (tmp_path / "file-not-dir").write_text("")  # no directory can be made under a file, whoever runs this
+    assert cache_root().parent == Path(tempfile.gettempdir())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "edge-tdmpc"
+
+
+def test_bundle_builder_refuses_an_edited_or_missing_manifest(tiny, tmp_path):
+    from edge_tdmpc.compile import artifact
+    bundle = artifact.compile_model(tiny, "fp16", SMALL, target="jetson", out=tmp_path / "bundle",
+                                    verify_episodes=1, verify_steps=2)
+    script = [sys.executable, str(bundle / "build_engine.py"), "--dir", str(bundle)]
+    m = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps({**m, "precision": "fp32"}))
+    res = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "manifest.json was edited after compile" in res.stderr
+    (bundle / "manifest.json").unlink()
+    res = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "no readable manifest.json" in res.stderr

@@ -4,9 +4,11 @@ Layouts: older flat `_Qs.params.{n}` (n = 4*layer + slot) and newer `_Qs.params.
 with `_detach_Qs_params.` / `_target_Qs_params.` copies and tensordict bookkeeping. Files are always read with
 `torch.load(weights_only=True)`: a file that needs arbitrary unpickling is refused, never executed.
 """
+import errno
 import hashlib
 import pickle
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from edge_tdmpc.tasks import TASK_SETS
 
 _SLOTS = ("weight", "bias", "ln.weight", "ln.bias")
 _BOOKKEEPING = ("__batch_size", "__device")
+
+
+METADATA = "edge_tdmpc"  # our key beside the official 'model' in the files we write
 
 
 class CheckpointError(ValueError):
@@ -46,7 +51,11 @@ def read_state_dict(path) -> dict:
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        ours = obj.get(METADATA) if isinstance(obj.get(METADATA), dict) else {}
         obj = obj["model"]
+        if "sha256" in ours and tensors_sha256(obj) != ours["sha256"]:  # official files carry none: not checked
+            raise CheckpointError(f"{path}: its weights do not match the checksum saved with them (a flipped bit or a "
+                                  "damaged copy); copy the file again or use another checkpoint")
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a TD-MPC2 checkpoint (expected {{'model': state_dict}})")
     return obj
@@ -180,10 +189,23 @@ def load_model(path, tasks="mt30", size=None, dtype=torch.float32, device="cpu")
 
 
 def save_model(model: WorldModel, path, dtype=None):
-    """Write {'model': state_dict} in the official newer layout, atomically (tmp file + rename)."""
+    """Write {'model': state_dict} in the official newer layout, atomically (tmp file + rename), with a checksum of
+    the weights under our own key (the official loader reads 'model' alone); `read_state_dict` verifies it."""
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu()
           for k, v in model.state_dict().items()}
-    atomic_save({"model": to_official(sd, model.cfg.num_q)}, path)
+    official = to_official(sd, model.cfg.num_q)
+    atomic_save({"model": official, METADATA: {"sha256": tensors_sha256(official)}}, path)
+
+
+def tensors_sha256(sd: dict) -> str:
+    """sha256 of a state dict's tensors as stored (names, dtypes, shapes, bytes): a file's content checksum, since
+    torch.load does not check the zip's CRCs."""
+    h = hashlib.sha256()
+    for k in sorted(k for k, v in sd.items() if torch.is_tensor(v)):
+        v = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def weights_sha256(model: WorldModel) -> str:
@@ -200,4 +222,10 @@ def weights_sha256(model: WorldModel) -> str:
 def atomic_save(obj, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: torch.save(obj, f))
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
+        if "write" not in str(e):
+            raise
+        full = shutil.disk_usage(path.parent).free < 1 << 20
+        raise OSError(errno.ENOSPC if full else errno.EIO, "could not write the file", str(path)) from None

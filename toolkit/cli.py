@@ -1,4 +1,6 @@
 """`edge-tdmpc` command line: a thin layer over functions users can also import."""
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -6,16 +8,29 @@ import click
 
 
 class _OneLineErrors(click.Group):
-    """User errors (bad task, bad checkpoint, wrong dims) print one line, not a traceback."""
+    """User errors (bad task, bad checkpoint, wrong dims) and the machine's (an unwritable directory, a full
+    disk) print one line, not a traceback (EDGE_TDMPC_DEBUG=1 shows it)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (ValueError, FileNotFoundError) as e:
-            if "EDGE_TDMPC_DEBUG" in __import__("os").environ:
+        except (ValueError, OSError) as e:
+            if "EDGE_TDMPC_DEBUG" in os.environ:
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(e)}", err=True)
             sys.exit(2)
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, ValueError) or not isinstance(e, OSError):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device for{where or ' a file'}: free some space or write elsewhere (--out)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+        return (f"cannot write{where} ({e.strerror}): choose a writable --out, or set EDGE_TDMPC_CACHE for the "
+                "compile cache")
+    return f"{e.strerror or e}{':' + where if where else ''}"
 
 
 @click.group(cls=_OneLineErrors)
