@@ -34,7 +34,7 @@ from edge_tdmpc.compile.precision import load_layers, model_layer_precisions, qu
 from edge_tdmpc.compile.targets import check_precision, load_target, min_tensorrt
 from edge_tdmpc.files import atomic_write, exclusive_lock, file_sha256
 from edge_tdmpc.model import WorldModel
-from edge_tdmpc.options import setting
+from edge_tdmpc.options import check_min, setting
 from edge_tdmpc.planner import PlannerConfig
 
 FORMAT = "edge-tdmpc-artifact/2"
@@ -129,9 +129,7 @@ class CompileOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "layers", _layers(self.layers))
-        for name in ("calib_episodes", "calib_steps", "verify_episodes", "verify_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_min(self, 1, "calib_episodes", "calib_steps", "verify_episodes", "verify_steps")
         if not 0 < self.calib_percentile <= 100:
             raise ValueError(f"--calib-percentile must be in (0, 100], got {self.calib_percentile} (100: the max "
                              "of |x|)")
