@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from edge_tdmpc.bench.harness import BenchOptions
 from edge_tdmpc.compile.artifact import CompileOptions
 from edge_tdmpc.options import click_options, pop_settings
 
@@ -36,63 +37,19 @@ def bench():
 
 @bench.command("run")
 @click.argument("model", type=click.Path(exists=True))
-@click.option("--tasks", default="mt30", show_default=True, help="mt30 or comma-separated task names")
-@click.option("--episodes", default=10, show_default=True,
-              help="episodes per task (official MT30: 10; 0 with --check-actions: the check alone)")
-@click.option("--runtime", "runtimes", default=None,
-              help="comma-separated: torch, onnxruntime, tensorrt, torch-cuda-graph(-triton), "
-                   "torch-compile(-fused/-triton)  "
-                   "[default: torch; for an artifact: torch fp32 and the artifact, or the artifact's runtime]")
-@click.option("--precision", "precisions", default=None,
-              help="comma-separated: fp32, fp16, bf16, int8, mixed  [default: fp32, or an artifact's precision]")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory")
-@click.option("--mpc/--no-mpc", default=None, help="plan with MPPI (default) or act from the policy prior alone")
-@click.option("--workers", type=int, default=None, help="parallel episode processes  [default: CPU cores]")
-@click.option("--seed", default=1, show_default=True,
-              help="env seed, as the official evaluation uses it (same initial states); noise seeds derive from it")
 @click.option("--resume", is_flag=True, help="continue a killed run in --out, skipping finished episodes")
-@click.option("--hz", type=float, default=None, help="control rate: report actions that miss its deadline")
-@click.option("--realtime", is_flag=True,
-              help="with --hz: run each runtime as a fixed-rate robot loop; a late plan's ticks take the fallback")
-@click.option("--latency-ms", type=float, default=None,
-              help="with --hz: as --realtime, but assume this planning latency (a what-if for another device)")
-@click.option("--fallback", type=click.Choice(["hold", "plan", "policy"]), default="hold", show_default=True,
-              help="a tick without a fresh plan: the last action held, the last plan's mean for that step, or the "
-                   "policy prior on that tick's observation")
-@click.option("--budget", type=float, default=1.0, show_default=True,
-              help="fraction of the control period a tick waits for its own plan before the fallback")
-@click.option("--smooth", type=float, default=1.0, show_default=True,
-              help="action low-pass a += smooth (u - a), smooth in (0, 1]; 1 = off")
-@click.option("--rate-limit", type=float, default=None, help="largest action change per tick (off by default)")
-@click.option("--check-actions", default=0, show_default=True,
-              help="replay N recorded observations through every runtime with fp32 eager's noise; report |Δaction|")
-@click.option("--eval-mode/--stochastic", default=False, show_default=True,
-              help="official evaluate.py acts stochastically; --eval-mode drops the final action noise")
-@click.option("--steps", default=500, show_default=True, help="agent steps per episode (500 = full)")
-@click.option("--samples", type=int, default=None, help="planner override: num_samples (512)")
-@click.option("--elites", type=int, default=None, help="planner override: num_elites (64)")
-@click.option("--iterations", type=int, default=None, help="planner override: MPPI iterations (6)")
-@click.option("--horizon", type=int, default=None, help="planner override: horizon (3)")
-@click.option("--warmup", default=3, show_default=True, help="untimed actions per runtime before its episodes")
-@click.option("--device", default="cpu", show_default=True, help="torch device for the runtimes (cpu, cuda)")
-@click.option("--model-tasks", default=None,
-              help="task set MODEL was trained on  [default: mt30, or the benched task for a single-task file]")
+@click_options(BenchOptions, exclude=("planner",))
 @click_options(CompileOptions, exclude=("seed",))
-def run_cmd(model, tasks, episodes, runtimes, precisions, out, mpc, workers, seed, resume, hz, realtime, latency_ms,
-            fallback, budget, smooth, rate_limit, check_actions, eval_mode, steps, samples, elites, iterations, horizon,
-            warmup, device, model_tasks, **compile_settings):
+def run_cmd(model, out, resume, **settings):
     """Run closed-loop episodes of MODEL (checkpoint or compiled artifact directory); write report.json,
     report.md and plots to OUT. A checkpoint is first compiled for the runtimes that run an artifact
     (onnxruntime, tensorrt), with the calibration and verification options below, into the compile cache."""
     from edge_tdmpc.bench.harness import run_bench
-    planner = dict(mpc=mpc, num_samples=samples, num_elites=elites, iterations=iterations, horizon=horizon)
+    compile_options = pop_settings(CompileOptions, settings)
     command = " ".join(["edge-tdmpc", *map(shlex.quote, sys.argv[1:])])
-    rep = run_bench(model, out, tasks=tasks, runtimes=runtimes, precisions=precisions, episodes=episodes, seed=seed,
-                    steps=steps, eval_mode=eval_mode, planner=planner, workers=workers, resume=resume, hz=hz,
-                    check_actions=check_actions, warmup=warmup, device=device, model_tasks=model_tasks,
-                    command=command, realtime=realtime, latency_ms=latency_ms, fallback=fallback, smooth=smooth,
-                    rate_limit=rate_limit, budget=budget,
-                    compile_options=pop_settings(CompileOptions, compile_settings), echo=click.echo)
+    rep = run_bench(model, out, pop_settings(BenchOptions, settings), resume=resume, command=command,
+                    compile_options=compile_options, echo=click.echo)
     for s in rep["summary"]:
         lat = s["latency_ms"]
         click.echo(f"{s['runtime']}/{s['precision']:<5} score {s['score']:6.2f} over {s['tasks']} task(s)  "

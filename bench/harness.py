@@ -7,7 +7,7 @@ import copy
 import datetime
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from edge_tdmpc.compile.runtimes import ARTIFACT_RUNTIMES, compile_for, make_run
 from edge_tdmpc.control import ActionFilter
 from edge_tdmpc.files import atomic_write_text, exclusive_lock, file_sha256
 from edge_tdmpc.model import WorldModel
+from edge_tdmpc.options import check_min, setting
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.rollout import ControlOptions
 from edge_tdmpc.runtime import PRECISIONS
@@ -112,42 +113,95 @@ def control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit, bud
     return asdict(options) if realtime or ActionFilter(smooth, rate_limit).active else None
 
 
-def run_bench(model, out, tasks="mt30", runtimes=None, precisions=None, episodes=10, seed=1, steps=500,
-              eval_mode=False, planner: PlannerConfig | dict | None = None, workers=None, resume=False, hz=None,
-              check_actions=0, warmup=3, device="cpu", model_tasks=None, progress=True, command=None,
-              realtime=False, latency_ms=None, fallback="hold", smooth=1.0, rate_limit=None, budget=1.0,
-              compile_options: CompileOptions | None = None, echo=print) -> dict:
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `edge-tdmpc bench` and `run_bench` take besides the model and the output directory: each setting's one
+    name (its flag: `--field-name`), default and help. report.json records them under "settings"."""
+    tasks: str = setting("mt30", "mt30 or comma-separated task names")
+    episodes: int = setting(10, "episodes per task (official MT30: 10; 0 with --check-actions: the check alone)")
+    runtimes: str | None = setting(
+        None, "comma-separated: torch, onnxruntime, tensorrt, torch-cuda-graph(-triton), "
+        "torch-compile(-fused/-triton)  [default: torch; for an artifact: torch fp32 and the artifact, or the "
+        "artifact's runtime]", flag="--runtime")
+    precisions: str | None = setting(
+        None, "comma-separated: fp32, fp16, bf16, int8, mixed  [default: fp32, or an artifact's precision]",
+        flag="--precision")
+    mpc: bool | None = setting(None, "plan with MPPI (default) or act from the policy prior alone",
+                               flag="--mpc/--no-mpc")
+    workers: int | None = setting(None, "parallel episode processes  [default: CPU cores]", type=int)
+    seed: int = setting(1, "env seed, as the official evaluation uses it (same initial states); noise seeds derive "
+                           "from it")
+    hz: float | None = setting(None, "control rate: report actions that miss its deadline", type=float)
+    realtime: bool = setting(False, "with --hz: run each runtime as a fixed-rate robot loop; a late plan's ticks take "
+                                    "the fallback", flag="--realtime", is_flag=True)
+    latency_ms: float | None = setting(None, "with --hz: as --realtime, but assume this planning latency (a what-if "
+                                             "for another device)", type=float)
+    fallback: str = setting("hold", "a tick without a fresh plan: the last action held, the last plan's mean for "
+                                    "that step, or the policy prior on that tick's observation",
+                            choices=("hold", "plan", "policy"))
+    budget: float = setting(1.0, "fraction of the control period a tick waits for its own plan before the fallback")
+    smooth: float = setting(1.0, "action low-pass a += smooth (u - a), smooth in (0, 1]; 1 = off")
+    rate_limit: float | None = setting(None, "largest action change per tick (off by default)", type=float)
+    check_actions: int = setting(0, "replay N recorded observations through every runtime with fp32 eager's noise; "
+                                    "report |Δaction|")
+    eval_mode: bool = setting(False, "official evaluate.py acts stochastically; --eval-mode drops the final action "
+                                     "noise", flag="--eval-mode/--stochastic")
+    steps: int = setting(500, "agent steps per episode (500 = full)")
+    samples: int | None = setting(None, "planner override: num_samples (512)", type=int)
+    elites: int | None = setting(None, "planner override: num_elites (64)", type=int)
+    iterations: int | None = setting(None, "planner override: MPPI iterations (6)", type=int)
+    horizon: int | None = setting(None, "planner override: horizon (3)", type=int)
+    warmup: int = setting(3, "untimed actions per runtime before its episodes")
+    device: str = setting("cpu", "torch device for the runtimes (cpu, cuda)")
+    model_tasks: str | None = setting(None, "task set MODEL was trained on  [default: mt30, or the benched task for a "
+                                            "single-task file]")
+    planner: PlannerConfig | dict | None = None  # the Python API's planner: a PlannerConfig or overrides
+
+    def __post_init__(self):
+        check_min(self, 0, "episodes", "warmup", "check_actions")
+        check_min(self, 1, "steps")
+        if not self.episodes and not self.check_actions:
+            raise ValueError("--episodes 0 runs no episodes: give --check-actions N for a faithfulness check alone")
+        if self.hz is not None and not self.hz > 0:  # NaN too
+            raise ValueError(f"--hz must be positive, got {self.hz}")
+
+    def planner_overrides(self) -> dict:
+        """The planner settings asked for: `planner`'s, then the flags' (--samples ...), where given."""
+        base = asdict(self.planner) if isinstance(self.planner, PlannerConfig) else dict(self.planner or {})
+        flags = dict(mpc=self.mpc, num_samples=self.samples, num_elites=self.elites, iterations=self.iterations,
+                     horizon=self.horizon)
+        return {k: v for k, v in base.items() if v is not None} | {k: v for k, v in flags.items() if v is not None}
+
+
+def run_bench(model, out, options: BenchOptions | None = None, resume=False, progress=True, command=None,
+              compile_options: CompileOptions | None = None, echo=print, **settings) -> dict:
     """Closed-loop benchmark of `model` (checkpoint, artifact dir or WorldModel); returns report.json's dict.
 
-    runtimes / precisions: comma-separated or lists (default torch / fp32; for an artifact: fp32 eager and the
-    artifact, and the artifact's runtime or precision where only the other is given). planner: PlannerConfig
-    or overrides such as {"mpc": False, "num_samples": 256}. model_tasks: the task set a checkpoint was
-    trained on (default mt30, or the benched task for a single-task file). realtime: run each runtime as the
-    robot's fixed-rate loop would at `hz` (`edge_tdmpc.control`): an action lands when its measured planning
-    latency (or `latency_ms`) and the tick's `budget` allow, ticks between take the `fallback`; smooth /
-    rate_limit filter actions. compile_options: how the runtimes that run a compiled artifact are compiled
-    (calibration, verification, layer precisions), here before any episode.
+    `settings` override fields of `options` (`BenchOptions`). runtimes / precisions: comma-separated or lists
+    (default torch / fp32; for an artifact: fp32 eager and the artifact, and the artifact's runtime or precision
+    where only the other is given). planner: PlannerConfig or overrides such as {"mpc": False, "num_samples":
+    256}. model_tasks: the task set a checkpoint was trained on (default mt30, or the benched task for a
+    single-task file). realtime: run each runtime as the robot's fixed-rate loop would at `hz`
+    (`edge_tdmpc.control`): an action lands when its measured planning latency (or `latency_ms`) and the tick's
+    `budget` allow, ticks between take the `fallback`; smooth / rate_limit filter actions. compile_options: how
+    the runtimes that run a compiled artifact are compiled (calibration, verification, layer precisions), here
+    before any episode.
     """
     # --- validate everything before the first episode ---
+    o = replace(options or BenchOptions(), **settings)
+    tasks, runtimes, precisions, episodes, seed, steps = o.tasks, o.runtimes, o.precisions, o.episodes, o.seed, o.steps
+    eval_mode, workers, hz, check_actions, warmup, device = o.eval_mode, o.workers, o.hz, o.check_actions, o.warmup, \
+        o.device
     tasks = resolve_tasks(tasks)
     if not tasks:
         raise ValueError("no tasks given: pass --tasks mt30 or comma-separated task names")
-    for name, v, lo in (("episodes", episodes, 0), ("steps", steps, 1), ("warmup", warmup, 0),
-                        ("check-actions", check_actions, 0)):
-        if v < lo:
-            raise ValueError(f"--{name} must be at least {lo}, got {v}")
-    if not episodes and not check_actions:
-        raise ValueError("--episodes 0 runs no episodes: give --check-actions N for a faithfulness check alone")
-    if hz is not None and not hz > 0:  # NaN too
-        raise ValueError(f"--hz must be positive, got {hz}")
-    control = control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit, budget)
+    control = control_settings(hz, o.realtime, o.latency_ms, o.fallback, o.smooth, o.rate_limit, o.budget)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' asked for, but torch sees no CUDA device; use --device cpu")
     out = _writable(Path(out))
     with exclusive_lock(out / ".lock", what=out):  # one bench per --out at a time
-        ref_model, source, artifacts, model_facts = open_model(model, tasks, model_tasks)
-        overrides = asdict(planner) if isinstance(planner, PlannerConfig) else dict(planner or {})
-        overrides = {k: v for k, v in overrides.items() if v is not None}
+        ref_model, source, artifacts, model_facts = open_model(model, tasks, o.model_tasks)
+        overrides = o.planner_overrides()
         if artifacts:  # the planner is baked into a compiled artifact: use its settings, refuse others
             base = model_facts["manifest"].get("planner") or {}
             clash = sorted(k for k in overrides if k in base and overrides[k] != base[k])
