@@ -10,6 +10,7 @@ import click
 from edge_tdmpc.bench.harness import BenchOptions
 from edge_tdmpc.compile.artifact import CompileOptions
 from edge_tdmpc.options import click_options, pop_settings
+from edge_tdmpc.planner import PlannerOverrides
 
 
 class _DefaultToRun(click.Group):
@@ -40,6 +41,7 @@ def bench():
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory")
 @click.option("--resume", is_flag=True, help="continue a killed run in --out, skipping finished episodes")
 @click_options(BenchOptions, exclude=("planner",))
+@click_options(PlannerOverrides)
 @click_options(CompileOptions, exclude=("seed",))
 def run_cmd(model, out, resume, **settings):
     """Run closed-loop episodes of MODEL (checkpoint or compiled artifact directory); write report.json,
@@ -47,9 +49,10 @@ def run_cmd(model, out, resume, **settings):
     (onnxruntime, tensorrt), with the calibration and verification options below, into the compile cache."""
     from edge_tdmpc.bench.harness import run_bench
     compile_options = pop_settings(CompileOptions, settings)
+    planner = pop_settings(PlannerOverrides, settings).given()
     command = " ".join(["edge-tdmpc", *map(shlex.quote, sys.argv[1:])])
     rep = run_bench(model, out, pop_settings(BenchOptions, settings), resume=resume, command=command,
-                    compile_options=compile_options, echo=click.echo)
+                    compile_options=compile_options, planner=planner, echo=click.echo)
     for s in rep["summary"]:
         lat = s["latency_ms"]
         click.echo(f"{s['runtime']}/{s['precision']:<5} score {s['score']:6.2f} over {s['tasks']} task(s)  "

@@ -126,8 +126,6 @@ class BenchOptions:
     precisions: str | None = setting(
         None, "comma-separated: fp32, fp16, bf16, int8, mixed  [default: fp32, or an artifact's precision]",
         flag="--precision")
-    mpc: bool | None = setting(None, "plan with MPPI (default) or act from the policy prior alone",
-                               flag="--mpc/--no-mpc")
     workers: int | None = setting(None, "parallel episode processes  [default: CPU cores]", type=int)
     seed: int = setting(1, "env seed, as the official evaluation uses it (same initial states); noise seeds derive "
                            "from it")
@@ -147,15 +145,11 @@ class BenchOptions:
     eval_mode: bool = setting(False, "official evaluate.py acts stochastically; --eval-mode drops the final action "
                                      "noise", flag="--eval-mode/--stochastic")
     steps: int = setting(500, "agent steps per episode (500 = full)")
-    samples: int | None = setting(None, "planner override: num_samples (512)", type=int)
-    elites: int | None = setting(None, "planner override: num_elites (64)", type=int)
-    iterations: int | None = setting(None, "planner override: MPPI iterations (6)", type=int)
-    horizon: int | None = setting(None, "planner override: horizon (3)", type=int)
     warmup: int = setting(3, "untimed actions per runtime before its episodes")
     device: str = setting("cpu", "torch device for the runtimes (cpu, cuda)")
     model_tasks: str | None = setting(None, "task set MODEL was trained on  [default: mt30, or the benched task for a "
                                             "single-task file]")
-    planner: PlannerConfig | dict | None = None  # the Python API's planner: a PlannerConfig or overrides
+    planner: PlannerConfig | dict | None = None  # a PlannerConfig or overrides (the flags: `PlannerOverrides`)
 
     def __post_init__(self):
         check_min(self, 0, "episodes", "warmup", "check_actions")
@@ -166,11 +160,9 @@ class BenchOptions:
             raise ValueError(f"--hz must be positive, got {self.hz}")
 
     def planner_overrides(self) -> dict:
-        """The planner settings asked for: `planner`'s, then the flags' (--samples ...), where given."""
+        """The planner settings asked for, where given."""
         base = asdict(self.planner) if isinstance(self.planner, PlannerConfig) else dict(self.planner or {})
-        flags = dict(mpc=self.mpc, num_samples=self.samples, num_elites=self.elites, iterations=self.iterations,
-                     horizon=self.horizon)
-        return {k: v for k, v in base.items() if v is not None} | {k: v for k, v in flags.items() if v is not None}
+        return {k: v for k, v in base.items() if v is not None}
 
 
 def run_bench(model, out, options: BenchOptions | None = None, resume=False, progress=True, command=None,

@@ -87,13 +87,13 @@ def _tasks(model: WorldModel, wanted, n: int) -> list[str]:
     return [own[k % len(own)] for k in range(n)]
 
 
-def _recording(model, cfg, model_sha, tasks, steps, seed, kind, step_fn, reference: bool) -> dict:
+def _recording(model, cfg, model_sha, tasks, steps, seed, kind, step_fn, reference: bool, progress=False) -> dict:
     key = _digest([model_sha, asdict(cfg), tasks, steps, seed, kind, reference, _code_sha256()])[:20]
     path = cache_root() / "recordings" / f"{kind}-{key}.npz"
     if path.exists():
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
-    rec = record.record(model, cfg, tasks, steps, seed, step_fn)
+    rec = record.record(model, cfg, tasks, steps, seed, step_fn, progress=kind if progress else None)
     if reference:  # the torch fp32 reference's outputs on every recorded input
         # ... with a zero Gumbel draw, so both sides execute the top elite. The draw is indexed by elite rank:
         # with it, a last-bit near-tie between any two of the ranked elites changes which trajectory is
@@ -144,7 +144,7 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
     with ONNX Runtime and built into a TensorRT engine on the device; on a machine whose GPU and TensorRT
     match the target, the engine is built and verified directly. `settings` override fields of `options`.
     """
-    echo = echo or (lambda *_: None)
+    shown, echo = echo is not None, echo or (lambda *_: None)  # with echo, recordings show a progress bar too
     cfg = planner or PlannerConfig()
     opts = replace(options or CompileOptions(), **settings)
     calib_episodes, calib_steps, calib_percentile = opts.calib_episodes, opts.calib_steps, opts.calib_percentile
@@ -171,7 +171,7 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
 
     echo(f"recording {verify_episodes} verification episode(s) x {verify_steps} steps (torch fp32 reference)")
     ver = _recording(model, cfg, model_sha, _tasks(model, VERIFY_TASKS, verify_episodes), verify_steps,
-                     seed + 1000, "verify", step_fn, reference=True)
+                     seed + 1000, "verify", step_fn, reference=True, progress=shown)
     graph, calib_meta = fp32, None
     if any(p != "fp32" for p in layer_precisions.values()) or not native_ln:  # int8 layers: fp32 per Q head, then Q/DQ
         graph = export.step_graph(model, cfg, layer_precisions, native_layernorm=native_ln)
@@ -182,7 +182,8 @@ def compile_model(model: WorldModel, precision="fp32", planner: PlannerConfig | 
             tasks = _tasks(model, record.CALIB_TASKS, calib_episodes)
             echo(f"calibrating int8 on {calib_episodes} closed-loop episode(s) x {calib_steps} steps: "
                  f"{', '.join(tasks)}")
-            calib = _recording(model, cfg, model_sha, tasks, calib_steps, seed, "calib", step_fn, reference=False)
+            calib = _recording(model, cfg, model_sha, tasks, calib_steps, seed, "calib", step_fn, reference=False,
+                               progress=shown)
             pct = calib_percentile if calib_percentile and calib_percentile < 100 else None
             graph, cache = quantize_int8(graph, layer_precisions, calib, tmp, pct)
             calib_meta = {"tasks": tasks, "steps": calib_steps, "rows": int(len(calib["obs"])), "file": cache.name,

@@ -5,6 +5,7 @@ import click
 
 from edge_tdmpc.compile.artifact import CompileOptions
 from edge_tdmpc.options import click_options, pop_settings
+from edge_tdmpc.planner import PlannerOverrides
 from edge_tdmpc.runtime import PRECISIONS
 
 
@@ -16,14 +17,9 @@ from edge_tdmpc.runtime import PRECISIONS
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="artifact directory [default: out/<checkpoint>-<precision>-<target>]")
 @click.option("--tasks", default="mt30", show_default=True, help="task set the checkpoint was trained on")
-@click.option("--samples", type=int, default=None, help="MPPI samples (default 512); shapes are fixed per setting")
-@click.option("--iterations", type=int, default=None, help="MPPI iterations (default 6)")
-@click.option("--horizon", type=int, default=None, help="planning horizon (default 3)")
-@click.option("--elites", type=int, default=None, help="MPPI elites (default 64)")
-@click.option("--pi-trajs", type=int, default=None, help="policy-prior trajectories (default 24)")
+@click_options(PlannerOverrides)
 @click_options(CompileOptions)
-def compile_cmd(checkpoint, precision, target, out, tasks, samples, iterations, horizon, elites, pi_trajs,
-                **settings):
+def compile_cmd(checkpoint, precision, target, out, tasks, **settings):
     """Compile CHECKPOINT's whole planning step into a verified artifact (ONNX / TensorRT deploy bundle)."""
     from edge_tdmpc.checkpoint import load_model
     from edge_tdmpc.compile.artifact import compile_model, read_manifest
@@ -31,8 +27,7 @@ def compile_cmd(checkpoint, precision, target, out, tasks, samples, iterations, 
     from edge_tdmpc.planner import PlannerConfig
 
     options = pop_settings(CompileOptions, settings)
-    planner = PlannerConfig.make(num_samples=samples, iterations=iterations, horizon=horizon, num_elites=elites,
-                                 num_pi_trajs=pi_trajs)
+    planner = PlannerConfig.make(**pop_settings(PlannerOverrides, settings).given())
     profile = load_target(target)
     out = Path(out or Path("out") / f"{Path(checkpoint).stem}-{precision}-{profile['name']}")
     model = load_model(checkpoint, tasks=tasks)

@@ -5,6 +5,7 @@ A recording is a dict of stacked arrays, one row per control step, keyed by the 
 """
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.planner import Noise, PlannerConfig, plan, policy_action, sample_noise
@@ -52,14 +53,17 @@ def reference_step(model: WorldModel, feed: dict, cfg: PlannerConfig) -> dict[st
     return {"action": action.numpy(), "mean": mean.numpy(), "value": info["value"].reshape(1).numpy(), "z": z}
 
 
-def record(model: WorldModel, cfg: PlannerConfig, tasks, steps: int, seed: int = 0, step_fn=None) -> dict:
+def record(model: WorldModel, cfg: PlannerConfig, tasks, steps: int, seed: int = 0, step_fn=None,
+           progress: str | None = None) -> dict:
     """Run one short episode per task with the MPPI planner; return every step's planning inputs, stacked.
 
     `step_fn(feed) -> (action, next mean)` plans one step (default: the torch reference; compile passes its
-    verified fp32 ONNX session, 2-3x faster). Noise is drawn as `planner.Agent` draws it.
+    verified fp32 ONNX session, 2-3x faster). Noise is drawn as `planner.Agent` draws it. `progress`: a progress
+    bar's label (None: no bar).
     """
     from edge_tdmpc.envs import make_env
     rows = []
+    bar = tqdm(total=len(tasks) * steps, unit="step", desc=progress, disable=progress is None)
     for k, task in enumerate(tasks):
         if task not in model.cfg.tasks:
             raise ValueError(f"task '{task}' is not in this model's task set; pick calibration tasks it was trained on")
@@ -68,7 +72,8 @@ def record(model: WorldModel, cfg: PlannerConfig, tasks, steps: int, seed: int =
                        pad_to=(model.cfg.obs_dim, model.cfg.action_dim))
         obs, _ = env.reset()
         run(env, obs, _recording_actor(model, cfg, index, torch.Generator().manual_seed(seed + k), rows, step_fn),
-            steps)
+            steps, on_step=lambda *_: bar.update(1))
+    bar.close()
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 

@@ -22,11 +22,13 @@ import math
 import click
 
 
-def setting(default, help: str | None = None, flag: str | None = None, choices: tuple | None = None, **click_kw):
+def setting(default, help: str | None = None, flag: str | tuple | None = None, choices: tuple | None = None,
+            **click_kw):
     """A dataclass field with the help text (and any extra click.option arguments) of its flag.
 
-    `flag`: only where the flag cannot be the field's name (a switch whose off side is not `--no-<name>`, such
-    as `--eval-mpc/--eval-policy`). `choices`: the allowed values (a click.Choice; `check_choices` checks them)."""
+    `flag`: only where the flag cannot be the field's name alone (a switch whose off side is not `--no-<name>`,
+    such as `--eval-mpc/--eval-policy`; a tuple keeps an older spelling working beside the field's).
+    `choices`: the allowed values (a click.Choice; `check_choices` checks them)."""
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
                                                         "click": click_kw})
 
@@ -49,8 +51,9 @@ def click_options(cls, exclude=()):
             if isinstance(fl.default, bool):
                 flags = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
                 f = click.option(flags, fl.name, show_default=True, **kw)(f)
-            else:
-                f = click.option(flag, fl.name, show_default=fl.default is not None, **kw)(f)
+            else:  # a tuple of flags: the first the setting's name, the others what users typed before
+                f = click.option(*(flag if isinstance(flag, tuple) else (flag,)), fl.name,
+                                 show_default=fl.default is not None, **kw)(f)
         return f
     return decorate
 

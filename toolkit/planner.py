@@ -4,7 +4,7 @@
 so every backend (eager, torch.compile, ONNX Runtime, TensorRT) runs the same computation and can be checked
 against this reference on the same noise. `Agent` is the small stateful wrapper the official code calls `act`.
 """
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import NamedTuple
 
@@ -12,6 +12,7 @@ import torch
 
 from edge_tdmpc import noise
 from edge_tdmpc.model import WorldModel
+from edge_tdmpc.options import setting
 from edge_tdmpc.tasks import check_task_index, fit_obs
 
 
@@ -39,6 +40,24 @@ class PlannerConfig:
         if cfg.num_pi_trajs >= cfg.num_samples:
             raise ValueError(f"num_pi_trajs ({cfg.num_pi_trajs}) must be below num_samples ({cfg.num_samples})")
         return cfg
+
+
+@dataclass(frozen=True)
+class PlannerOverrides:
+    """The planner settings a command may override, named as `PlannerConfig` names them (None: its default):
+    the flags of `bench` and `compile` (`--num-samples`; the older `--samples` still works)."""
+    mpc: bool | None = setting(None, "plan with MPPI (default) or act from the policy prior alone",
+                               flag="--mpc/--no-mpc")
+    num_samples: int | None = setting(None, "MPPI samples (512); a compiled graph's shapes are fixed per setting",
+                                      flag=("--num-samples", "--samples"), type=int)
+    num_elites: int | None = setting(None, "MPPI elites (64)", flag=("--num-elites", "--elites"), type=int)
+    num_pi_trajs: int | None = setting(None, "policy-prior trajectories (24)", flag=("--num-pi-trajs", "--pi-trajs"),
+                                       type=int)
+    iterations: int | None = setting(None, "MPPI iterations (6)", type=int)
+    horizon: int | None = setting(None, "planning horizon (3)", type=int)
+
+    def given(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 class Noise(NamedTuple):
