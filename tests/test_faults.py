@@ -247,3 +247,21 @@ def test_bundle_builder_refuses_an_edited_or_missing_manifest(tiny, tmp_path):
     (bundle / "manifest.json").unlink()
     res = subprocess.run(script, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "no readable manifest.json" in res.stderr
+
+
+def test_bad_settings_are_one_line_errors_through_the_cli(tiny, tmp_path):
+    """The cases the reliability issue found as tracebacks: each is exit 2 with one line, and writes nothing."""
+    save_model(tiny, tmp_path / "tiny.pt")
+    ckpt, data = str(tmp_path / "tiny.pt"), str(tmp_path / "data")
+    bench = ["bench", ckpt, "--tasks", "cartpole-swingup", "--episodes", "1", "--steps", "3", "--out",
+             str(tmp_path / "b")]
+    cases = [([*bench, "--hz", "10", "--latency-ms", "nan"], "--latency-ms must be positive"),
+             ([*bench, "--smooth", "0"], "smoothing alpha"),
+             ([*bench, "--tasks", ""], "no tasks given"),
+             (["data", "collect", "--teacher", ckpt, "--tasks", "cartpole-swingup", "--episodes", "0", "--out", data],
+              "--episodes must be at least 1")]
+    for args, message in cases:
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+        assert len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "b" / "episodes.jsonl").exists() and not (tmp_path / "data" / "index.json").exists()
