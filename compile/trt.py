@@ -13,6 +13,7 @@ ONNX); TensorRT < 10 has no strongly typed mode and gets the equivalent builder 
 """
 import argparse
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -397,13 +398,16 @@ class Planner:
         return out["action"]
 
 
+@functools.cache  # looked up on every control step: resolve each module once
 def _bundled(name: str):
     """edge_tdmpc's module `name` (control, noise, verify), or in a deploy bundle the copy beside this file."""
     import importlib
     try:
         return importlib.import_module(f"edge_tdmpc.{'compile.' if name == 'verify' else ''}{name}")
     except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        here = str(Path(__file__).resolve().parent)
+        if here not in sys.path:
+            sys.path.insert(0, here)
         return importlib.import_module(name)
 
 
