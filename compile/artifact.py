@@ -395,17 +395,6 @@ def _intact(directory: Path) -> bool:
         return False
 
 
-def load_model_for(manifest: dict):
-    """The source checkpoint an artifact names (for `edge-tdmpc bench ARTIFACT_DIR`), checked against it."""
-    from edge_tdmpc.checkpoint import load_model
-    path = manifest.get("checkpoint")
-    if not path or not Path(path).is_file():
-        raise ValueError(f"artifact names no readable source checkpoint ({path}): pass the checkpoint explicitly")
-    if manifest.get("checkpoint_sha256") and file_sha256(path) != manifest["checkpoint_sha256"]:
-        raise ValueError(f"{path} changed since the artifact was compiled (sha256 differs): recompile")
-    return load_model(path, tasks=manifest["tasks"] if len(manifest["tasks"]) > 1 else manifest["tasks"][0])
-
-
 def artifact_size(directory, manifest=None) -> int:
     """Bytes of what a runtime executes: step.onnx (or the engine, when one was built)."""
     manifest = manifest or read_manifest(directory)

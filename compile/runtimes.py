@@ -97,7 +97,8 @@ class OnnxRuntime(_ArtifactRuntime):
 
 
 class TensorRTRuntime(_ArtifactRuntime):
-    """A TensorRT engine of step.onnx (built on first use, or by build_engine.py on a Jetson), CUDA-graphed."""
+    """A TensorRT engine of step.onnx (built by `edge-tdmpc compile` on a matching GPU, or by the bundle's
+    build_engine.py on a Jetson), CUDA-graphed."""
     name = "tensorrt"
     target = "x86-dgpu"
 

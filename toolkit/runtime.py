@@ -25,11 +25,11 @@ from edge_tdmpc.planner import Agent, Noise, PlannerConfig
 from edge_tdmpc.tasks import check_task_index
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _host(x):
     return x.detach().cpu() if torch.is_tensor(x) else x
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Runtime(ABC):
