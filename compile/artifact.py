@@ -37,7 +37,7 @@ from edge_tdmpc.model import WorldModel
 from edge_tdmpc.options import check_min, setting
 from edge_tdmpc.planner import PlannerConfig
 
-FORMAT = "edge-tdmpc-artifact/2"
+FORMAT = "edge-tdmpc-artifact/3"
 GRAPH = "step.onnx"
 VERIFY_FILE = "verify.npz"
 VERIFY_TASKS = ("walker-stand", "cheetah-run-backwards", "cartpole-balance", "finger-turn-easy", "hopper-hop")

@@ -50,7 +50,9 @@ def step_graph(model: WorldModel, cfg: PlannerConfig, precisions: dict[str, str]
 
     Inputs: see `step_inputs` (obs, task, prev_mean, t0 and the noise of `planner.Noise`). Outputs: action [A]
     (clamped, exploration added unless noise_action is 0), mean [H, A] (next warm start), value [1] (best
-    candidate's value in the last iteration) and z [Z] (the encoded observation). `precisions` maps layer names
+    candidate's value in the last iteration), z [Z] (the encoded observation), and the step's planner label
+    besides mean[0]: std [A] (the final iteration's std of the first action) and eval_action [A] (the action
+    without exploration noise). `precisions` maps layer names
     (see `layer_names`) to a precision; unnamed layers run in fp32.
     """
     c = model.cfg
@@ -124,12 +126,15 @@ def step_graph(model: WorldModel, cfg: PlannerConfig, precisions: dict[str, str]
     g.scope = "act"
     idx = g.op("ArgMax", g.op("Add", g.op("Log", score), "noise_gumbel"), axis=0, keepdims=1, dtype="int64")
     first = g.op("Squeeze", g.slice(elite_actions, 0, 1, 0), g.ints([0]))  # [K, A]
-    action = g.reshape(g.op("Gather", first, idx, axis=0), [-1])
+    picked = g.reshape(g.op("Gather", first, idx, axis=0), [-1])
     std0 = g.reshape(g.slice(std, 0, 1, 0), [-1])
-    action = g.op("Clip", g.op("Add", action, g.op("Mul", std0, "noise_action")), g.scalar(-1.0), g.scalar(1.0))
+    action = g.op("Clip", g.op("Add", picked, g.op("Mul", std0, "noise_action")), g.scalar(-1.0), g.scalar(1.0))
     g.output("action", action, [A])
     g.output("mean", mean, [H, A])
     g.output("value", g.op("ReduceMax", value, axes=[0], keepdims=1), [1])
+    # the planner's label of the step (planner.PlanLabel): std of the first action, the noise-free action
+    g.output("std", std0, [A])
+    g.output("eval_action", picked, [A])
     return g.model(doc=f"edge-tdmpc MPPI planning step: {cfg}")
 
 

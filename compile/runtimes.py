@@ -75,6 +75,8 @@ class _ArtifactRuntime(Runtime):
         if not self.cfg.mpc:
             return (out["mean"] if eval_mode else out["action"]).astype(np.float32)
         self.prev_mean = out["mean"]
+        if "eval_action" in out:
+            self._label = np.concatenate([out["mean"][0], out["std"], out["eval_action"]]).astype(np.float32)
         return out["action"].astype(np.float32)
 
     def size_bytes(self):
@@ -84,6 +86,7 @@ class _ArtifactRuntime(Runtime):
 class OnnxRuntime(_ArtifactRuntime):
     """step.onnx on ONNX Runtime: one session call per control step."""
     name = "onnxruntime"
+    labels = True
 
     def __init__(self, directory, precision=None, planner=None, seed=0, device=None, threads=None):
         super().__init__(directory, precision, planner, seed, device)
@@ -101,6 +104,7 @@ class TensorRTRuntime(_ArtifactRuntime):
     build_engine.py on a Jetson), CUDA-graphed."""
     name = "tensorrt"
     target = "x86-dgpu"
+    labels = True
 
     def __init__(self, directory, precision=None, planner=None, seed=0, device=None, cuda_graph=True):
         super().__init__(directory, precision, planner, seed, device)

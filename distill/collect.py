@@ -6,6 +6,11 @@ one torch thread each; their episodes are written in job order, so the dataset d
 Exploration: the agent acts stochastically (the planner's final action noise, or a sampled policy action
 with --no-mpc), plus optional Gaussian noise of std `noise_std`. An interrupted collection resumes: episodes
 already in the dataset are skipped.
+
+With --mpc every step also stores the planner's label (`planner.PlanLabel`: the final MPPI iteration's mean and
+std of the first action and the action it would execute without noise) as the dataset's per-step field
+`planner`, the targets of `--distill planner`. The teacher runs on `runtime` (torch, or onnxruntime: the
+teacher compiled first, the fastest planner on a CPU).
 """
 import json
 import multiprocessing as mp
@@ -21,43 +26,99 @@ from tqdm import tqdm
 from edge_tdmpc.checkpoint import load_model
 from edge_tdmpc.distill.data import INDEX, EpisodeDataset, EpisodeWriter
 from edge_tdmpc.files import file_sha256
-from edge_tdmpc.options import check_min, setting
+from edge_tdmpc.options import check_choices, check_min, setting
 from edge_tdmpc.planner import Agent, PlannerConfig
 from edge_tdmpc.rollout import run
+from edge_tdmpc.runtime import PRECISIONS, TORCH_DTYPES
 from edge_tdmpc.seeding import derive_seed
 from edge_tdmpc.tasks import resolve_tasks
 from edge_tdmpc.workers import die_with_parent
 
 
 def play(model, task: str, task_index, seed: int, steps: int, mpc=True, eval_mode=False, noise_std=0.0,
-         random_actions=False, after_step=None, **planner) -> tuple:
+         random_actions=False, after_step=None, runtime=None, labels=False, **planner) -> tuple:
     """One episode (the rollout loop of `data collect` and `train`) -> (obs [T+1, own obs dim], action [T, own
-    action dim], reward [T]). Env, agent noise and the episode's numpy draws (uniform actions when
-    `random_actions`, else N(0, noise_std) added to the agent's action) are all seeded by `seed`;
-    `after_step(t)` runs after the t-th step (the online trainer's updates)."""
+    action dim], reward [T], planner labels [T, 3A] or None). Env, agent noise and the episode's numpy draws
+    (uniform actions when `random_actions`, else N(0, noise_std) added to the agent's action) are all seeded by
+    `seed`; `after_step(t)` runs after the t-th step (the online trainer's updates). The agent is `model` itself
+    (an `Agent` over the live weights), or `runtime` (a `Runtime`, reset with `seed`); `labels` keeps each step's
+    `PlanLabel` (planning only)."""
     from edge_tdmpc.envs import make_env
     env = make_env(task, seed=seed)
-    agent = None if random_actions else Agent(model, seed=seed, mpc=mpc, **planner)
     rng = np.random.default_rng(seed)
+    rows = []
+    if random_actions:
+        agent = None
+    elif runtime is not None:
+        runtime.reset(seed)
+
+        def agent(obs, t):
+            action = runtime.act(obs, task_index, t == 0, eval_mode)
+            if labels:
+                rows.append(runtime.plan_label())
+            return action
+    else:
+        planner_agent = Agent(model, seed=seed, mpc=mpc, **planner)
+
+        def agent(obs, t):
+            action = planner_agent.act(obs, t0=t == 0, eval_mode=eval_mode, task=task_index).numpy()
+            if labels:
+                rows.append(planner_agent.last_label.row())
+            return action
     obs, _ = env.reset()
 
     def act(obs, t):
         if agent is None:
             return rng.uniform(-1, 1, env.action_dim).astype(np.float32)
-        action = agent.act(obs, t0=t == 0, eval_mode=eval_mode, task=task_index).numpy()[: env.action_dim]
+        action = np.asarray(agent(obs, t))[: env.action_dim]
         if noise_std:
             action = np.clip(action + noise_std * rng.standard_normal(action.shape), -1, 1)
         return action.astype(np.float32)
-    return run(env, obs, act, steps, None if after_step is None else lambda t, _: after_step(t)).arrays()
+    obs, action, reward = run(env, obs, act, steps, None if after_step is None else lambda t, _: after_step(t)).arrays()
+    if labels and any(r is None for r in rows):
+        raise ValueError(f"{task} (seed {seed}): a step saw a non-finite observation and has no planner label")
+    return obs, action, reward, np.stack(rows) if labels else None
 
 
 def rollout(model, task: str, episode: int, seed=0, mpc=True, noise_std=0.0, steps=500, eval_mode=False,
-            **planner) -> dict:
-    """One collected episode of `model` on `task`, seeded by (seed, task, episode) -> a dataset record."""
+            runtime=None, **planner) -> dict:
+    """One collected episode of `model` (on `runtime` when given) on `task`, seeded by (seed, task, episode) -> a
+    dataset record, with the planner's labels when planning."""
     index = model.cfg.tasks.index(task)
-    obs, action, reward = play(model, task, index if model.cfg.multitask else None, derive_seed(seed, index, episode),
-                               steps, mpc, eval_mode, noise_std, **planner)
-    return dict(task=index, key=episode, obs=obs, action=action, reward=reward)
+    obs, action, reward, labels = play(model, task, index if model.cfg.multitask else None,
+                                       derive_seed(seed, index, episode), steps, mpc, eval_mode, noise_std,
+                                       runtime=runtime, labels=mpc, **planner)
+    fields = {} if labels is None else {"planner": labels}
+    return dict(task=index, key=episode, obs=obs, action=action, reward=reward, fields=fields)
+
+
+COLLECT_RUNTIMES = ("torch", "onnxruntime")
+
+
+def compile_teacher(model, runtime="torch", precision="fp32", mpc=True, planner=None, echo=None):
+    """The compile step of collecting or labelling on `runtime` -> what `load_teacher_runtime` loads in any process:
+    (runtime, artifact directory or None, precision, planner settings)."""
+    cfg = PlannerConfig.make(mpc=mpc, **(planner or {}))
+    directory = None
+    if runtime != "torch":
+        from edge_tdmpc.compile.runtimes import compile_for
+        directory = str(compile_for(runtime, model, precision, cfg, echo=echo))
+    return runtime, directory, precision, dict(vars(cfg))
+
+
+def load_teacher_runtime(model, spec, seed=0):
+    """The teacher's runtime from `compile_teacher`'s spec (one ONNX Runtime thread: processes give the
+    parallelism), or None for torch fp32, which `play` runs as an `Agent` over the weights."""
+    runtime, directory, precision, planner = spec
+    if runtime == "torch" and precision == "fp32":
+        return None
+    cfg = PlannerConfig(**planner)
+    if runtime == "torch":
+        from edge_tdmpc.runtime import TorchRuntime
+        return TorchRuntime(model, precision, cfg, seed=seed)
+    from edge_tdmpc.compile.runtimes import RUNTIMES
+    kwargs = {"threads": 1} if runtime == "onnxruntime" else {}
+    return RUNTIMES[runtime](directory, precision, cfg, seed=seed, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -74,11 +135,18 @@ class CollectOptions:
     seed: int = setting(0)
     eval_mode: bool = setting(False, "act without the final action noise (the planner's eval mode)")
     planner: dict | None = setting(None, "planner overrides (PlannerConfig fields)")
+    runtime: str = setting("torch", "the teacher's runtime (onnxruntime: compiled first, faster on a CPU)",
+                           choices=COLLECT_RUNTIMES)
+    precision: str = setting("fp32", "the teacher runtime's precision (torch: fp32/fp16/bf16; onnxruntime also "
+                             "int8/mixed)", choices=PRECISIONS)
 
     def __post_init__(self):
         object.__setattr__(self, "planner", dict(self.planner or {}))
         check_min(self, 1, "episodes", "steps")
         check_min(self, 0, "workers", "noise_std")
+        check_choices(self)
+        if self.runtime == "torch" and self.precision not in TORCH_DTYPES:
+            raise ValueError(f"--precision {self.precision} runs on onnxruntime: pass --runtime onnxruntime")
         PlannerConfig.make(mpc=self.mpc, **self.planner)  # unknown or inconsistent planner settings
 
 
@@ -89,15 +157,16 @@ RESUME_MAY_CHANGE = ("episodes", "workers")
 _WORKER = {}
 
 
-def _init_worker(parent, teacher, teacher_tasks, settings):
+def _init_worker(parent, teacher, teacher_tasks, settings, spec):
     die_with_parent(parent)
     torch.set_num_threads(1)  # parallelism comes from processes; one thread each also makes runs repeatable
-    _WORKER.update(model=load_model(teacher, tasks=teacher_tasks), settings=settings)
+    model = load_model(teacher, tasks=teacher_tasks)
+    _WORKER.update(model=model, settings=settings, runtime=load_teacher_runtime(model, spec, settings["seed"]))
 
 
 def _run_job(job):
     task, episode = job
-    return rollout(_WORKER["model"], task, episode, **_WORKER["settings"])
+    return rollout(_WORKER["model"], task, episode, runtime=_WORKER["runtime"], **_WORKER["settings"])
 
 
 def collect(teacher, tasks, out_dir, options: CollectOptions | None = None, *, echo=print, progress=True,
@@ -137,13 +206,15 @@ def collect(teacher, tasks, out_dir, options: CollectOptions | None = None, *, e
 
     returns = {t: [] for t in tasks}
     cfg = model.cfg
-    with EpisodeWriter(out_dir, cfg.obs_dim, cfg.action_dim, cfg.tasks) as writer:
+    spec = compile_teacher(model, opts.runtime, opts.precision, opts.mpc, opts.planner, echo) if jobs else None
+    fields = {"planner": 3 * cfg.action_dim} if opts.mpc else {}
+    with EpisodeWriter(out_dir, cfg.obs_dim, cfg.action_dim, cfg.tasks, fields=fields) as writer:
         writer.meta["collect"] = record
-        results, pool = _results(model, jobs, opts.workers, teacher, opts.teacher_tasks, run_settings)
+        results, pool = _results(model, jobs, opts.workers, teacher, opts.teacher_tasks, run_settings, spec)
         last = time.monotonic()
         try:
             for ep in tqdm(results, total=len(jobs), unit="ep", desc="collect", disable=not progress):
-                writer.add(ep["obs"], ep["action"], ep["reward"], task=ep["task"], key=ep["key"])
+                writer.add(ep["obs"], ep["action"], ep["reward"], task=ep["task"], key=ep["key"], **ep["fields"])
                 returns[cfg.tasks[ep["task"]]].append(float(ep["reward"].sum()))
                 if time.monotonic() - last > flush_seconds:  # bound what an interruption can lose
                     writer.flush()
@@ -158,18 +229,19 @@ def collect(teacher, tasks, out_dir, options: CollectOptions | None = None, *, e
     return returns
 
 
-def _results(model, jobs, workers, teacher, teacher_tasks, settings):
+def _results(model, jobs, workers, teacher, teacher_tasks, settings, spec):
     """An iterator of rollouts in job order, from a spawn pool (workers >= 1) or this process (0)."""
     if workers == 0:
         def run_here():
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
+                runtime = load_teacher_runtime(model, spec, settings["seed"]) if jobs else None
                 for task, episode in jobs:
-                    yield rollout(model, task, episode, **settings)
+                    yield rollout(model, task, episode, runtime=runtime, **settings)
             finally:
                 torch.set_num_threads(threads)
         return run_here(), None
     pool = mp.get_context("spawn").Pool(min(workers, max(len(jobs), 1)), initializer=_init_worker,
-                                        initargs=(os.getpid(), str(teacher), teacher_tasks, settings))
+                                        initargs=(os.getpid(), str(teacher), teacher_tasks, settings, spec))
     return pool.imap(_run_job, jobs), pool

@@ -7,6 +7,9 @@ Layout of a dataset directory (one format for converted and collected data):
     shard-000000.action.npy     float32 [rows, action_dim] action[t] is taken at obs[t]; the last row is NaN
     shard-000000.reward.npy     float32 [rows]             reward[t] follows action[t]; the last row is NaN
     shard-000000.episodes.npy   int64 [episodes, 4]        start row, length T, task index, key
+    shard-000000.<field>.npy    float32 [rows, d]          optional per-step fields named in the index's
+                                                           "fields" (e.g. planner: the teacher planner's label
+                                                           of each step, `planner.PlanLabel`); last row NaN
 
 `key` is the writer's episode id (collect: the episode number within its task; convert: the source row), so
 interrupted writers can resume. A transition's global index is its position in the concatenation of all
@@ -82,8 +85,10 @@ class EpisodeWriter:
     (writers keep their resume state there). One writer per directory at a time (an advisory lock).
     """
 
-    def __init__(self, out_dir, obs_dim: int, action_dim: int, tasks, shard_rows: int = 1 << 20):
+    def __init__(self, out_dir, obs_dim: int, action_dim: int, tasks, shard_rows: int = 1 << 20,
+                 fields: dict[str, int] | None = None):
         self.root = Path(out_dir)
+        self.fields = {str(k): int(v) for k, v in (fields or {}).items()}
         self.obs_dim, self.action_dim, self.tasks = int(obs_dim), int(action_dim), [str(t) for t in tasks]
         if self.obs_dim < 1 or self.action_dim < 1 or not self.tasks:
             raise ValueError(f"EpisodeWriter needs obs_dim, action_dim >= 1 and a task list, got {obs_dim}, "
@@ -95,6 +100,10 @@ class EpisodeWriter:
         if (self.root / INDEX).exists():
             self.index = read_index(self.root)
             have = (self.index["obs_dim"], self.index["action_dim"], self.index["tasks"])
+            if self.index.get("fields", {}) != self.fields:
+                self._lock.close()
+                raise ValueError(f"{self.root} holds data with per-step fields {self.index.get('fields', {})}; "
+                                 f"cannot append episodes with {self.fields} (choose another output directory)")
             if have != (self.obs_dim, self.action_dim, self.tasks):
                 self._lock.close()
                 raise ValueError(
@@ -105,10 +114,16 @@ class EpisodeWriter:
             self.index = dict(format=FORMAT, version=VERSION, obs_dim=self.obs_dim,
                               action_dim=self.action_dim, tasks=self.tasks, shards=[],
                               num_episodes=0, num_transitions=0, num_rows=0, meta={})
+            if self.fields:
+                self.index["fields"] = dict(self.fields)
         self.meta = self.index["meta"]
         self._pending, self._pending_rows = [], 0
 
-    def add(self, obs, action, reward, task: int, key: int = -1):
+    def add(self, obs, action, reward, task: int, key: int = -1, **fields):
+        """One episode; `fields` are the writer's per-step fields, each [T, d]."""
+        if set(fields) != set(self.fields):
+            raise ValueError(f"this dataset's episodes carry the per-step fields {sorted(self.fields)}; got "
+                             f"{sorted(fields)}")
         obs, action = np.asarray(obs, np.float32), np.asarray(action, np.float32)
         reward = np.asarray(reward, np.float32).reshape(-1)
         T = len(action)
@@ -120,7 +135,14 @@ class EpisodeWriter:
                              f"the dataset's {self.obs_dim} / {self.action_dim}")
         if not 0 <= int(task) < len(self.tasks):
             raise ValueError(f"task index {task} out of range for {len(self.tasks)} tasks")
-        if not (np.isfinite(obs).all() and np.isfinite(action).all() and np.isfinite(reward).all()):
+        extra = {}
+        for name, d in self.fields.items():
+            v = np.asarray(fields[name], np.float32)
+            if v.shape != (T, d):
+                raise ValueError(f"field {name!r} of an episode of {T} steps must be [{T}, {d}], got {v.shape}")
+            extra[name] = np.concatenate([v, np.full((1, d), np.nan, np.float32)])
+        if not (np.isfinite(obs).all() and np.isfinite(action).all() and np.isfinite(reward).all()
+                and all(np.isfinite(v[:T]).all() for v in extra.values())):
             raise ValueError(f"episode (task {task}, key {key}) holds NaN/inf values; drop or repair it")
         obs = np.pad(obs, ((0, 0), (0, self.obs_dim - obs.shape[1])))
         padded = np.zeros((T + 1, self.action_dim), np.float32)  # padded action columns are zeros
@@ -129,7 +151,7 @@ class EpisodeWriter:
         action, reward = padded, np.append(reward, np.float32(np.nan))
         if self._pending_rows and self._pending_rows + T + 1 > self.shard_rows:
             self.flush()
-        self._pending.append((obs, action, reward, int(task), int(key)))
+        self._pending.append((obs, action, reward, int(task), int(key), extra))
         self._pending_rows += T + 1
 
     def flush(self):
@@ -142,7 +164,8 @@ class EpisodeWriter:
             keys = np.array([p[4] for p in self._pending], np.int64)
             pieces = dict(obs=[p[0] for p in self._pending], action=[p[1] for p in self._pending],
                           reward=[p[2] for p in self._pending],
-                          episodes=[np.stack([starts, lengths, tasks, keys], axis=1)])
+                          episodes=[np.stack([starts, lengths, tasks, keys], axis=1)],
+                          **{k: [p[5][k] for p in self._pending] for k in self.fields})
             for field, parts in pieces.items():
                 atomic_write(self.root / f"{name}.{field}.npy", lambda f, p=parts: _save_rows(f, p))
             ix = self.index
@@ -211,11 +234,12 @@ class EpisodeDataset:
         self.index = index = read_index(self.root)
         self.obs_dim, self.action_dim = index["obs_dim"], index["action_dim"]
         self.tasks = tuple(index["tasks"])
+        self.fields = dict(index.get("fields", {}))
         self.shards, tables = [], []
         _allow_open_files(3 * len(index["shards"]) + 256)
         for i, shard in enumerate(index["shards"]):
             arrays = {}
-            for field in _FIELDS:
+            for field in (*_FIELDS, *self.fields):
                 path = self.root / f"{shard['name']}.{field}.npy"
                 try:
                     arrays[field] = np.load(path, mmap_mode=None if field == "episodes" else "r")
@@ -224,7 +248,7 @@ class EpisodeDataset:
                                      "damaged, rewrite it") from None
             rows, table = shard["rows"], arrays["episodes"]
             expect = dict(obs=(rows, self.obs_dim), action=(rows, self.action_dim), reward=(rows,),
-                          episodes=(shard["episodes"], 4))
+                          episodes=(shard["episodes"], 4), **{k: (rows, d) for k, d in self.fields.items()})
             for field, shape in expect.items():
                 if arrays[field].shape != shape:
                     raise ValueError(f"{self.root}/{shard['name']}.{field}.npy has shape "
@@ -264,6 +288,9 @@ class EpisodeDataset:
         s, r, T = int(self._shard[i]), int(self._row[i]), int(self._length[i])
         out = self._read_span(s, r, r + T + 1)
         out["action"], out["reward"] = out["action"][:T], out["reward"][:T]  # drop the NaN filler row
+        for name, d in self.fields.items():
+            out[name] = np.empty((T, d), np.float32)
+            self._read(s, name, r, out[name])
         return dict(out, task=int(self._task[i]), key=int(self._key[i]))
 
     # slices ---------------------------------------------------------------------------------------------
@@ -325,6 +352,20 @@ class EpisodeDataset:
                      torch.from_numpy(action.transpose(1, 0, 2).copy()),
                      torch.from_numpy(reward.T[..., None].copy()),
                      torch.from_numpy(self._task[e].copy()), torch.from_numpy(index.copy()))
+
+    def read_field(self, name: str, index) -> np.ndarray:
+        """A per-step field at global transition indices `index` [B] -> float32 [B, d]."""
+        if name not in self.fields:
+            raise ValueError(f"{self.root}: its episodes carry no {name!r} field (fields: {sorted(self.fields)})")
+        index = np.asarray(index, np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= self.num_transitions):
+            raise ValueError(f"transition index out of range [0, {self.num_transitions})")
+        e = np.searchsorted(self._offset, index, side="right") - 1
+        rows = self._row[e] + index - self._offset[e]
+        out = np.empty((len(index), self.fields[name]), np.float32)
+        for b, (s, r) in enumerate(zip(self._shard[e].tolist(), rows.tolist(), strict=True)):
+            self._read(int(s), name, int(r), out[b])
+        return out
 
     def _read_span(self, s: int, lo: int, hi: int) -> dict:
         n = hi - lo

@@ -202,7 +202,7 @@ def train(tasks, out, options: OnlineOptions | None = None, *, resume=False, pro
             task = tasks[i]
             length = min(opts.episode_steps, opts.steps - env_steps)
             random_phase = env_steps < opts.seed_steps
-            obs, action, reward = play(model, task, i if mc.multitask else None, derive_seed(opts.seed, episodes),
+            obs, action, reward, _ = play(model, task, i if mc.multitask else None, derive_seed(opts.seed, episodes),
                                        length, opts.mpc, random_actions=random_phase, after_step=learn,
                                        **opts.planner)
             replay.add(obs, action, reward, i)

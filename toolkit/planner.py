@@ -156,11 +156,30 @@ def plan(model: WorldModel, obs, task, prev_mean, t0, noise: Noise, cfg: Planner
 
     # 4. pick one elite by a Gumbel-max draw over log(score); explore with std[0] unless evaluating
     idx = torch.argmax(torch.log(score) + noise.gumbel)
-    action = elite_actions[0].index_select(0, idx.view(1)).squeeze(0)  # no .item(): a CUDA graph can capture it
-    if not eval_mode:
-        action = action + std[0] * noise.action
-    info = dict(elite_value=elite_value, score=score, std=std, value=elite_value.max(), pick=idx)
+    picked = elite_actions[0].index_select(0, idx.view(1)).squeeze(0)  # no .item(): a CUDA graph can capture it
+    action = picked if eval_mode else picked + std[0] * noise.action
+    info = dict(elite_value=elite_value, score=score, std=std, value=elite_value.max(), pick=idx,
+                eval_action=picked.clamp(-1, 1))
     return action.clamp(-1, 1), mean, info
+
+
+class PlanLabel(NamedTuple):
+    """What the planner knew about the first action of a step: its final MPPI iteration's mean and std, and the
+    noise-free action it would execute (the eval-mode action); each [A]. The targets of planner distillation."""
+    mean: torch.Tensor
+    std: torch.Tensor
+    eval_action: torch.Tensor
+
+    def row(self):
+        """[3A] float32 numpy: mean, std, eval_action (how datasets and label caches store it)."""
+        import numpy as np
+        return np.concatenate([np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, np.float32).reshape(-1)
+                               for x in self])
+
+
+def plan_label(mean, info) -> PlanLabel:
+    """The label of a step from `plan`'s outputs."""
+    return PlanLabel(mean[0].float(), info["std"][0].float(), info["eval_action"].float())
 
 
 @torch.no_grad()
@@ -182,6 +201,7 @@ class Agent:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.prev_mean = torch.zeros(self.cfg.horizon, model.cfg.action_dim, device=self.device)
         self.gammas = model.cfg.discounts
+        self.last_label: PlanLabel | None = None  # of the last planned step
 
     def _obs(self, obs, task):
         c = self.model.cfg
@@ -208,6 +228,7 @@ class Agent:
         if not self.cfg.mpc:
             return policy_action(self.model, obs, task, noise.action, eval_mode).float().cpu()
         gamma = self.gammas[task or 0]
-        action, self.prev_mean, _ = plan(self.model, obs, task, self.prev_mean, bool(t0), noise, self.cfg,
-                                         gamma, eval_mode)
+        action, self.prev_mean, info = plan(self.model, obs, task, self.prev_mean, bool(t0), noise, self.cfg,
+                                            gamma, eval_mode)
+        self.last_label = plan_label(self.prev_mean, info)
         return action.float().cpu()

@@ -39,17 +39,18 @@ class Runtime(ABC):
     action_dim: int   # the (padded) action dim it returns
     tasks: tuple      # the model's task set (`act` takes an index into it)
     nonfinite = 0     # non-finite observations seen (never reset: the caller takes differences)
+    labels = False    # whether `plan_label()` gives the planner's label of a step
 
     def __init__(self, precision="fp32", planner: PlannerConfig | None = None, seed=0):
         if precision not in self.precisions:
             raise ValueError(f"runtime '{self.name}' supports precisions {list(self.precisions)}, not '{precision}'")
         self.precision, self.cfg, self.seed = precision, planner or PlannerConfig(), seed
-        self.last_action, self.flagged = None, False
+        self.last_action, self.flagged, self._label = None, False, None
 
     def reset(self, seed: int | None = None):
         """Start of an episode: clear the warm-start mean and the safe action (and reseed the noise when given a
         seed)."""
-        self.last_action, self.flagged = None, False
+        self.last_action, self.flagged, self._label = None, False, None
         self._reset(seed)
 
     def act(self, obs: np.ndarray, task: int | None, t0: bool, eval_mode=False,
@@ -58,6 +59,7 @@ class Runtime(ABC):
         observation -> the safe action, flagged (module doc)."""
         task = check_task_index(task, self.tasks)
         self.flagged = not finite(_host(obs))
+        self._label = None
         if self.flagged:
             self.nonfinite += 1
             safe = self.last_action if self.last_action is not None else np.zeros(self.action_dim, np.float32)
@@ -72,6 +74,14 @@ class Runtime(ABC):
     @abstractmethod
     def _act(self, obs, task, t0, eval_mode, noise) -> np.ndarray:
         """One step on a finite observation."""
+
+    def plan_label(self) -> np.ndarray:
+        """The planner's label of the last step (`planner.PlanLabel` as one row: mean, std and eval-mode action
+        of the first action, [3A] float32); None after a flagged step."""
+        if not (self.labels and self.cfg.mpc):
+            raise ValueError(f"runtime '{self.name}' gives no planner labels{'' if self.cfg.mpc else ' without MPC'}"
+                             ": label with the torch or onnxruntime runtime, planning")
+        return None if self._label is None else self._label.copy()
 
     def planned_mean(self) -> np.ndarray | None:
         """A copy of the warm-start mean after the last step (H x A), or None without MPC."""
@@ -101,6 +111,7 @@ class TorchRuntime(Runtime):
     """PyTorch eager, the reference: fp32, or real fp16/bf16 execution (weights and activations cast)."""
     name = "torch"
     precisions = ("fp32", "fp16", "bf16")
+    labels = True
 
     def __init__(self, model, precision="fp32", planner=None, seed=0, device=None):
         super().__init__(precision, planner, seed)
@@ -113,7 +124,10 @@ class TorchRuntime(Runtime):
         self.agent = Agent(self.model, seed=seed, **vars(self.cfg))
 
     def _act(self, obs, task, t0, eval_mode, noise):
-        return self.agent.act(obs, t0=t0, eval_mode=eval_mode, task=task, noise=noise).numpy()
+        action = self.agent.act(obs, t0=t0, eval_mode=eval_mode, task=task, noise=noise).numpy()
+        if self.cfg.mpc:
+            self._label = self.agent.last_label.row()
+        return action
 
     @property
     def prev_mean(self):
