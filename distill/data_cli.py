@@ -1,8 +1,9 @@
 """`edge-tdmpc data convert|collect|info`: write and inspect offline datasets for distillation."""
 import click
 
-from edge_tdmpc.distill.collect import CollectOptions
+from edge_tdmpc.distill.collect import COLLECT_RUNTIMES, CollectOptions
 from edge_tdmpc.options import click_options, order_options, pop_settings
+from edge_tdmpc.runtime import PRECISIONS
 
 _out = click.option("--out", required=True, type=click.Path(file_okay=False),
                     help="dataset directory (created, or appended to)")
@@ -46,6 +47,32 @@ def collect(teacher, tasks, out, **settings):
     resume or to add episodes."""
     from edge_tdmpc.distill.collect import collect as run
     run(teacher, tasks, out, pop_settings(CollectOptions, settings), echo=click.echo)
+
+
+@data.command()
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.option("--teacher", required=True, type=click.Path(exists=True, dir_okay=False), help="checkpoint")
+@click.option("--teacher-tasks", default=None, help="the teacher's task set [by its embedding rows]")
+@_out
+@click.option("--runtime", default="torch", show_default=True, type=click.Choice(COLLECT_RUNTIMES),
+              help="the teacher planner's runtime (onnxruntime: compiled first, faster on a CPU)")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(0), help="worker processes")
+@click.option("--seed", default=None, type=int, help="noise seed of the planner [the data's collect seed, else 0]")
+def label(dataset, teacher, teacher_tasks, out, runtime, precision, workers, seed):
+    """Label every state of DATASET with the teacher's planner (the targets of `distill --distill planner`).
+
+    The planner replays each episode in order with its own warm start; rerun the same command to resume.
+    Pass the directory to `distill --label-cache` as its planner/ subdirectory, or use OUT directly."""
+    from edge_tdmpc.distill.data import EpisodeDataset
+    from edge_tdmpc.distill.labels import PlannerLabelCache
+    from edge_tdmpc.distill.offline import _teacher_tasks
+    ds = EpisodeDataset(dataset)
+    if seed is None:
+        seed = int((ds.meta.get("collect") or {}).get("seed", 0))
+    cache = PlannerLabelCache.build(teacher, ds, out, teacher_tasks or _teacher_tasks(teacher, ds.tasks), runtime,
+                                    precision, workers=workers, seed=seed, echo=click.echo)
+    click.echo(f"{out}: planner labels of {cache.array.shape[0]} states")
 
 
 @data.command()

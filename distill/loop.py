@@ -51,10 +51,12 @@ def closed_loop_eval(model: WorldModel, tasks, episodes=1, steps=100, seed=0, mp
 
 
 def fit(trainer: Trainer, sampler, steps: int, out, save_every=10_000, log_every=100, eval_every=0,
-        eval_fn=None, resume=False, logger=None, progress=True, echo=print, on_save=None) -> dict:
+        eval_fn=None, resume=False, logger=None, progress=True, echo=print, on_save=None, sampler_tag=0) -> dict:
     """Train to `steps` updates: log averaged metrics, eval, checkpoint (state + student.pt) every N steps.
 
-    With `resume`, continues from the newest readable state in out/checkpoints, bit-for-bit."""
+    With `resume`, continues from the newest readable state in out/checkpoints, bit-for-bit. `sampler_tag` names
+    the data the sampler draws from (a DAgger phase): a saved sampler state of other data is not restored, the
+    sampler starts its own stream."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -68,7 +70,8 @@ def fit(trainer: Trainer, sampler, steps: int, out, save_every=10_000, log_every
         state = ckpts.latest(echo if lead else (lambda *_: None))
         if state is not None:
             trainer.load_state_dict(state["trainer"])
-            sampler.load_state_dict(state["sampler"])
+            if state.get("sampler_tag", 0) == sampler_tag:
+                sampler.load_state_dict(state["sampler"])
             torch.set_rng_state(state["torch_rng"])
             resume_step = trainer.step
             if lead:
@@ -78,7 +81,7 @@ def fit(trainer: Trainer, sampler, steps: int, out, save_every=10_000, log_every
     def save():
         if lead:
             state = {"trainer": trainer.state_dict(), "sampler": sampler.state_dict(),
-                     "torch_rng": torch.get_rng_state()}
+                     "torch_rng": torch.get_rng_state(), "sampler_tag": sampler_tag}
             ckpts.save(state, trainer.step)
             save_model(trainer.model, out / "student.pt")
             if on_save is not None:

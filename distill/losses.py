@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from edge_tdmpc.model import soft_ce, two_hot_inv
 
-DISTILL_TERMS = ("reward", "value", "policy", "latent")
+DISTILL_TERMS = ("reward", "value", "policy", "latent", "planner")
+TEACHER_TERMS = DISTILL_TERMS[:4]  # targets from the teacher's networks; "planner" from its planner's labels
+PLANNER_LOSSES = ("mse", "nll")
 
 
 def rho_weights(n: int, rho: float, device=None) -> torch.Tensor:
@@ -102,3 +104,28 @@ def policy_distill_loss(student_mean, teacher_mean):
 def latent_distill_loss(projected_next_z, teacher_next_z):
     """MSE(P z'_student, z'_teacher): the student's predicted next latent, projected to the teacher's size."""
     return F.mse_loss(projected_next_z, teacher_next_z)
+
+
+# --- planner distillation: the policy prior learns the teacher planner's first action ----------------------
+def split_plan_label(label, action_dim: int):
+    """[B, 3A'] rows of `planner.PlanLabel` (mean, std, eval_action) -> three [B, action_dim] (zero-padded or cut:
+    the padded action dims of a multi-task model are 0)."""
+    from edge_tdmpc.distill.teacher import fit_dim
+    return tuple(fit_dim(x, action_dim) for x in label.chunk(3, dim=-1))
+
+
+def planner_distill_loss(pi_info: dict, label, mask, kind: str = "mse", eps: float = 1e-3):
+    """The policy prior's first action against the planner's, at obs_0 (B rows); `mask` [B, A] marks the task's
+    action dims.
+
+    mse: MSE(tanh(mu), planner mean) over the task's dims: moves the action the prior executes in eval mode.
+    nll: the planner mean's negative log-likelihood under the prior's Gaussian before the tanh (its atanh,
+    clipped to 1 - eps): moves mu and also fits log_std, weighting each dim by the prior's own confidence."""
+    mean, _, _ = label
+    n = mask.sum().clamp(min=1)
+    if kind == "mse":
+        return ((pi_info["mean"] - mean) * mask).pow(2).sum() / n
+    u = torch.atanh(mean.clamp(-1 + eps, 1 - eps))
+    log_std = pi_info["log_std"]
+    nll = 0.5 * ((u - pi_info["mu"]) * torch.exp(-log_std)).pow(2) + log_std
+    return (nll * mask).sum() / n

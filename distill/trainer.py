@@ -19,13 +19,17 @@ import torch.nn.functional as F
 
 from edge_tdmpc.distill.losses import (
     DISTILL_TERMS,
+    PLANNER_LOSSES,
+    TEACHER_TERMS,
     RunningScale,
     consistency_loss,
     latent_distill_loss,
+    planner_distill_loss,
     policy_distill_loss,
     policy_loss,
     reward_distill_loss,
     reward_loss,
+    split_plan_label,
     td_target,
     value_distill_loss,
     value_loss,
@@ -47,9 +51,13 @@ class TrainConfig:
     value_coef: float = 0.1
     entropy_coef: float = 1e-4
     tau: float = 0.01
-    # TD-MPC-Opt: d_coef x sum of the selected distillation terms (d_coef 0 = the from-scratch baseline)
+    # TD-MPC-Opt: d_coef x sum of the selected teacher terms (d_coef 0 = the from-scratch baseline)
     d_coef: float = 0.4
     distill: tuple[str, ...] = ("reward",)
+    # planner distillation ("planner" in distill): planner_coef x the policy's loss to the planner's labels,
+    # beside TD-MPC2's policy objective
+    planner_coef: float = 1.0
+    planner_loss: str = "mse"
     seed: int = 1
 
     @classmethod
@@ -64,15 +72,24 @@ class TrainConfig:
         bad = [t for t in cfg.distill if t not in DISTILL_TERMS]
         if bad:
             raise ValueError(f"unknown distillation term(s) {bad}: choose from {','.join(DISTILL_TERMS)}")
-        if cfg.d_coef < 0:
+        if not cfg.d_coef >= 0:
             raise ValueError(f"d_coef must be >= 0 (0 = no distillation), got {cfg.d_coef}")
+        if not cfg.planner_coef >= 0:
+            raise ValueError(f"planner_coef must be >= 0 (0 = the term is only logged), got {cfg.planner_coef}")
+        if cfg.planner_loss not in PLANNER_LOSSES:
+            raise ValueError(f"planner_loss {cfg.planner_loss!r}: choose from {', '.join(PLANNER_LOSSES)}")
         if cfg.batch_size < 1:
             raise ValueError(f"batch size must be positive, got {cfg.batch_size}")
         return cfg
 
     @property
+    def teacher_terms(self) -> tuple[str, ...]:
+        return tuple(t for t in self.distill if t in TEACHER_TERMS)
+
+    @property
     def distilling(self) -> bool:
-        return self.d_coef > 0 and bool(self.distill)
+        """Whether the teacher's networks weigh in (the planner term's labels are data, not a teacher)."""
+        return self.d_coef > 0 and bool(self.teacher_terms)
 
 
 class _Noise(NamedTuple):
@@ -107,14 +124,20 @@ class Trainer:
     """Holds the student, its two optimisers, the running Q scale and the noise generator.
 
     With a teacher (or label cache) the selected distillation terms are computed and logged even at d_coef 0
-    (how far the from-scratch baseline is from the teacher); they then weigh exactly nothing."""
+    (how far the from-scratch baseline is from the teacher); they then weigh exactly nothing. The planner term
+    reads `plan_labels` (`distill.labels`: `lookup(index) -> [B, 3A]`), logged likewise at planner_coef 0."""
 
-    def __init__(self, model: WorldModel, cfg: TrainConfig, teacher=None, labels=None, rank=0, world_size=1):
+    def __init__(self, model: WorldModel, cfg: TrainConfig, teacher=None, labels=None, rank=0, world_size=1,
+                 plan_labels=None):
         if cfg.distilling and teacher is None and labels is None:
-            raise ValueError(f"d_coef {cfg.d_coef} with terms {cfg.distill} needs a teacher (or a label "
+            raise ValueError(f"d_coef {cfg.d_coef} with terms {cfg.teacher_terms} needs a teacher (or a label "
                              "cache); pass --d-coef 0 for the from-scratch baseline")
+        if "planner" in cfg.distill and plan_labels is None:
+            raise ValueError("the planner term needs the teacher planner's labels: data collected with --mpc, "
+                             "or a --teacher to label the data with")
         self.model, self.cfg, self.teacher, self.labels = model, cfg, teacher, labels
-        self.distill = tuple(cfg.distill) if (teacher is not None or labels is not None) else ()
+        self.distill = cfg.teacher_terms if (teacher is not None or labels is not None) else ()
+        self.plan_labels = plan_labels if "planner" in cfg.distill else None
         self.rank, self.world_size = rank, world_size
         self.device = next(model.parameters()).device
         self.step = 0
@@ -261,9 +284,11 @@ class Trainer:
         total = (cfg.consistency_coef * info["consistency_loss"] + cfg.reward_coef * info["reward_loss"]
                  + cfg.value_coef * info["value_loss"])
 
-        labels = None
+        labels = {}
+        if self.plan_labels is not None:
+            labels["planner"] = split_plan_label(self.plan_labels.lookup(batch.index).to(dev), m.cfg.action_dim)
         if self.distill:
-            labels = self._teacher_labels(batch)
+            labels.update(self._teacher_labels(batch))
             terms = {}
             if "reward" in labels:
                 terms["reward"] = reward_distill_loss(reward_logits[0], labels["reward"])
@@ -273,7 +298,7 @@ class Trainer:
                 terms["latent"] = latent_distill_loss(self.proj(zs[1]), labels["latent"])
             for k, v in terms.items():
                 info[f"distill_{k}_loss"] = v
-                total = total + cfg.d_coef * v
+                total = total + cfg.d_coef * v  # the paper's weight for every teacher term
         info["total_loss"] = total
 
         total.backward()
@@ -304,9 +329,16 @@ class Trainer:
             self.scale.update(self._all_gather(q[0]))
             loss = policy_loss(self.scale(q), pi["scaled_entropy"], cfg.rho, cfg.entropy_coef)
             out = {"pi_loss": loss}
-            if labels is not None and "policy" in labels:
+            if "policy" in labels:
                 out["distill_policy_loss"] = policy_distill_loss(pi["mean"][0], labels["policy"])
                 loss = loss + cfg.d_coef * out["distill_policy_loss"]
+            if "planner" in labels:  # the first latent's policy (obs_0's, where the planner acted)
+                mask = (m._action_masks[task] if task is not None
+                        else torch.ones_like(pi["mean"][0]))
+                first = {k: pi[k][0] for k in ("mean", "mu", "log_std")}
+                out["distill_planner_loss"] = planner_distill_loss(first, labels["planner"], mask, cfg.planner_loss)
+                if cfg.planner_coef > 0:  # at 0 only logged: the update is bitwise the one without the term
+                    loss = loss + cfg.planner_coef * out["distill_planner_loss"]
             loss.backward()
         finally:
             m._Qs.requires_grad_(True)

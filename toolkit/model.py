@@ -169,10 +169,10 @@ class WorldModel(nn.Module):
         log_prob = (-0.5 * eps.pow(2) - log_std - 0.9189385175704956).sum(-1, keepdim=True)
         scaled_log_prob = log_prob * size
         action = mean + eps * log_std.exp()
-        mean, action = torch.tanh(mean), torch.tanh(action)
+        mu, mean, action = mean, torch.tanh(mean), torch.tanh(action)
         log_prob = log_prob - torch.log(F.relu(1 - action.pow(2)) + 1e-6).sum(-1, keepdim=True)
         entropy_scale = scaled_log_prob / (log_prob + 1e-8)
-        info = dict(mean=mean, log_std=log_std, log_prob=log_prob, entropy=-log_prob,
+        info = dict(mean=mean, mu=mu, log_std=log_std, log_prob=log_prob, entropy=-log_prob,
                     scaled_entropy=-log_prob * entropy_scale)
         return action, info
 
