@@ -5,6 +5,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -239,6 +240,10 @@ def distill(data, out, teacher=None, options: DistillOptions | None = None, *, r
         student = build_student(tasks, opts.student_size, cfg.seed, device, **opts.student_dims)
     trainer = Trainer(student, cfg, teacher=teach, labels=labels, rank=rank, world_size=world,
                       plan_labels=plan_labels)
+    if opts.init == "teacher":  # a resumed run restores its own scale over this
+        n = dataset.num_valid_slices(opts.horizon)  # evenly spread over the data (every task), no RNG
+        start = dataset.slice_index(np.unique(np.linspace(0, n - 1, cfg.batch_size).astype(np.int64)), opts.horizon)
+        trainer.warm_scale(dataset.gather(start, opts.horizon))
     eval_fn = None
     if opts.eval_every:
         present = sorted(set(dataset.episode_table()["task"].tolist()))

@@ -200,6 +200,20 @@ class Trainer:
             wm_drop, pi_drop = mask(H), mask(H + 1)
         return _Noise(self._local(td_eps, 1), td_qidx, self._local(pi_eps, 1), pi_qidx, wm_drop, pi_drop)
 
+    @torch.no_grad()
+    def warm_scale(self, batch):
+        """Start the running Q scale at the model's own 5-95 percentile range of Q(z, pi(z)) on `batch` (its
+        first latents, the policy's mean action) instead of 1: a student starting from trained weights (--init
+        teacher) has Q values in the hundreds, and a scale of 1 would let the Q term swamp every other policy
+        objective for the hundreds of updates the scale takes to catch up (tau 0.01). No random draw."""
+        m = self.model
+        task = batch.task.to(self.device) if m.cfg.multitask else None
+        z = m.encode(fit_dim(batch.obs[0].to(self.device), m.cfg.obs_dim), task)
+        _, mean = m.pi(z, task, eps=torch.zeros(z.shape[0], m.cfg.action_dim, device=self.device))
+        q = m.Q(z, mean, task, "avg", qidx=torch.arange(2, device=self.device))
+        p = self.scale._percentile(self._all_gather(q).float())
+        self.scale.value.fill_(float(torch.clamp(p[1] - p[0], min=1.0)))
+
     # --- distributed helpers (no-ops in a single process) -------------------------------------------------
     def _all_gather(self, x):
         if self.world_size == 1:
