@@ -189,6 +189,7 @@ def run_round(r: int, student, data, present, run_dir, teacher, teacher_tasks, s
             for ep in tqdm(results, total=len(jobs), unit="ep", desc=f"dagger round {r}", disable=not progress):
                 writer.add(ep["obs"], ep["action"], ep["reward"], task=ep["task"], key=ep["key"],
                            **{FIELD: ep["planner"]})
+                writer.flush()  # each episode costs a planner's worth of labels: a kill loses none
         finally:
             if pool is not None:
                 pool.terminate()
