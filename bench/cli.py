@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from edge_tdmpc.bench.distill_study import main as distill_study
 from edge_tdmpc.bench.harness import BenchOptions
 from edge_tdmpc.compile.artifact import CompileOptions
 from edge_tdmpc.options import click_options, pop_settings
@@ -33,6 +34,7 @@ def bench():
       edge-tdmpc bench step-latency CKPT --precisions fp32,int8 --steps 30   (planning-step latency, |Δa|)
       edge-tdmpc bench train-speed --teacher-sizes 5,1 --updates 20        (trainer updates/s, peak RSS)
       edge-tdmpc bench wallclock CKPT --task cartpole-balance --hz 20      (real clock vs simulated time)
+      edge-tdmpc bench distill-study run|report ...                        (the MT30 distillation study)
     """
 
 
@@ -138,6 +140,9 @@ def wallclock_cmd(checkpoint, task, hz, ticks, runtime, precision, fallback, see
     """The robot loop in wall-clock time, with a DMC task as the plant, against the bench's simulated time."""
     from edge_tdmpc.bench.wallclock import benchmark
     benchmark(checkpoint, task, hz, ticks, runtime, precision, fallback, seed, echo=click.echo)
+
+
+bench.add_command(distill_study, "distill-study")
 
 
 @click.command()

@@ -1,0 +1,241 @@
+"""The MT30 distillation study: students x objectives x training seeds, trained by `edge-tdmpc distill`, scored by
+`edge-tdmpc bench --no-mpc`, reported with bootstrap intervals (docs/results/distill-mt30.md).
+
+    edge-tdmpc bench distill-study run --teacher T --data D --out runs/study --grid '1M-teacher:tdmpc2,planner:1,2,3'
+    edge-tdmpc bench distill-study report runs/study --teacher-bench prior=runs/teacher/report.json --md FILE
+
+`run` is resumable: a run whose student and bench reports exist is skipped, an interrupted one resumes
+(`distill --resume`, `bench --resume`). Each run is a subprocess with one torch thread; --jobs of them at once.
+"""
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+# student: the flags that make it
+STUDENTS = {
+    "1M-teacher": ["--init", "teacher"],                        # (a) the teacher's own weights, 1M
+    "s128": ["--student-size", "custom", "--student-dims",     # (b) from scratch, 128 wide (~0.2M)
+             "enc_dim=128,mlp_dim=128,latent_dim=64,num_q=5,task_dim=96"],
+}
+# objective: the flags that make it (equal data, equal updates)
+OBJECTIVES = {
+    "tdmpc2": ["--d-coef", "0", "--distill", ""],
+    "reward": ["--d-coef", "0.4", "--distill", "reward"],
+    "planner": ["--d-coef", "0", "--distill", "planner"],
+    "reward+planner": ["--d-coef", "0.4", "--distill", "reward,planner"],
+    "planner+dagger": ["--d-coef", "0", "--distill", "planner", "--dagger", "1"],
+}
+EVALS = {"eval": "--eval-mode", "stochastic": "--stochastic"}
+
+
+@dataclass(frozen=True)
+class Run:
+    student: str
+    objective: str
+    seed: int
+    steps: int
+    extra: tuple = field(default=())
+
+    @property
+    def name(self) -> str:
+        return f"{self.student}-{self.objective}-s{self.seed}"
+
+
+def grid(spec: str, steps: int) -> list[Run]:
+    """'student:obj1,obj2:seeds;...' e.g. '1M-teacher:tdmpc2,planner:1,2,3;s128:tdmpc2,reward:1'."""
+    runs = []
+    for part in filter(None, spec.split(";")):
+        student, objectives, seeds = part.split(":")
+        if student not in STUDENTS:
+            raise click.BadParameter(f"unknown student {student!r}: choose from {', '.join(STUDENTS)}")
+        for o in objectives.split(","):
+            if o not in OBJECTIVES:
+                raise click.BadParameter(f"unknown objective {o!r}: choose from {', '.join(OBJECTIVES)}")
+            runs += [Run(student, o, int(s), steps) for s in seeds.split(",")]
+    return runs
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "edge_tdmpc.cli", *args]
+
+
+def execute(run: Run, teacher, data, out: Path, flags: list[str], episodes: int, dagger_steps: int,
+            evals=tuple(EVALS)) -> str:
+    d = out / run.name
+    env = dict(os.environ, OMP_NUM_THREADS="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "disable"))
+    log = open(out / f"{run.name}.log", "a")
+    if not (d / "done").exists():
+        cmd = _cli("distill", "--teacher", str(teacher), "--data", str(data), "--out", str(d), "--steps",
+                   str(run.steps), "--seed", str(run.seed), "--threads", "1", "--no-progress", "--device", "cpu",
+                   "--label-cache", str(d / "labels"), "--dagger-steps", str(dagger_steps), "--workers", "1",
+                   *STUDENTS[run.student], *OBJECTIVES[run.objective], *flags)
+        if (d / "checkpoints").exists():
+            cmd.append("--resume")
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+        (d / "done").write_text("")
+    for kind in evals:
+        flag = EVALS[kind]
+        if not (d / f"bench-{kind}" / "report.json").exists():
+            subprocess.run(_cli("bench", "run", str(d / "student.pt"), "--tasks", "mt30", "--no-mpc", flag,
+                                "--episodes", str(episodes), "--seed", "1", "--workers", "1", "--warmup", "0",
+                                "--out", str(d / f"bench-{kind}"), "--resume"),
+                           check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return run.name
+
+
+@click.group()
+def main():
+    """The MT30 distillation study."""
+
+
+@main.command()
+@click.option("--teacher", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--grid", "spec", required=True, help="student:objectives:seeds;... (see `grid`)")
+@click.option("--steps", default=2000, show_default=True, help="updates per run")
+@click.option("--episodes", default=3, show_default=True, help="bench episodes per task (seed 1)")
+@click.option("--dagger-steps", default=100, show_default=True, help="steps per DAgger episode")
+@click.option("--jobs", default=2, show_default=True, help="runs at once")
+@click.option("--flags", default="", help="extra distill flags for every run, e.g. '--planner-coef 1'")
+@click.option("--evals", default="eval,stochastic", show_default=True, help="bench protocols: eval (mode), stochastic")
+def run(teacher, data, out, spec, steps, episodes, dagger_steps, jobs, flags, evals):
+    """Train and bench every run of --grid (resumable)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = grid(spec, steps)
+    kinds = tuple(k for k in evals.split(",") if k)
+    with ThreadPoolExecutor(jobs) as pool:
+        for name in pool.map(lambda r: execute(r, teacher, data, out, flags.split(), episodes, dagger_steps, kinds),
+                             runs):
+            click.echo(f"done: {name}")
+
+
+# --- report ----------------------------------------------------------------------------------------------------
+def scores(report_path) -> dict[str, float]:
+    """task -> score (mean return / 10 over the report's episodes) of a bench report's first row set."""
+    rows = json.loads(Path(report_path).read_text())["rows"]
+    return {r["task"]: r["score"] for r in rows}
+
+
+def bootstrap(table: np.ndarray, reps=2000, seed=0) -> tuple[float, float, float]:
+    """Mean over tasks of the mean over seeds of table [tasks, seeds], and its 95% interval: tasks resampled
+    with replacement, and the training seeds within each task."""
+    rng = np.random.default_rng(seed)
+    T, S = table.shape
+    ti = rng.integers(0, T, (reps, T))
+    si = rng.integers(0, S, (reps, T, S))
+    boot = table[ti[..., None], si].mean(axis=(1, 2))
+    return float(table.mean()), *map(float, np.percentile(boot, [2.5, 97.5]))
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, reps=2000, seed=0) -> tuple[float, float, float]:
+    """mean(a) - mean(b) over tasks [tasks, seeds each], with the 95% interval of a task-paired bootstrap."""
+    rng = np.random.default_rng(seed)
+    T = a.shape[0]
+    ti = rng.integers(0, T, (reps, T))
+    sa = rng.integers(0, a.shape[1], (reps, T, a.shape[1]))
+    sb = rng.integers(0, b.shape[1], (reps, T, b.shape[1]))
+    boot = a[ti[..., None], sa].mean(axis=(1, 2)) - b[ti[..., None], sb].mean(axis=(1, 2))
+    return float(a.mean() - b.mean()), *map(float, np.percentile(boot, [2.5, 97.5]))
+
+
+def collect_results(out: Path) -> dict:
+    """{(student, objective): {kind: {seed: {task: score}}}} of every finished run under `out`."""
+    res = {}
+    for d in sorted(p for p in out.iterdir() if p.is_dir() and (p / "done").exists()):
+        head, seed = d.name.rsplit("-s", 1)
+        seed = int(seed)
+        student = next(s for s in STUDENTS if head.startswith(s + "-"))
+        objective = head[len(student) + 1:]
+        for kind in EVALS:
+            path = d / f"bench-{kind}" / "report.json"
+            if path.exists():
+                res.setdefault((student, objective), {}).setdefault(kind, {})[seed] = scores(path)
+    return res
+
+
+def table(per_seed: dict[int, dict[str, float]], tasks) -> np.ndarray:
+    return np.array([[per_seed[s][t] for s in sorted(per_seed)] for t in tasks])
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--teacher-bench", multiple=True, help="NAME=report.json of the teacher (prior, planner)")
+@click.option("--md", type=click.Path(dir_okay=False), default=None, help="write the tables here")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="score against updates (PNG)")
+def report(out, teacher_bench, md, plot):
+    """Tables (score and 95% interval per student x objective, per task) and the learning-curve plot."""
+    out = Path(out)
+    res = collect_results(out)
+    refs = {k: scores(v) for k, v in (x.split("=", 1) for x in teacher_bench)}
+    tasks = list(next(iter(refs.values())) if refs else next(iter(next(iter(res.values())).values()))[1])
+    lines = ["| student | objective | seeds | prior, eval mode | prior, stochastic |", "|---|---|---|---|---|"]
+    for name, sc in refs.items():
+        v = np.array([sc[t] for t in tasks])[:, None]
+        lines.append(f"| teacher | {name} | – | {_ci(bootstrap(v))} | |")
+    for (student, objective), kinds in res.items():
+        cells = [_ci(bootstrap(table(kinds[k], tasks))) if k in kinds else "–" for k in EVALS]
+        seeds = len(next(iter(kinds.values())))
+        lines.append(f"| {student} | {objective} | {seeds} | {cells[0]} | {cells[1]} |")
+    lines += ["", "Differences (task-paired bootstrap, eval mode):", "",
+              "| student | objective | vs | difference |", "|---|---|---|---|"]
+    for (student, objective), kinds in res.items():
+        base = res.get((student, "tdmpc2"), {}).get("eval")
+        if objective != "tdmpc2" and base and "eval" in kinds:
+            d = paired_difference(table(kinds["eval"], tasks), table(base, tasks))
+            lines.append(f"| {student} | {objective} | tdmpc2 | {_ci(d, signed=True)} |")
+    lines += ["", "Per task (eval mode, mean over seeds):", "",
+              "| task | " + " | ".join([*refs, *(f"{s} {o}" for s, o in res)]) + " |",
+              "|---|" + "---|" * (len(refs) + len(res))]
+    for t in tasks:
+        cells = [f"{refs[r][t]:.1f}" for r in refs]
+        cells += [f"{np.mean([v[t] for v in k['eval'].values()]):.1f}" if "eval" in k else "–" for k in res.values()]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    click.echo(text)
+    if md:
+        Path(md).write_text(text + "\n")
+    if plot:
+        curves(out, res, plot)
+
+
+def _ci(x, signed=False) -> str:
+    m, lo, hi = x
+    f = "+.2f" if signed else ".2f"
+    return f"{m:{f}} [{lo:{f}}, {hi:{f}}]"
+
+
+def curves(out: Path, res: dict, path):
+    """Score of the periodic eval (metrics.jsonl, eval mode, 1 episode per task) against updates, mean over
+    seeds per student x objective."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for student, objective in res:
+        by_step = {}
+        for d in out.glob(f"{student}-{objective}-s*"):
+            for line in (d / "metrics.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                if row["kind"] == "eval":
+                    by_step.setdefault(row["step"], []).append(row["mean_return"] / 10)
+        if by_step:
+            steps = sorted(by_step)
+            ax.plot(steps, [np.mean(by_step[s]) for s in steps], marker="o", label=f"{student} {objective}")
+    ax.set_xlabel("updates")
+    ax.set_ylabel("MT30 score of the prior (eval mode, 1 ep/task)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
