@@ -15,12 +15,12 @@ PARITY = SHARED / "reference" / "parity"
 SMALL = PlannerConfig(num_samples=64, num_elites=8, num_pi_trajs=4, iterations=3)
 
 
-def make_tiny_model(tasks="mt30", seed=0):
+def make_tiny_model(tasks="mt30", seed=0, task_dim=None):
     """A small random multitask model with the real architecture (fast to run in tests)."""
     from edge_tdmpc import WorldModel, make_config
     torch.manual_seed(seed)
     cfg = make_config(tasks, size=None, enc_dim=32, mlp_dim=32, latent_dim=16, num_q=2,
-                      task_dim=16 if tasks == "mt30" else 0)
+                      task_dim=task_dim if task_dim is not None else 16 if tasks == "mt30" else 0)
     model = WorldModel(cfg).eval()
     # official init zeroes reward/Q output layers; give them values so outputs are not trivially 0
     with torch.no_grad():
