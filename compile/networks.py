@@ -55,6 +55,8 @@ def _fold(W: np.ndarray, b: np.ndarray, segments: list[tuple[str, int]], emb) ->
     bias = b.astype(np.float64)[None]
     if "e" in parts:  # bias[t] = e_t @ W_e^T + b, in float64, rounded once
         bias = emb @ parts.pop("e").astype(np.float64).T + bias
+    elif emb is not None:  # multi-task with task_dim 0: the same bias for every task, still gathered by task
+        bias = np.repeat(bias, emb.shape[0], axis=0)
     return {k: np.ascontiguousarray(v.T, np.float32) for k, v in parts.items()}, bias.astype(np.float32)
 
 

@@ -21,6 +21,26 @@ def test_plan_graph_matches_plan_fp32(model, task, t0):
     assert_outputs_close(session.run(feed), record.reference_step(model, feed, SMALL), atol=1e-5)
 
 
+def test_plan_graph_gives_the_planner_label(model):
+    """std and eval_action, with mean[0] the planner's label of the step (planner.PlanLabel)."""
+    session = OnnxSession(export.step_graph(model, SMALL))
+    feed = make_feed(model, SMALL, seed=2, task=5)
+    obs, task, prev, t0, noise = record.feed_to_torch(feed)
+    _, mean, info = plan(model, obs, task, prev, t0, noise, SMALL, 0.99)
+    out = session.run(feed)
+    np.testing.assert_allclose(out["std"], info["std"][0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["eval_action"], info["eval_action"].numpy(), atol=1e-5)
+
+
+def test_multitask_model_without_task_embedding_runs_every_task():
+    from helpers import make_tiny_model
+    model = make_tiny_model("cartpole-balance,pendulum-swingup", seed=3)  # task_dim 0
+    session = OnnxSession(export.step_graph(model, SMALL))
+    for task in (0, 1):
+        feed = make_feed(model, SMALL, seed=task, task=task)
+        assert_outputs_close(session.run(feed), record.reference_step(model, feed, SMALL), atol=1e-5)
+
+
 def test_plan_graph_eval_mode_is_zero_action_noise(model):
     session = OnnxSession(export.step_graph(model, SMALL))
     feed = make_feed(model, SMALL, seed=1)
