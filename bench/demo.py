@@ -35,6 +35,8 @@ class Budget:
     noise_std: float = 0.1               # exploration noise on collected actions
     collect_planner: tuple = (("iterations", 3), ("num_samples", 128), ("num_elites", 16), ("num_pi_trajs", 8))
     distill_steps: int = 2_000
+    student_distill: tuple = ("reward", "planner")  # the planner term where the data has the planner's labels
+    planner_coef: float = 10.0
     distill_eval_every: int = 500        # closed-loop eval of student and baseline during distillation
     batch_size: int = 256
     eval_episodes: int = 2               # per task, per model x runtime x precision (MPPI rows: 1)
@@ -45,7 +47,8 @@ class Budget:
                        ("onnxruntime", "int8"))
 
 
-QUICK = Budget(teacher_steps=600, teacher_seed_steps=200, teacher_batch_size=64, collect_planner=(), episodes=1,
+QUICK = Budget(teacher_steps=600, teacher_seed_steps=200, teacher_batch_size=64, episodes=1,
+               collect_planner=(("iterations", 2), ("num_samples", 32), ("num_elites", 4), ("num_pi_trajs", 4)),
                episode_steps=100, distill_steps=60, distill_eval_every=30, batch_size=64, eval_episodes=1,
                eval_steps=50, plan_eval=False, runtimes=(("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")))
 
@@ -94,7 +97,7 @@ def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=pri
     teacher = Path(teacher)
 
     # 2. data from the teacher: a small MPPI planner (official datasets come from planning agents; an early
-    #    policy prior alone can be far worse), or the policy prior when collect_planner is empty (--quick)
+    #    policy prior alone can be far worse); its labels teach the student the planner (Budget.student_distill)
     mpc = bool(b.collect_planner)
     stage("data", lambda: collect(teacher, task_list, out / "data", episodes=b.episodes, mpc=mpc,
                                   noise_std=b.noise_std, steps=b.episode_steps, workers=workers, seed=seed,
@@ -106,10 +109,11 @@ def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=pri
                   batch_size=b.batch_size, seed=seed, save_every=max(b.distill_steps // 4, 1),
                   log_every=max(b.distill_steps // 20, 1), eval_every=b.distill_eval_every,
                   eval_steps=b.eval_steps, eval_episodes=b.eval_episodes, progress=progress, echo=echo)
-    for name, d_coef in (("student", 0.4), ("baseline", 0.0)):
-        stage(name, lambda name=name, d_coef=d_coef: distill(
-            out / "data", out / name, teacher=teacher, d_coef=d_coef,
-            resume=(out / name / "checkpoints").is_dir(), **common))
+    terms = student_terms(out / "data", b)
+    for name, d_coef, distill_terms in (("student", 0.4, terms), ("baseline", 0.0, "reward")):
+        stage(name, lambda name=name, d_coef=d_coef, distill_terms=distill_terms: distill(
+            out / "data", out / name, teacher=teacher, d_coef=d_coef, distill=distill_terms,
+            planner_coef=b.planner_coef, resume=(out / name / "checkpoints").is_dir(), **common))
 
     # 4-5. compile + bench
     models = {"teacher": teacher, "student": out / "student" / "student.pt", "baseline": out / "baseline" /
@@ -123,6 +127,14 @@ def demo(out, quick=False, teacher=None, tasks=None, workers=2, seed=1, echo=pri
 
 
 # --- bench: closed-loop episodes per model x runtime x precision -----------------------------------------------
+def student_terms(data, b: Budget) -> str:
+    """The student's distillation terms: the Budget's, without the planner term where the data has no planner
+    labels (collected by the policy prior: the quick form)."""
+    from edge_tdmpc.distill.data import EpisodeDataset
+    labelled = "planner" in EpisodeDataset(data).fields
+    return ",".join(t for t in b.student_distill if t != "planner" or labelled)
+
+
 def _runtimes(wanted):
     """The wanted (runtime, precision) pairs, and TensorRT fp16 where a GPU is present."""
     return list(wanted) + ([("tensorrt", "fp16")] if torch.cuda.is_available() else []), ""
@@ -158,6 +170,7 @@ def bench(models: dict, tasks, b: Budget, seed=1, echo=print) -> dict:
                             rets.append(ret)
                             lat += ms
                         row["returns"][task] = float(np.mean(rets))
+                        row.setdefault("episode_returns", {})[task] = rets
                     rt.close()
                 except Exception as e:  # noqa: BLE001
                     msg = " ".join(str(e).split())[:100]
@@ -245,9 +258,9 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
         "data": f"`edge-tdmpc data collect`: {b.episodes} episode(s) x {b.episode_steps} steps per task from the "
                 + (f"teacher planning (MPPI {dict(b.collect_planner)})" if b.collect_planner else
                    "teacher's policy prior") + f", stochastic + N(0, {b.noise_std}) action noise",
-        "student": f"`edge-tdmpc distill --d-coef 0.4 --distill reward`, {b.distill_steps} updates, batch "
-                   f"{b.batch_size}, dims {dict(b.student_dims)}",
-        "baseline": "same, `--d-coef 0` (from scratch), same data, steps and seed",
+        "student": f"`edge-tdmpc distill --d-coef 0.4 --distill {student_terms(out / 'data', b)} --planner-coef "
+                   f"{b.planner_coef}`, {b.distill_steps} updates, batch {b.batch_size}, dims {dict(b.student_dims)}",
+        "baseline": "same, TD-MPC2 alone (`--d-coef 0 --distill reward`: from scratch), same data, steps, seed",
         "bench": f"{b.eval_episodes} episode(s) (MPPI: 1) x {b.eval_steps} steps per task, eval-mode actions, "
                  "per model x runtime x precision",
     }
@@ -273,7 +286,8 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
     if data_info:
         lines += [f"Data: {data_info}", ""]
 
-    lines += ["## Distillation", "", "Same data, steps, batch and seed; only d_coef differs. Final training rows:",
+    lines += ["## Distillation", "", "Same data, steps, batch and seed; only the distillation terms differ. Final "
+              "training rows:",
               "", "| run | total loss | reward loss | value loss | MSE to teacher reward |", "|---|---|---|---|---|"]
     for name in ("student", "baseline"):
         rows = [r for r in metrics[name] if r.get("kind") == "train"]
@@ -282,8 +296,8 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
             err = r.get("distill_reward_loss", float("nan"))
             lines.append(f"| {name} (d_coef {0.4 if name == 'student' else 0}) | {r['total_loss']:.4f} | "
                          f"{r['reward_loss']:.4f} | {r['value_loss']:.4f} | {err:.5f} |")
-    lines += ["", "The total loss of the student includes 0.4 x its distillation term; the last column is measured "
-              "for both (the baseline's at zero weight).", ""]
+    lines += ["", "The student's total loss includes 0.4 x its reward term (its planner term is in the policy's "
+              "loss); the last column is measured for both (the baseline's at zero weight).", ""]
     evals = {n: {r["step"]: r for r in metrics[n] if r.get("kind") == "eval"} for n in ("student", "baseline")}
     steps = sorted(set(evals["student"]) | set(evals["baseline"]))
     if steps:
@@ -318,10 +332,31 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
               "onnxruntime, the compiled graph of that acting mode (the policy-prior graph holds the encoder "
               "and policy only).", "",
               "![returns](returns.png)" if ok else "", ""]
+    lines += prior_table(bench_rows, tasks)
     lines += ["## Reading it honestly", "", _verdict(bench_rows, metrics, quick), ""]
     path = out / "report.md"
     _write_text(path, "\n".join(lines))
     return path
+
+
+def prior_table(bench_rows, tasks) -> list[str]:
+    """The student's policy prior against the teacher's prior and planner (torch fp32), with 95% intervals from
+    a bootstrap over tasks and episodes: as wide as a demo's few episodes make them."""
+    from edge_tdmpc.bench.distill_study import bootstrap
+    rows = [r for r in bench_rows.get("rows", []) if "episode_returns" in r and (r["runtime"], r["precision"]) ==
+            ("torch", "fp32")]
+    if not rows:
+        return []
+    lines = ["## The student's prior against the teacher", "",
+             "Mean return over tasks (torch fp32, eval mode) and its 95% interval (bootstrap over tasks and "
+             "episodes):", "", "| model | acting | mean return | 95% interval | episodes per task |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        n = min(len(r["episode_returns"][t]) for t in tasks)
+        m, lo, hi = bootstrap(np.array([r["episode_returns"][t][:n] for t in tasks]))
+        lines.append(f"| {r['model']} | {'policy prior' if r['mode'] == 'policy' else 'MPPI planning'} | {m:.1f} | "
+                     f"[{lo:.1f}, {hi:.1f}] | {n} |")
+    return [*lines, ""]
 
 
 def _verdict(bench_rows, metrics, quick) -> str:

@@ -31,6 +31,7 @@ OBJECTIVES = {
     "planner": ["--d-coef", "0", "--distill", "planner"],
     "reward+planner": ["--d-coef", "0.4", "--distill", "reward,planner"],
     "planner+dagger": ["--d-coef", "0", "--distill", "planner", "--dagger", "1"],
+    "planner-nll": ["--d-coef", "0", "--distill", "planner", "--planner-loss", "nll", "--planner-coef", "1"],
 }
 EVALS = {"eval": "--eval-mode", "stochastic": "--stochastic"}
 
@@ -75,7 +76,7 @@ def execute(run: Run, teacher, data, out: Path, flags: list[str], episodes: int,
         cmd = _cli("distill", "--teacher", str(teacher), "--data", str(data), "--out", str(d), "--steps",
                    str(run.steps), "--seed", str(run.seed), "--threads", "1", "--no-progress", "--device", "cpu",
                    "--label-cache", str(d / "labels"), "--dagger-steps", str(dagger_steps), "--workers", "1",
-                   *STUDENTS[run.student], *OBJECTIVES[run.objective], *flags)
+                   *flags, *STUDENTS[run.student], *OBJECTIVES[run.objective])  # the run's own flags win
         if (d / "checkpoints").exists():
             cmd.append("--resume")
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)

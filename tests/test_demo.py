@@ -81,6 +81,10 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert {(r["runtime"], r["precision"]) for r in bench["rows"]} == set(QUICK.runtimes)
     assert all(np.isfinite(r["mean_return"]) for r in bench["rows"])
     assert "| student | policy | onnxruntime | fp32 |" in text
+    assert "## The student's prior against the teacher" in text and "| teacher | policy prior |" in text
+    run = json.loads((tmp_path / "student" / "run.json").read_text())  # planner-labelled data: the planner term
+    assert run["distill"] == ["reward", "planner"]
+    assert json.loads((tmp_path / "baseline" / "run.json").read_text())["d_coef"] == 0
     # a rerun resumes: every stage is skipped
     msgs = []
     demo(tmp_path, quick=True, workers=0, echo=msgs.append, progress=False)
