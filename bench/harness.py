@@ -16,7 +16,7 @@ from tqdm import tqdm
 from edge_tdmpc.bench import faithful, report
 from edge_tdmpc.bench.meters import environment
 from edge_tdmpc.bench.runner import EpisodeLog, Job, Settings, run_jobs
-from edge_tdmpc.checkpoint import load_model, read_state_dict, weights_sha256
+from edge_tdmpc.checkpoint import file_tasks, load_model, read_state_dict, weights_sha256
 from edge_tdmpc.compile.artifact import CompileOptions, read_manifest
 from edge_tdmpc.compile.runtimes import ARTIFACT_RUNTIMES, compile_for, make_runtime, runtime_class
 from edge_tdmpc.control import ActionFilter
@@ -53,9 +53,13 @@ def resolve_pairs(runtimes, precisions) -> list[tuple[str, str]]:
 
 
 def _model_tasks(path: Path, model_tasks, tasks) -> str:
-    """The task set a checkpoint was trained on: given, mt30 for multitask files, or the single task benched."""
+    """The task set a checkpoint was trained on: given, the one the file names, mt30 for other multitask files, or
+    the single task benched."""
     if model_tasks:
         return model_tasks
+    own = file_tasks(path)
+    if own:
+        return ",".join(own)
     if "_task_emb.weight" in read_state_dict(path):
         return "mt30"
     if len(tasks) != 1:
@@ -147,8 +151,8 @@ class BenchOptions:
     steps: int = setting(500, "agent steps per episode (500 = full)")
     warmup: int = setting(3, "untimed actions per runtime before its episodes")
     device: str = setting("cpu", "torch device for the runtimes (cpu, cuda)")
-    model_tasks: str | None = setting(None, "task set MODEL was trained on  [default: mt30, or the benched task for a "
-                                            "single-task file]")
+    model_tasks: str | None = setting(None, "task set MODEL was trained on  [default: the one the file names, "
+                                            "else mt30, or the benched task for a single-task file]")
     planner: PlannerConfig | dict | None = None  # a PlannerConfig or overrides (the flags: `PlannerOverrides`)
 
     def __post_init__(self):

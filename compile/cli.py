@@ -16,7 +16,8 @@ from edge_tdmpc.runtime import PRECISIONS
               help="device profile: cpu, jetson (= orin-nano), orin-nx, agx-orin, xavier-nx, thor, x86-dgpu, ...")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="artifact directory [default: out/<checkpoint>-<precision>-<target>]")
-@click.option("--tasks", default="mt30", show_default=True, help="task set the checkpoint was trained on")
+@click.option("--tasks", default=None, help="task set the checkpoint was trained on  [default: the one the file "
+              "names, else mt30]")
 @click_options(PlannerOverrides)
 @click_options(CompileOptions)
 def compile_cmd(checkpoint, precision, target, out, tasks, **settings):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from edge_tdmpc.distill.data import EpisodeDataset, EpisodeWriter
 from edge_tdmpc.distill.labels import FIELD, ConcatLabels
 from edge_tdmpc.distill.teacher import write_json
+from edge_tdmpc.distill.views import ConcatDataset
 from edge_tdmpc.seeding import derive_seed
 from edge_tdmpc.workers import die_with_parent
 
@@ -29,61 +30,6 @@ KEY_STRIDE = 10_000
 def phase_ends(steps: int, rounds: int) -> list[int]:
     """The update count at which each of the rounds+1 training phases ends."""
     return [steps * (p + 1) // (rounds + 1) for p in range(rounds + 1)]
-
-
-class ConcatDataset:
-    """Several EpisodeDatasets of one layout as one: global transition indices run through them in order."""
-
-    def __init__(self, parts):
-        self.parts = [p for p in parts if p.num_episodes]
-        first = self.parts[0]
-        for p in self.parts[1:]:
-            if (p.obs_dim, p.action_dim, p.tasks) != (first.obs_dim, first.action_dim, first.tasks):
-                raise ValueError(f"{p.root} and {first.root} have different dims or task sets")
-        self.root, self.tasks, self.obs_dim, self.action_dim = first.root, first.tasks, first.obs_dim, first.action_dim
-        self.offsets = np.cumsum([0] + [p.num_transitions for p in self.parts])[:-1]
-        self.fields = {k: v for k, v in first.fields.items() if all(p.fields.get(k) == v for p in self.parts)}
-
-    @property
-    def num_episodes(self):
-        return sum(p.num_episodes for p in self.parts)
-
-    @property
-    def num_transitions(self):
-        return sum(p.num_transitions for p in self.parts)
-
-    def episode_table(self):
-        tables = [p.episode_table() for p in self.parts]
-        out = {k: np.concatenate([t[k] for t in tables]) for k in ("length", "task", "key")}
-        out["offset"] = np.concatenate([t["offset"] + o for t, o in zip(tables, self.offsets, strict=True)])
-        return out
-
-    def num_valid_slices(self, horizon=3):
-        return sum(p.num_valid_slices(horizon) for p in self.parts)
-
-    def slice_index(self, s, horizon=3):
-        s = np.asarray(s, np.int64)
-        cum = np.cumsum([0] + [p.num_valid_slices(horizon) for p in self.parts])
-        part = np.searchsorted(cum, s, side="right") - 1
-        out = np.empty_like(s)
-        for k in np.unique(part):
-            m = part == k
-            out[m] = self.parts[k].slice_index(s[m] - cum[k], horizon) + self.offsets[k]
-        return out
-
-    def gather(self, index, horizon=3):
-        from edge_tdmpc.distill.data import Batch
-        index = np.asarray(index, np.int64).reshape(-1)
-        part = np.searchsorted(self.offsets, index, side="right") - 1
-        pieces, order = [], []
-        for k in np.unique(part):
-            m = np.flatnonzero(part == k)
-            pieces.append(self.parts[k].gather(index[m] - self.offsets[k], horizon))
-            order.append(m)
-        inv = np.argsort(np.concatenate(order), kind="stable")
-        cat = [torch.cat(x, dim=1 if x[0].dim() == 3 else 0) for x in zip(*pieces, strict=True)]
-        obs, action, reward, task, _ = cat
-        return Batch(obs[:, inv], action[:, inv], reward[:, inv], task[inv], torch.from_numpy(index.copy()))
 
 
 def training_data(base, base_labels, run_dir):

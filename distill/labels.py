@@ -102,7 +102,8 @@ class PlannerLabelCache:
         array = np.load(array_path, mmap_mode="r+")
         done = np.load(done_path)
         table = dataset.episode_table()
-        jobs = [int(i) for i in np.flatnonzero(~done)]
+        base = getattr(dataset, "keep", None)  # a TaskView: its episodes' indices in the dataset on disk
+        jobs = [(int(i), int(i if base is None else base[i])) for i in np.flatnonzero(~done)]
         if len(jobs) < dataset.num_episodes:
             echo(f"{root}: {dataset.num_episodes - len(jobs)} of {dataset.num_episodes} episodes are labelled, "
                  "resuming")
@@ -157,9 +158,10 @@ def _init(parent, settings):
     _WORKER.update(model=model, runtime=runtime, dataset=EpisodeDataset(settings["root"]), seed=settings["seed"])
 
 
-def _label(i):
+def _label(job):
+    i, on_disk = job
     ds, runtime, model = _WORKER["dataset"], _WORKER["runtime"], _WORKER["model"]
-    ep = ds.episode(i)
+    ep = ds.episode(on_disk)
     name = ds.tasks[ep["task"]]
     index = model.cfg.tasks.index(name) if model.cfg.multitask else None
     return i, label_episode(runtime, ep["obs"], index, derive_seed(_WORKER["seed"], ep["task"], ep["key"]))
@@ -172,8 +174,8 @@ def _labelled(jobs, workers, settings):
             try:
                 if jobs:
                     _init(None, settings)
-                for i in jobs:
-                    yield _label(i)
+                for job in jobs:
+                    yield _label(job)
             finally:
                 torch.set_num_threads(threads)
         return here(), None

@@ -16,6 +16,7 @@ from edge_tdmpc.distill.runlog import LOGGERS, external_logger
 from edge_tdmpc.distill.trainer import TrainConfig, Trainer, build_student, parse_dims, parse_size
 from edge_tdmpc.options import check_choices, check_min, setting, split_settings
 from edge_tdmpc.runtime import PRECISIONS, TORCH_DTYPES
+from edge_tdmpc.tasks import resolve_tasks
 
 INITS = ("scratch", "teacher")
 
@@ -25,7 +26,9 @@ class DistillOptions(LoopOptions):
     """The settings of `edge-tdmpc distill` and `distill()` (their flags: `--field-name`), as run.json records
     them. d_coef, distill, batch_size and seed (LoopOptions) are the run's side of the update's TrainConfig
     (their defaults are its); horizon is the Python API's only."""
-    teacher_tasks: str | None = setting(None, "teacher's task set [the data's, or mt30 for 30 tasks]")
+    teacher_tasks: str | None = setting(None, "teacher's task set [the one its file names, the data's, or mt30]")
+    tasks: tuple[str, ...] | None = setting(None, "the student's tasks, a subset of the data's (its dims: the "
+                                            "largest of theirs) [the data's]")
     student_size: int | None = setting(1, "size preset, or 'custom' with --student-dims", type=str)
     student_dims: dict | None = setting(None, "architecture overrides, e.g. mlp_dim=128,latent_dim=64", type=str)
     init: str = setting("scratch", "the student's start: fresh weights of --student-size, or the teacher's own "
@@ -61,6 +64,10 @@ class DistillOptions(LoopOptions):
         put("student_dims", parse_dims(self.student_dims, "--student-dims"))
         terms = self.distill.split(",") if isinstance(self.distill, str) else self.distill
         put("distill", tuple(t for t in terms if t))
+        if isinstance(self.tasks, str):
+            put("tasks", tuple(resolve_tasks(self.tasks)) or None)
+        elif self.tasks is not None:
+            put("tasks", tuple(self.tasks))
         if isinstance(self.eval_tasks, str):
             put("eval_tasks", tuple(t for t in self.eval_tasks.split(",") if t) or None)
         elif self.eval_tasks is not None:
@@ -85,7 +92,9 @@ class DistillOptions(LoopOptions):
 
 def load_teacher(path, tasks, precision="fp32", teacher_tasks=None, device="cpu"):
     """Load a teacher checkpoint; its task set is `teacher_tasks`, else the data's or MT30 by row count."""
-    from edge_tdmpc.checkpoint import load_model, read_state_dict, to_internal
+    from edge_tdmpc.checkpoint import file_tasks, load_model, read_state_dict, to_internal
+    if teacher_tasks is None and file_tasks(path):
+        teacher_tasks = ",".join(file_tasks(path))
     if teacher_tasks is None:
         sd = to_internal(read_state_dict(path))
         rows = sd["_task_emb.weight"].shape[0] if "_task_emb.weight" in sd else 1
@@ -123,13 +132,14 @@ def _teacher_tasks(path, tasks) -> str:
 
 
 def teacher_student(teacher, tasks, opts, device):
-    """--init teacher: the student is a copy of the teacher (its size; the data's task set must be its)."""
+    """--init teacher: the student is a copy of the teacher (its width), for the student's tasks: all of the
+    teacher's, or a subset (`tasksets.subset_model`: their embedding rows, the columns their dims keep)."""
     if opts.student_dims:
         raise ValueError("--init teacher starts from the teacher's weights, at its size: drop --student-dims")
     t = load_teacher(teacher, tasks, "fp32", opts.teacher_tasks, device).model
     if tuple(t.cfg.tasks) != tuple(tasks):
-        raise ValueError(f"--init teacher: the data's {len(tasks)} tasks are not the teacher's {len(t.cfg.tasks)} "
-                         "(a subset student is not built yet); collect the data on the teacher's task set")
+        from edge_tdmpc.tasksets import subset_model
+        t = subset_model(t, tasks)
     student = copy.deepcopy(t).requires_grad_(True).train(False)
     return student.float()
 
@@ -203,6 +213,9 @@ def distill(data, out, teacher=None, options: DistillOptions | None = None, *, r
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = EpisodeDataset(data)
+    if opts.tasks and tuple(opts.tasks) != dataset.tasks:
+        from edge_tdmpc.distill.views import TaskView
+        dataset = TaskView(dataset, opts.tasks)
     tasks = dataset.tasks
     if "planner" in cfg.distill and "planner" not in dataset.fields and teacher is None:
         raise ValueError(f"--distill planner: {data} carries no planner labels and there is no --teacher to label "
@@ -213,8 +226,8 @@ def distill(data, out, teacher=None, options: DistillOptions | None = None, *, r
     sampler = SliceSampler(dataset, horizon=opts.horizon, batch_size=cfg.batch_size // world, seed=cfg.seed,
                            device=device, rank=rank, world_size=world)
 
-    run = dict(data=str(Path(data).resolve()), teacher=str(teacher) if teacher else None, tasks=list(tasks),
-               **asdict(opts), world_size=world, train=asdict(cfg))
+    run = dict(data=str(Path(data).resolve()), teacher=str(teacher) if teacher else None,
+               **dict(asdict(opts), tasks=list(tasks)), world_size=world, train=asdict(cfg))
     if rank == 0:
         from edge_tdmpc.distill.teacher import write_json
         write_json(out / "run.json", run)

@@ -17,7 +17,7 @@ import torch
 from edge_tdmpc.config import PRESETS, ModelConfig, make_config
 from edge_tdmpc.files import atomic_write
 from edge_tdmpc.model import WorldModel
-from edge_tdmpc.tasks import TASK_SETS
+from edge_tdmpc.tasks import TASK_SETS, resolve_tasks
 
 _SLOTS = ("weight", "bias", "ln.weight", "ln.bias")
 _BOOKKEEPING = ("__batch_size", "__device")
@@ -169,8 +169,30 @@ def load_state_into(model: WorldModel, sd: dict):
     model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own})
 
 
-def load_model(path, tasks="mt30", size=None, dtype=torch.float32, device="cpu") -> WorldModel:
-    """Load an official-format TD-MPC2 checkpoint (either layout, fp16/fp32/quantized) -> eval-mode WorldModel."""
+def file_tasks(path) -> tuple[str, ...] | None:
+    """The task set a checkpoint written here names in our metadata (official files name none)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (read_state_dict says what is wrong with the file)
+        return None
+    ours = obj.get(METADATA) if isinstance(obj, dict) and isinstance(obj.get(METADATA), dict) else {}
+    return tuple(ours["tasks"]) if ours.get("tasks") else None
+
+
+def load_model(path, tasks=None, size=None, dtype=torch.float32, device="cpu") -> WorldModel:
+    """Load an official-format TD-MPC2 checkpoint (either layout, fp16/fp32/quantized) -> eval-mode WorldModel.
+
+    tasks: the file's task set: by default the one it names (files written here do), else MT30. A file that
+    names another task set than `tasks` is refused in one line."""
+    own = file_tasks(path)
+    if tasks is None:
+        tasks = ",".join(own) if own else "mt30"
+    elif own is not None:
+        wanted = tuple(resolve_tasks(tasks)) if isinstance(tasks, str) else tuple(tasks)
+        if wanted != own:
+            raise CheckpointError(f"{Path(path).name} is a model of {len(own)} task(s) ({','.join(own[:4])}"
+                                  f"{', ...' if len(own) > 4 else ''}), not of the {len(wanted)} asked for; load it "
+                                  "without naming tasks, or name its own")
     sd = to_internal(read_state_dict(path))
     sd, quantized = dequantize(sd)
     if quantized:
@@ -194,7 +216,8 @@ def save_model(model: WorldModel, path, dtype=None):
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu()
           for k, v in model.state_dict().items()}
     official = to_official(sd, model.cfg.num_q)
-    atomic_save({"model": official, METADATA: {"sha256": tensors_sha256(official)}}, path)
+    atomic_save({"model": official, METADATA: {"sha256": tensors_sha256(official), "tasks": list(model.cfg.tasks)}},
+                path)
 
 
 def tensors_sha256(sd: dict) -> str:

@@ -41,7 +41,8 @@ def main():
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--tasks", default="mt30", show_default=True, help="task set or task name the file was trained on")
+@click.option("--tasks", default=None, help="task set or task name the file was trained on  [default: the one the "
+              "file names, else mt30]")
 def inspect(checkpoint, tasks):
     """Size preset, task set, parameter counts, dtype and bytes on disk of CHECKPOINT."""
     from edge_tdmpc.inspect import summarize
@@ -50,7 +51,7 @@ def inspect(checkpoint, tasks):
 
 @main.command("eval")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--tasks", default="mt30", show_default=True, help="comma-separated task names, or mt30")
+@click.option("--tasks", default=None, help="comma-separated task names, or mt30  [default: the model's own]")
 @click.option("--episodes", default=1, show_default=True)
 @click.option("--seed", default=1, show_default=True)
 @click.option("--eval-mode/--stochastic", default=False, show_default=True,

@@ -9,16 +9,17 @@ from edge_tdmpc.runtime import TorchRuntime
 from edge_tdmpc.tasks import resolve_tasks
 
 
-def evaluate(checkpoint, tasks="mt30", episodes=1, seed=1, eval_mode=False, mpc=True, steps=500, echo=print):
+def evaluate(checkpoint, tasks=None, episodes=1, seed=1, eval_mode=False, mpc=True, steps=500, echo=print):
     """Per-task returns and scores of CHECKPOINT on the torch fp32 runtime; the episodes `edge-tdmpc bench` runs
     for the same seed."""
     for name, v in (("episodes", episodes), ("steps", steps)):
         if not v >= 1:
             raise ValueError(f"--{name} must be at least 1, got {v}: a run that does nothing is no result")
-    tasks = resolve_tasks(tasks)
-    if not tasks:
+    tasks = None if tasks is None else resolve_tasks(tasks)
+    if tasks is not None and not tasks:
         raise ValueError("no tasks given: pass --tasks mt30 or comma-separated task names")
     model = load_model(checkpoint)
+    tasks = list(model.cfg.tasks) if tasks is None else tasks
     for t in tasks:
         if t not in model.cfg.tasks:
             raise ValueError(f"task '{t}' is not in this checkpoint's task set ({len(model.cfg.tasks)} tasks)")

@@ -6,7 +6,7 @@ from collections import Counter
 from edge_tdmpc.checkpoint import load_model, read_state_dict
 
 
-def summarize(path, tasks="mt30") -> str:
+def summarize(path, tasks=None) -> str:
     raw = read_state_dict(path)
     dtypes = Counter(str(v.dtype).replace("torch.", "") for v in raw.values() if hasattr(v, "dtype"))
     with warnings.catch_warnings():

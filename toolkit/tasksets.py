@@ -1,0 +1,63 @@
+"""A model for a subset of its tasks: `subset_model(model, tasks)`.
+
+The subset keeps the task-embedding rows of its tasks, and its observation and action dims are the largest of
+its tasks' own (a walker-only model takes 24/6, a cartpole-only one 5/1). A multi-task model zero-pads every
+task's observation and action to its own dims, and the padded inputs multiply first-layer columns that then
+contribute nothing: cutting those columns (and the policy's outputs for the cut action dims) gives a smaller
+model whose outputs on its tasks equal the original's (latents, values, rewards and dynamics bit for bit; the
+policy's last layer, a GEMM of another shape, to float rounding). The policy's log-probability differs by a
+constant: the official one counts -log(2 pi)/2 for every padded dim too. That is the start of a subset student
+(`distill --tasks LIST --init teacher`).
+"""
+from dataclasses import replace
+
+from edge_tdmpc.model import WorldModel
+from edge_tdmpc.tasks import MT30_DIMS, resolve_tasks
+
+
+def subset_config(cfg, tasks):
+    """The config of `cfg` for `tasks` (names in cfg.tasks; at least two: a multi-task model)."""
+    tasks = tuple(resolve_tasks(tasks) if isinstance(tasks, str) else tasks)
+    unknown = [t for t in tasks if t not in cfg.tasks]
+    if unknown:
+        raise ValueError(f"task {unknown[0]!r} is not in the model's task set ({len(cfg.tasks)} tasks); pick tasks "
+                         "it was trained on")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"duplicate task in {','.join(tasks)}: name each task once")
+    if len(tasks) < 2 or not cfg.multitask:
+        raise ValueError("a subset student needs a multi-task model and at least two of its tasks")
+    rows = [cfg.tasks.index(t) for t in tasks]
+    dims = [MT30_DIMS.get(t, (cfg.obs_dim, cfg.action_dims[i])) for t, i in zip(tasks, rows, strict=True)]
+    return replace(cfg, tasks=tasks, obs_dim=max(d[0] for d in dims), action_dim=max(d[1] for d in dims),
+                   action_dims=tuple(cfg.action_dims[i] for i in rows),
+                   episode_lengths=tuple(cfg.episode_lengths[i] for i in rows) if cfg.episode_lengths else (),
+                   size=None), rows
+
+
+def subset_model(model: WorldModel, tasks) -> WorldModel:
+    """`model` restricted to `tasks`: their embedding rows, the input columns and policy outputs their dims keep."""
+    c = model.cfg
+    cfg, rows = subset_config(c, tasks)
+    out = WorldModel(cfg).to(next(model.parameters()).device)
+    sd = model.state_dict()
+    z, e, O, A, a = c.latent_dim, c.task_dim, cfg.obs_dim, c.action_dim, cfg.action_dim
+    keep_obs = [*range(O), *range(c.obs_dim, c.obs_dim + e)]                  # [obs, e] -> [obs', e]
+    keep_za = [*range(z + e), *range(z + e, z + e + a)]                      # [z, e, a] -> [z, e, a']
+    keep_pi = [*range(a), *range(A, A + a)]                                  # [mean, log_std] -> first a of each
+    new = {}
+    for k, v in sd.items():
+        if k == "_task_emb.weight":
+            v = v[rows]
+        elif k == "_action_masks":
+            v = v[rows][:, :a]
+        elif k == "_encoder.state.0.weight":
+            v = v[:, keep_obs]
+        elif k in ("_dynamics.0.weight", "_reward.0.weight"):
+            v = v[:, keep_za]
+        elif k.endswith("Qs.params.0.weight"):
+            v = v[:, :, keep_za]
+        elif k in ("_pi.2.weight", "_pi.2.bias"):
+            v = v[keep_pi]
+        new[k] = v.clone()
+    out.load_state_dict(new)
+    return out.train(model.training).requires_grad_(any(p.requires_grad for p in model.parameters()))
