@@ -9,6 +9,7 @@
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ OBJECTIVES = {
     "planner": ["--d-coef", "0", "--distill", "planner"],
     "reward+planner": ["--d-coef", "0.4", "--distill", "reward,planner"],
     "planner+dagger": ["--d-coef", "0", "--distill", "planner", "--dagger", "1"],
+    "planner-c100": ["--d-coef", "0", "--distill", "planner", "--planner-coef", "100"],
     "planner-nll": ["--d-coef", "0", "--distill", "planner", "--planner-loss", "nll", "--planner-coef", "1"],
 }
 EVALS = {"eval": "--eval-mode", "stochastic": "--stochastic"}
@@ -67,6 +69,19 @@ def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "edge_tdmpc.cli", *args]
 
 
+def _die_with_parent():
+    """In a run's process, before exec: SIGTERM when the driver dies (Linux), so a killed study leaves no run."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the runs finish on their own
+        pass
+
+
+def _run(cmd, log, env):
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+
+
 def execute(run: Run, teacher, data, out: Path, flags: list[str], episodes: int, dagger_steps: int,
             evals=tuple(EVALS)) -> str:
     d = out / run.name
@@ -79,15 +94,14 @@ def execute(run: Run, teacher, data, out: Path, flags: list[str], episodes: int,
                    *flags, *STUDENTS[run.student], *OBJECTIVES[run.objective])  # the run's own flags win
         if (d / "checkpoints").exists():
             cmd.append("--resume")
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _run(cmd, log, env)
         (d / "done").write_text("")
     for kind in evals:
         flag = EVALS[kind]
         if not (d / f"bench-{kind}" / "report.json").exists():
-            subprocess.run(_cli("bench", "run", str(d / "student.pt"), "--tasks", "mt30", "--no-mpc", flag,
-                                "--episodes", str(episodes), "--seed", "1", "--workers", "1", "--warmup", "0",
-                                "--out", str(d / f"bench-{kind}"), "--resume"),
-                           check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+            _run(_cli("bench", "run", str(d / "student.pt"), "--tasks", "mt30", "--no-mpc", flag, "--episodes",
+                      str(episodes), "--seed", "1", "--workers", "1", "--warmup", "0", "--out", str(d / f"bench-{kind}"),
+                      "--resume"), log, env)
     return run.name
 
 
