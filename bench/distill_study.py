@@ -100,8 +100,8 @@ def execute(run: Run, teacher, data, out: Path, flags: list[str], episodes: int,
         flag = EVALS[kind]
         if not (d / f"bench-{kind}" / "report.json").exists():
             _run(_cli("bench", "run", str(d / "student.pt"), "--tasks", "mt30", "--no-mpc", flag, "--episodes",
-                      str(episodes), "--seed", "1", "--workers", "1", "--warmup", "0", "--out", str(d / f"bench-{kind}"),
-                      "--resume"), log, env)
+                      str(episodes), "--seed", "1", "--workers", "1", "--warmup", "0", "--out",
+                      str(d / f"bench-{kind}"), "--resume"), log, env)
     return run.name
 
 
