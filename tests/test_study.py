@@ -1,0 +1,63 @@
+"""The distillation study's statistics and its grid: bootstrap intervals, paired differences, the report."""
+import json
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edge_tdmpc.bench import distill_study as study
+
+
+def test_bootstrap_interval_holds_the_mean_and_shrinks_with_more_tasks():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(10, 5, (6, 3)), rng.normal(10, 5, (60, 3))
+    for t in (small, large):
+        m, lo, hi = study.bootstrap(t)
+        assert lo < m < hi and m == pytest.approx(t.mean())
+    assert np.subtract(*study.bootstrap(large)[2:0:-1]) < np.subtract(*study.bootstrap(small)[2:0:-1])
+    assert study.bootstrap(np.full((5, 2), 3.0)) == (3.0, 3.0, 3.0)
+
+
+def test_paired_difference_sees_a_shift_that_task_variance_hides():
+    rng = np.random.default_rng(1)
+    tasks = rng.uniform(0, 100, (30, 1))  # tasks differ far more than the objectives do
+    a, b = tasks + 2 + rng.normal(0, 0.5, (30, 3)), tasks + rng.normal(0, 0.5, (30, 3))
+    d, lo, hi = study.paired_difference(a, b)
+    assert 0 < lo < d < hi and d == pytest.approx(2, abs=0.5)
+    m_a, lo_a, hi_a = study.bootstrap(a)
+    m_b, lo_b, hi_b = study.bootstrap(b)
+    assert lo_a < hi_b  # unpaired, the intervals overlap
+
+
+def test_grid_names_its_runs_and_refuses_unknown_students_or_objectives():
+    runs = study.grid("1M-teacher:tdmpc2,planner:1,2;s128:reward:3", 100)
+    assert [r.name for r in runs] == ["1M-teacher-tdmpc2-s1", "1M-teacher-tdmpc2-s2", "1M-teacher-planner-s1",
+                                      "1M-teacher-planner-s2", "s128-reward-s3"]
+    for spec in ("2M:tdmpc2:1", "s128:vibes:1"):
+        with pytest.raises(click.BadParameter):
+            study.grid(spec, 100)
+
+
+def _bench(path, scores):
+    path.mkdir(parents=True)
+    (path / "report.json").write_text(json.dumps({"rows": [{"task": t, "score": s} for t, s in scores.items()]}))
+
+
+def test_report_reads_finished_runs(tmp_path):
+    tasks = ["walker-walk", "cartpole-swingup", "reacher-easy"]
+    for objective, base in (("tdmpc2", 10.0), ("planner", 20.0)):
+        for seed in (1, 2):
+            d = tmp_path / f"s128-{objective}-s{seed}"
+            _bench(d / "bench-eval", {t: base + i + seed for i, t in enumerate(tasks)})
+            (d / "done").write_text("")
+            (d / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 5, "mean_return": 10 * base}) + "\n")
+    _bench(tmp_path / "teacher", {t: 15.0 for t in tasks})
+    r = CliRunner().invoke(study.main, ["report", str(tmp_path), "--teacher-bench",
+                                        f"prior={tmp_path / 'teacher' / 'report.json'}", "--md", str(tmp_path / "t.md"),
+                                        "--plot", str(tmp_path / "c.png")])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "t.md").read_text()
+    assert "| s128 | planner | 2 | 22.50 [" in text and "| teacher | prior | – | 15.00 [15.00, 15.00] |" in text
+    assert "| s128 | planner | tdmpc2 | +10.00 [" in text
+    assert (tmp_path / "c.png").stat().st_size > 0
