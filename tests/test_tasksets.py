@@ -99,3 +99,29 @@ def test_distill_tasks_makes_a_subset_student_from_the_teacher(tmp_path):
     assert (student.cfg.obs_dim, student.cfg.action_dim) == (5, 1)
     with pytest.raises(ValueError, match="unknown task .dog-run."):
         distill(tmp_path / "data", tmp_path / "run2", tasks="cartpole-swingup,dog-run", steps=2, progress=False)
+
+
+def test_adding_a_task_leaves_the_old_tasks_bitwise_unchanged():
+    from edge_tdmpc.tasksets import add_task, most_similar_task
+    old = subset_model(make_tiny_model("mt30", seed=5), CARTPOLE[:3])
+    new = add_task(old, "cartpole-swingup-sparse", init_from="cartpole-swingup")
+    assert new.cfg.tasks == (*CARTPOLE[:3], "cartpole-swingup-sparse") and new.cfg.discounts[-1] == old.cfg.discounts[0]
+    g = torch.Generator().manual_seed(1)
+    obs, act, eps = torch.randn(6, 5, generator=g), torch.rand(6, 1, generator=g), torch.randn(6, 1, generator=g)
+    before, after = _outputs(old, old.cfg.tasks, old.cfg.tasks, obs, act, eps), \
+        _outputs(new, new.cfg.tasks, old.cfg.tasks, obs, act, eps)
+    for name in old.cfg.tasks:
+        for k, v in before[name].items():
+            assert torch.equal(v, after[name][k]), (name, k)
+    # before training, the new task is read as the task it started from
+    same = _outputs(new, new.cfg.tasks, ["cartpole-swingup-sparse", "cartpole-swingup"], obs, act, eps)
+    for k in ("z", "q", "reward"):
+        assert torch.equal(same["cartpole-swingup-sparse"][k], same["cartpole-swingup"][k]), k
+    ranked = most_similar_task(old, obs, act, torch.rand(6, generator=g))
+    assert sorted(t for t, _ in ranked) == sorted(old.cfg.tasks) and ranked[0][1] <= ranked[-1][1]
+    for task, init, message in (("cartpole-swingup", "cartpole-swingup", "already one of"),
+                                ("walker-walk", "cartpole-swingup", "the model takes at most 5"),
+                                ("dog-run", "cartpole-swingup", "unknown task"),
+                                ("cartpole-swingup-sparse", "walker-walk", "is not one of the model's tasks")):
+        with pytest.raises(ValueError, match=message):
+            add_task(old, task, init_from=init)

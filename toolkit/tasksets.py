@@ -11,6 +11,8 @@ constant: the official one counts -log(2 pi)/2 for every padded dim too. That is
 """
 from dataclasses import replace
 
+import torch
+
 from edge_tdmpc.model import WorldModel
 from edge_tdmpc.tasks import MT30_DIMS, resolve_tasks
 
@@ -61,3 +63,55 @@ def subset_model(model: WorldModel, tasks) -> WorldModel:
         new[k] = v.clone()
     out.load_state_dict(new)
     return out.train(model.training).requires_grad_(any(p.requires_grad for p in model.parameters()))
+
+
+def add_task(model: WorldModel, task: str, init_from: str | None = None) -> WorldModel:
+    """`model` with one more task, `task`: its embedding row starts as `init_from`'s (a task of the model), its
+    action mask and discount are its own, every other weight is the model's, so the old tasks' outputs stay bit
+    for bit what they were. The task must fit the model's observation and action dims."""
+    from edge_tdmpc.tasks import EPISODE_LENGTH
+    c = model.cfg
+    if not c.multitask:
+        raise ValueError("adding a task needs a multi-task model (a task embedding to extend)")
+    if task in c.tasks:
+        raise ValueError(f"task {task!r} is already one of the model's {len(c.tasks)} tasks")
+    if task not in MT30_DIMS:
+        raise ValueError(f"unknown task {task!r}: the known tasks are edge_tdmpc.tasks.MT30_DIMS")
+    O, A = MT30_DIMS[task]
+    if O > c.obs_dim or A > c.action_dim:
+        raise ValueError(f"{task} has {O} observations and {A} actions; the model takes at most {c.obs_dim} and "
+                         f"{c.action_dim}: pick a task that fits, or a model with larger dims")
+    if init_from is None:
+        raise ValueError("name the task whose embedding the new one starts from (init_from), e.g. the one "
+                         "`most_similar_task` finds")
+    if init_from not in c.tasks:
+        raise ValueError(f"init_from {init_from!r} is not one of the model's tasks")
+    cfg = replace(c, tasks=(*c.tasks, task), action_dims=(*c.action_dims, A),
+                  episode_lengths=(*c.episode_lengths, EPISODE_LENGTH) if c.episode_lengths else ())
+    out = WorldModel(cfg).to(next(model.parameters()).device)
+    sd = dict(model.state_dict())
+    emb = sd["_task_emb.weight"]
+    sd["_task_emb.weight"] = torch.cat([emb, emb[c.tasks.index(init_from)][None]])
+    mask = torch.zeros(1, c.action_dim, dtype=sd["_action_masks"].dtype)
+    mask[0, :A] = 1
+    sd["_action_masks"] = torch.cat([sd["_action_masks"], mask])
+    out.load_state_dict({k: v.clone() for k, v in sd.items()})
+    return out.train(model.training)
+
+
+@torch.no_grad()
+def most_similar_task(model: WorldModel, obs, action, reward) -> list[tuple[str, float]]:
+    """The model's tasks ranked by how well each one's reward head predicts a new task's rewards on a little
+    data of it (obs [N, O], action [N, A], reward [N], padded to the model's dims) -> [(task, MSE)], best first:
+    the task whose embedding makes the model read the new task's dynamics and rewards most like its own."""
+    from edge_tdmpc.model import two_hot_inv
+    obs = torch.as_tensor(obs, dtype=torch.float32)
+    action = torch.as_tensor(action, dtype=torch.float32)
+    reward = torch.as_tensor(reward, dtype=torch.float32).reshape(-1, 1)
+    out = []
+    for i, name in enumerate(model.cfg.tasks):
+        t = torch.full((len(obs),), i)
+        z = model.encode(obs, t)
+        pred = two_hot_inv(model.reward(z, action, t), model.cfg.num_bins, model.cfg.vmin, model.cfg.vmax)
+        out.append((name, float((pred - reward).pow(2).mean())))
+    return sorted(out, key=lambda x: x[1])
