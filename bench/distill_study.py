@@ -200,13 +200,18 @@ def report(out, teacher_bench, md, plot):
         cells = [_ci(bootstrap(table(kinds[k], tasks))) if k in kinds else "–" for k in EVALS]
         seeds = len(next(iter(kinds.values())))
         lines.append(f"| {student} | {objective} | {seeds} | {cells[0]} | {cells[1]} |")
-    lines += ["", "Differences (task-paired bootstrap, eval mode):", "",
-              "| student | objective | vs | difference |", "|---|---|---|---|"]
+    lines += ["", "Differences (task-paired bootstrap; a teacher reference is compared on its own protocol, named "
+              "in it):", "", "| student | objective | protocol | vs | difference |", "|---|---|---|---|---|"]
     for (student, objective), kinds in res.items():
-        base = res.get((student, "tdmpc2"), {}).get("eval")
-        if objective != "tdmpc2" and base and "eval" in kinds:
-            d = paired_difference(table(kinds["eval"], tasks), table(base, tasks))
-            lines.append(f"| {student} | {objective} | tdmpc2 | {_ci(d, signed=True)} |")
+        for kind in (k for k in EVALS if k in kinds):
+            base = res.get((student, "tdmpc2"), {}).get(kind)
+            if objective != "tdmpc2" and base:
+                d = paired_difference(table(kinds[kind], tasks), table(base, tasks))
+                lines.append(f"| {student} | {objective} | {kind} | {student} tdmpc2 | {_ci(d, signed=True)} |")
+            for name, sc in refs.items():
+                if kind in name:
+                    d = paired_difference(table(kinds[kind], tasks), np.array([sc[t] for t in tasks])[:, None])
+                    lines.append(f"| {student} | {objective} | {kind} | teacher {name} | {_ci(d, signed=True)} |")
     lines += ["", "Per task (eval mode, mean over seeds):", "",
               "| task | " + " | ".join([*refs, *(f"{s} {o}" for s, o in res)]) + " |",
               "|---|" + "---|" * (len(refs) + len(res))]

@@ -53,11 +53,12 @@ def test_report_reads_finished_runs(tmp_path):
             (d / "done").write_text("")
             (d / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 5, "mean_return": 10 * base}) + "\n")
     _bench(tmp_path / "teacher", {t: 15.0 for t in tasks})
-    r = CliRunner().invoke(study.main, ["report", str(tmp_path), "--teacher-bench",
-                                        f"prior={tmp_path / 'teacher' / 'report.json'}", "--md", str(tmp_path / "t.md"),
+    ref = f"prior-eval={tmp_path / 'teacher' / 'report.json'}"
+    r = CliRunner().invoke(study.main, ["report", str(tmp_path), "--teacher-bench", ref, "--md", str(tmp_path / "t.md"),
                                         "--plot", str(tmp_path / "c.png")])
     assert r.exit_code == 0, r.output
     text = (tmp_path / "t.md").read_text()
-    assert "| s128 | planner | 2 | 22.50 [" in text and "| teacher | prior | – | 15.00 [15.00, 15.00] |" in text
-    assert "| s128 | planner | tdmpc2 | +10.00 [" in text
+    assert "| s128 | planner | 2 | 22.50 [" in text and "| teacher | prior-eval | – | 15.00 [15.00, 15.00] |" in text
+    assert "| s128 | planner | eval | teacher prior-eval | +7.50 [" in text
+    assert "| s128 | planner | eval | s128 tdmpc2 | +10.00 [" in text
     assert (tmp_path / "c.png").stat().st_size > 0
