@@ -242,7 +242,7 @@ def curves(out: Path, res: dict, path):
     fig, ax = plt.subplots(figsize=(7, 4))
     for student, objective in res:
         by_step = {}
-        for d in out.glob(f"{student}-{objective}-s*"):
+        for d in (p for p in out.glob(f"{student}-{objective}-s*") if (p / "metrics.jsonl").is_file()):
             for line in (d / "metrics.jsonl").read_text().splitlines():
                 row = json.loads(line)
                 if row["kind"] == "eval":
