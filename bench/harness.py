@@ -16,7 +16,7 @@ from tqdm import tqdm
 from edge_tdmpc.bench import faithful, report
 from edge_tdmpc.bench.meters import environment
 from edge_tdmpc.bench.runner import EpisodeLog, Job, Settings, run_jobs
-from edge_tdmpc.checkpoint import file_tasks, load_model, read_state_dict, weights_sha256
+from edge_tdmpc.checkpoint import load_model, read_checkpoint, weights_sha256
 from edge_tdmpc.compile.artifact import CompileOptions, read_manifest
 from edge_tdmpc.compile.runtimes import ARTIFACT_RUNTIMES, compile_for, make_runtime, runtime_class
 from edge_tdmpc.control import ActionFilter
@@ -57,10 +57,10 @@ def _model_tasks(path: Path, model_tasks, tasks) -> str:
     the single task benched."""
     if model_tasks:
         return model_tasks
-    own = file_tasks(path)
-    if own:
-        return ",".join(own)
-    if "_task_emb.weight" in read_state_dict(path):
+    sd, metadata = read_checkpoint(path)
+    if metadata.get("tasks"):
+        return ",".join(metadata["tasks"])
+    if "_task_emb.weight" in sd:
         return "mt30"
     if len(tasks) != 1:
         raise ValueError(f"{path.name} is a single-task checkpoint: bench one task, or name it with --model-tasks")

@@ -18,6 +18,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -95,30 +96,43 @@ def rollout(model, task: str, episode: int, seed=0, mpc=True, noise_std=0.0, ste
 COLLECT_RUNTIMES = ("torch", "onnxruntime")
 
 
-def compile_teacher(model, runtime="torch", precision="fp32", mpc=True, planner=None, echo=None):
-    """The compile step of collecting or labelling on `runtime` -> what `load_teacher_runtime` loads in any process:
-    (runtime, artifact directory or None, precision, planner settings)."""
+class TeacherSpec(NamedTuple):
+    """The teacher's planner as any process loads it (`load_teacher_runtime`): runtime name, compiled artifact
+    directory (None for torch), precision, planner settings (PlannerConfig fields)."""
+    runtime: str
+    directory: str | None
+    precision: str
+    planner: dict
+
+
+def compile_teacher(model, runtime="torch", precision="fp32", mpc=True, planner=None, echo=None) -> TeacherSpec:
+    """The compile step of collecting or labelling on `runtime` (onnxruntime: the artifact, from the compile cache
+    when it was compiled before)."""
     cfg = PlannerConfig.make(mpc=mpc, **(planner or {}))
     directory = None
     if runtime != "torch":
         from edge_tdmpc.compile.runtimes import compile_for
         directory = str(compile_for(runtime, model, precision, cfg, echo=echo))
-    return runtime, directory, precision, dict(vars(cfg))
+    return TeacherSpec(runtime, directory, precision, dict(vars(cfg)))
 
 
-def load_teacher_runtime(model, spec, seed=0):
-    """The teacher's runtime from `compile_teacher`'s spec (one ONNX Runtime thread: processes give the
-    parallelism), or None for torch fp32, which `play` runs as an `Agent` over the weights."""
-    runtime, directory, precision, planner = spec
-    if runtime == "torch" and precision == "fp32":
+def load_teacher_runtime(model, spec: TeacherSpec, seed=0):
+    """The teacher's runtime (one ONNX Runtime thread: processes give the parallelism), or None for torch fp32,
+    which `play` runs as an `Agent` over the weights."""
+    if spec.runtime == "torch" and spec.precision == "fp32":
         return None
-    cfg = PlannerConfig(**planner)
-    if runtime == "torch":
+    return teacher_planner(model, spec, seed)
+
+
+def teacher_planner(model, spec: TeacherSpec, seed=0):
+    """The teacher's planning runtime for `spec`, torch fp32 included (what labelling steps through)."""
+    cfg = PlannerConfig(**spec.planner)
+    if spec.runtime == "torch":
         from edge_tdmpc.runtime import TorchRuntime
-        return TorchRuntime(model, precision, cfg, seed=seed)
+        return TorchRuntime(model, spec.precision, cfg, seed=seed)
     from edge_tdmpc.compile.runtimes import RUNTIMES
-    kwargs = {"threads": 1} if runtime == "onnxruntime" else {}
-    return RUNTIMES[runtime](directory, precision, cfg, seed=seed, **kwargs)
+    kwargs = {"threads": 1} if spec.runtime == "onnxruntime" else {}
+    return RUNTIMES[spec.runtime](spec.directory, spec.precision, cfg, seed=seed, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from edge_tdmpc.distill.data import EpisodeDataset, EpisodeWriter
-from edge_tdmpc.distill.labels import FIELD, ConcatLabels
+from edge_tdmpc.distill.labels import FIELD, ConcatLabels, labelled_step
 from edge_tdmpc.distill.teacher import write_json
 from edge_tdmpc.distill.views import ConcatDataset
 from edge_tdmpc.seeding import derive_seed
@@ -61,11 +61,9 @@ def _init(parent, teacher, teacher_tasks, spec):
         die_with_parent(parent)
     torch.set_num_threads(1)
     from edge_tdmpc.checkpoint import load_model
-    from edge_tdmpc.distill.collect import load_teacher_runtime
-    from edge_tdmpc.planner import PlannerConfig
-    from edge_tdmpc.runtime import TorchRuntime
+    from edge_tdmpc.distill.collect import teacher_planner
     model = load_model(teacher, tasks=teacher_tasks)
-    runtime = load_teacher_runtime(model, spec) or TorchRuntime(model, "fp32", PlannerConfig(**spec[3]))
+    runtime = teacher_planner(model, spec)
     _WORKER.update(teacher=model, runtime=runtime, students={})
 
 
@@ -93,8 +91,7 @@ def _episode(job):
     labels = []
 
     def act(obs, t):
-        rt.act(obs, t_index, t == 0)
-        labels.append(rt.plan_label())
+        labels.append(labelled_step(rt, obs, t_index, t))
         return student.act(obs, s_index, t == 0)
     obs, action, reward = run(env, obs, act, steps).arrays()
     return dict(task=data_index, key=key, obs=obs, action=action, reward=reward, planner=np.stack(labels))

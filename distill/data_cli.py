@@ -66,11 +66,11 @@ def label(dataset, teacher, teacher_tasks, out, runtime, precision, workers, see
     Pass the directory to `distill --label-cache` as its planner/ subdirectory, or use OUT directly."""
     from edge_tdmpc.distill.data import EpisodeDataset
     from edge_tdmpc.distill.labels import PlannerLabelCache
-    from edge_tdmpc.distill.offline import _teacher_tasks
+    from edge_tdmpc.distill.offline import teacher_task_set
     ds = EpisodeDataset(dataset)
     if seed is None:
         seed = int((ds.meta.get("collect") or {}).get("seed", 0))
-    cache = PlannerLabelCache.build(teacher, ds, out, teacher_tasks or _teacher_tasks(teacher, ds.tasks), runtime,
+    cache = PlannerLabelCache.build(teacher, ds, out, teacher_tasks or teacher_task_set(teacher, ds.tasks), runtime,
                                     precision, workers=workers, seed=seed, echo=click.echo)
     click.echo(f"{out}: planner labels of {cache.array.shape[0]} states")
 

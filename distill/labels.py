@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from edge_tdmpc.distill.teacher import _dataset_id, write_json
+from edge_tdmpc.files import atomic_write
 from edge_tdmpc.seeding import derive_seed
 from edge_tdmpc.workers import die_with_parent
 
@@ -79,14 +80,14 @@ class PlannerLabelCache:
         from edge_tdmpc.distill.collect import compile_teacher
         root = Path(root)
         model = load_model(teacher, tasks=teacher_tasks)
-        missing = [t for t in dataset.tasks if t not in model.cfg.tasks]
         present = {dataset.tasks[i] for i in np.unique(dataset.episode_table()["task"])}
-        if missing and present & set(missing):
-            raise ValueError(f"the teacher was trained without {sorted(present & set(missing))[0]!r}, a task of "
-                             "the data; label with a teacher that knows every task of the data")
+        unknown = sorted(present - set(model.cfg.tasks))
+        if unknown:
+            raise ValueError(f"the teacher was trained without {unknown[0]!r}, a task of the data; label with a "
+                             "teacher that knows every task of the data")
         spec = compile_teacher(model, runtime, precision, True, planner, echo)
         meta = dict(format=CACHE_FORMAT, version=CACHE_VERSION, teacher=weights_sha256(model), runtime=runtime,
-                    precision=precision, planner=spec[3], seed=seed, dataset=_dataset_id(dataset),
+                    precision=precision, planner=spec.planner, seed=seed, dataset=_dataset_id(dataset),
                     rows=dataset.num_transitions, dim=3 * model.cfg.action_dim, complete=False)
         root.mkdir(parents=True, exist_ok=True)
         meta_path, array_path, done_path = root / "labels.json", root / f"{FIELD}.npy", root / "done.npy"
@@ -97,7 +98,7 @@ class PlannerLabelCache:
         if not (same and array_path.is_file() and done_path.is_file()):
             np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float32,
                                       shape=(dataset.num_transitions, meta["dim"]))
-            np.save(done_path, np.zeros(dataset.num_episodes, bool))
+            _save_done(done_path, np.zeros(dataset.num_episodes, bool))
         write_json(meta_path, meta)
         array = np.load(array_path, mmap_mode="r+")
         done = np.load(done_path)
@@ -116,7 +117,7 @@ class PlannerLabelCache:
                 array[lo:lo + len(rows)] = rows
                 array.flush()
                 done[i] = True
-                np.save(done_path, done)  # after the rows are on disk: a crash relabels at most this episode
+                _save_done(done_path, done)  # after the rows are on disk: a crash relabels at most this episode
         finally:
             if pool is not None:
                 pool.terminate()
@@ -126,18 +127,24 @@ class PlannerLabelCache:
         return cls(root)
 
 
+def _save_done(path, done):
+    atomic_write(path, lambda f: np.save(f, done))
+
+
+def labelled_step(runtime, obs, task_index, t: int) -> np.ndarray:
+    """One planning step of the teacher on `obs` (step t of its episode) -> its `PlanLabel` row."""
+    runtime.act(obs, task_index, t == 0)
+    label = runtime.plan_label()
+    if label is None:
+        raise ValueError(f"observation {t} of an episode is not finite: it has no planner label")
+    return label
+
+
 def label_episode(runtime, obs, task_index, seed) -> np.ndarray:
     """The planner's labels [T, 3A] along an episode's observations [T+1, O] (the last has no action): the
     teacher keeps its own warm start, its noise seeded by `seed`."""
     runtime.reset(seed)
-    rows = []
-    for t in range(len(obs) - 1):
-        runtime.act(obs[t], task_index, t == 0)
-        label = runtime.plan_label()
-        if label is None:
-            raise ValueError(f"observation {t} of an episode is not finite: it has no planner label")
-        rows.append(label)
-    return np.stack(rows)
+    return np.stack([labelled_step(runtime, obs[t], task_index, t) for t in range(len(obs) - 1)])
 
 
 _WORKER = {}
@@ -148,13 +155,10 @@ def _init(parent, settings):
         die_with_parent(parent)
     torch.set_num_threads(1)  # processes give the parallelism; one thread also makes the labels repeatable
     from edge_tdmpc.checkpoint import load_model
-    from edge_tdmpc.distill.collect import load_teacher_runtime
+    from edge_tdmpc.distill.collect import teacher_planner
     from edge_tdmpc.distill.data import EpisodeDataset
-    from edge_tdmpc.runtime import TorchRuntime
     model = load_model(settings["teacher"], tasks=settings["teacher_tasks"])
-    from edge_tdmpc.planner import PlannerConfig
-    runtime = load_teacher_runtime(model, settings["spec"]) or TorchRuntime(
-        model, "fp32", PlannerConfig(**settings["spec"][3]))
+    runtime = teacher_planner(model, settings["spec"])
     _WORKER.update(model=model, runtime=runtime, dataset=EpisodeDataset(settings["root"]), seed=settings["seed"])
 
 

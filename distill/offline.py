@@ -90,24 +90,29 @@ class DistillOptions(LoopOptions):
             raise ValueError(f"--dagger {self.dagger} rounds need at least as many --steps ({self.steps})")
 
 
+def teacher_task_set(path, tasks) -> str:
+    """A teacher checkpoint's task set: the one its file names, else the data's `tasks` or MT30 by the rows of its
+    task embedding."""
+    from edge_tdmpc.checkpoint import read_checkpoint, to_internal
+    raw, metadata = read_checkpoint(path)
+    if metadata.get("tasks"):
+        return ",".join(metadata["tasks"])
+    sd = to_internal(raw)
+    rows = sd["_task_emb.weight"].shape[0] if "_task_emb.weight" in sd else 1
+    if rows == len(tasks):
+        return ",".join(tasks)
+    if rows == 30:
+        return "mt30"
+    raise ValueError(f"{path} is a {rows}-task teacher and the data has {len(tasks)} tasks: name its task set "
+                     "with --teacher-tasks")
+
+
 def load_teacher(path, tasks, precision="fp32", teacher_tasks=None, device="cpu"):
-    """Load a teacher checkpoint; its task set is `teacher_tasks`, else the data's or MT30 by row count."""
-    from edge_tdmpc.checkpoint import file_tasks, load_model, read_state_dict, to_internal
-    if teacher_tasks is None and file_tasks(path):
-        teacher_tasks = ",".join(file_tasks(path))
-    if teacher_tasks is None:
-        sd = to_internal(read_state_dict(path))
-        rows = sd["_task_emb.weight"].shape[0] if "_task_emb.weight" in sd else 1
-        if rows == len(tasks):
-            teacher_tasks = ",".join(tasks)
-        elif rows == 30:
-            teacher_tasks = "mt30"
-        else:
-            raise ValueError(f"{path} is a {rows}-task teacher and the data has {len(tasks)} tasks: name its "
-                             "task set with --teacher-tasks")
+    """Load a teacher checkpoint; its task set is `teacher_tasks`, else `teacher_task_set`'s."""
+    from edge_tdmpc.checkpoint import load_model
     from edge_tdmpc.distill.teacher import Teacher
-    return Teacher(load_model(path, tasks=teacher_tasks, device=device), tasks=tasks, precision=precision,
-                   device=device)
+    model = load_model(path, tasks=teacher_tasks or teacher_task_set(path, tasks), device=device)
+    return Teacher(model, tasks=tasks, precision=precision, device=device)
 
 
 def planner_labels(dataset, teacher, opts, label_cache, out, rank=0, world=1, progress=True, echo=print):
@@ -119,16 +124,12 @@ def planner_labels(dataset, teacher, opts, label_cache, out, rank=0, world=1, pr
     root = Path(label_cache) / "planner" if label_cache else Path(out) / "planner-labels"
     seed = int((dataset.meta.get("collect") or {}).get("seed", 0))
     if rank == 0:
-        PlannerLabelCache.build(teacher, dataset, root, opts.teacher_tasks or _teacher_tasks(teacher, dataset.tasks),
+        PlannerLabelCache.build(teacher, dataset, root, opts.teacher_tasks or teacher_task_set(teacher, dataset.tasks),
                                 opts.label_runtime, opts.label_precision, workers=opts.workers, seed=seed,
                                 progress=progress, echo=echo)
     if world > 1:
         dist.barrier()
     return PlannerLabelCache(root)
-
-
-def _teacher_tasks(path, tasks) -> str:
-    return ",".join(load_teacher(path, tasks).model.cfg.tasks)
 
 
 def teacher_student(teacher, tasks, opts, device):

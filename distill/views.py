@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from edge_tdmpc.distill.data import Batch
+from edge_tdmpc.tasks import check_task_subset
 
 
 class ConcatDataset:
@@ -67,12 +68,7 @@ class TaskView:
 
     def __init__(self, dataset, tasks):
         tasks = tuple(tasks)
-        unknown = [t for t in tasks if t not in dataset.tasks]
-        if unknown:
-            raise ValueError(f"--tasks: {unknown[0]!r} is not a task of the data ({dataset.root}); pick from its "
-                             "task set")
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"--tasks names a task twice ({','.join(tasks)}); name each once")
+        check_task_subset(tasks, dataset.tasks, f"the data ({dataset.root})")
         self.base, self.tasks = dataset, tasks
         self.root, self.obs_dim, self.action_dim, self.fields = dataset.root, dataset.obs_dim, dataset.action_dim, \
             dataset.fields
@@ -87,6 +83,7 @@ class TaskView:
         self.index = dict(dataset.index, tasks=list(tasks))  # a label cache of the view is not the data's
         self.meta = dataset.meta
         self.num_transitions = dataset.num_transitions  # the index space: the dataset's
+        self._valid_cache = {}
 
     @property
     def num_episodes(self):
@@ -100,8 +97,12 @@ class TaskView:
         return dict(ep, task=int(self.to_view[ep["task"]]))
 
     def _valid(self, horizon):
-        n = np.maximum(self.table["length"] - horizon + 1, 0)
-        return n, np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+        """Per kept episode: slice starts with `horizon` steps inside it, and their cumulative sum (cached: the
+        sampler asks for every batch)."""
+        if horizon not in self._valid_cache:
+            n = np.maximum(self.table["length"] - horizon + 1, 0)
+            self._valid_cache[horizon] = n, np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+        return self._valid_cache[horizon]
 
     def num_valid_slices(self, horizon=3):
         return int(self._valid(horizon)[1][-1])

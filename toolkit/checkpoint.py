@@ -32,6 +32,11 @@ class CheckpointError(ValueError):
 
 def read_state_dict(path) -> dict:
     """Safely read a checkpoint file -> flat state dict (tensors as stored)."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """Safely read a checkpoint file -> (flat state dict as stored, our metadata: {} for official files)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -50,6 +55,7 @@ def read_state_dict(path) -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
+    ours = {}
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         ours = obj.get(METADATA) if isinstance(obj.get(METADATA), dict) else {}
         obj = obj["model"]
@@ -58,7 +64,7 @@ def read_state_dict(path) -> dict:
                                   "damaged copy); copy the file again or use another checkpoint")
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a TD-MPC2 checkpoint (expected {{'model': state_dict}})")
-    return obj
+    return obj, ours
 
 
 def to_internal(sd: dict) -> dict:
@@ -171,12 +177,11 @@ def load_state_into(model: WorldModel, sd: dict):
 
 def file_tasks(path) -> tuple[str, ...] | None:
     """The task set a checkpoint written here names in our metadata (official files name none)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 (read_state_dict says what is wrong with the file)
-        return None
-    ours = obj.get(METADATA) if isinstance(obj, dict) and isinstance(obj.get(METADATA), dict) else {}
-    return tuple(ours["tasks"]) if ours.get("tasks") else None
+    return _named_tasks(read_checkpoint(path)[1])
+
+
+def _named_tasks(metadata: dict) -> tuple[str, ...] | None:
+    return tuple(metadata["tasks"]) if metadata.get("tasks") else None
 
 
 def load_model(path, tasks=None, size=None, dtype=torch.float32, device="cpu") -> WorldModel:
@@ -184,7 +189,8 @@ def load_model(path, tasks=None, size=None, dtype=torch.float32, device="cpu") -
 
     tasks: the file's task set: by default the one it names (files written here do), else MT30. A file that
     names another task set than `tasks` is refused in one line."""
-    own = file_tasks(path)
+    raw, metadata = read_checkpoint(path)
+    own = _named_tasks(metadata)
     if tasks is None:
         tasks = ",".join(own) if own else "mt30"
     elif own is not None:
@@ -193,7 +199,7 @@ def load_model(path, tasks=None, size=None, dtype=torch.float32, device="cpu") -
             raise CheckpointError(f"{Path(path).name} is a model of {len(own)} task(s) ({','.join(own[:4])}"
                                   f"{', ...' if len(own) > 4 else ''}), not of the {len(wanted)} asked for; load it "
                                   "without naming tasks, or name its own")
-    sd = to_internal(read_state_dict(path))
+    sd = to_internal(raw)
     sd, quantized = dequantize(sd)
     if quantized:
         warnings.warn(

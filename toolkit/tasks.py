@@ -41,6 +41,15 @@ def resolve_tasks(tasks) -> tuple[str, ...]:
     return tasks
 
 
+def check_task_subset(tasks, known, owner: str):
+    """`tasks` must name tasks of `known` (the task set of `owner`, e.g. "the model"), each once."""
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(f"task {unknown[0]!r} is not in {owner}'s task set ({len(known)} tasks); pick from it")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"duplicate task in {','.join(tasks)}: name each task once")
+
+
 def discount(episode_length: int, denom=5, lo=0.95, hi=0.995) -> float:
     """TD-MPC2's heuristic: longer episodes -> larger discount (500 steps -> 0.99)."""
     frac = episode_length / denom

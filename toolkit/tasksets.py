@@ -14,18 +14,13 @@ from dataclasses import replace
 import torch
 
 from edge_tdmpc.model import WorldModel
-from edge_tdmpc.tasks import MT30_DIMS, resolve_tasks
+from edge_tdmpc.tasks import MT30_DIMS, check_task_subset, resolve_tasks
 
 
 def subset_config(cfg, tasks):
     """The config of `cfg` for `tasks` (names in cfg.tasks; at least two: a multi-task model)."""
     tasks = tuple(resolve_tasks(tasks) if isinstance(tasks, str) else tasks)
-    unknown = [t for t in tasks if t not in cfg.tasks]
-    if unknown:
-        raise ValueError(f"task {unknown[0]!r} is not in the model's task set ({len(cfg.tasks)} tasks); pick tasks "
-                         "it was trained on")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"duplicate task in {','.join(tasks)}: name each task once")
+    check_task_subset(tasks, cfg.tasks, "the model")
     if len(tasks) < 2 or not cfg.multitask:
         raise ValueError("a subset student needs a multi-task model and at least two of its tasks")
     rows = [cfg.tasks.index(t) for t in tasks]
