@@ -29,17 +29,15 @@ from edge_tdmpc.distill.trainer import TrainConfig, Trainer, build_student, pars
 from edge_tdmpc.options import check_choices, check_min, setting, split_settings
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.seeding import derive_seed
-from edge_tdmpc.tasks import MT30_DIMS, resolve_tasks
+from edge_tdmpc.tasks import TASK_DIMS, resolve_tasks
 
 
 @dataclass(frozen=True)
-class OnlineOptions(LoopOptions):
-    """The settings of `edge-tdmpc train` and `train()` (their flags: `--field-name`), as run.json and the
-    training state record them. batch_size and seed (LoopOptions) are the run's side of the update's
-    TrainConfig (their defaults are its); eval_episodes and planner (overrides of the acting planner) are the
-    Python API's only."""
-    size: int | None = setting(1, "size preset, or 'custom' with --dims", type=str)
-    dims: dict | None = setting(None, "architecture overrides, e.g. mlp_dim=256,latent_dim=64", type=str)
+class ScheduleOptions(LoopOptions):
+    """The official online schedule's settings (their flags: `--field-name`), shared by `edge-tdmpc train` and
+    `edge-tdmpc finetune`. batch_size and seed (LoopOptions) are the run's side of the update's TrainConfig
+    (their defaults are its); eval_episodes and planner (overrides of the acting planner) are the Python API's
+    only."""
     steps: int = setting(100_000, "environment steps, all tasks together")
     mpc: bool = setting(False, "act by MPPI planning (official, ~100x slower on CPU) or the policy prior")
     seed_steps: int | None = setting(None, "random-action steps first [max(1000, 5 x episode)]", type=int)
@@ -52,8 +50,6 @@ class OnlineOptions(LoopOptions):
     def __post_init__(self):
         super().__post_init__()
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise once)
-        put("size", parse_size(self.size, "--size"))
-        put("dims", parse_dims(self.dims, "--dims"))
         put("planner", dict(self.planner or {}))
         if self.logger is None:
             put("logger", "none")
@@ -65,6 +61,24 @@ class OnlineOptions(LoopOptions):
             raise ValueError(f"--utd must be a number > 0, got {self.utd!r}")
         check_choices(self)
         PlannerConfig.make(mpc=self.mpc, **self.planner)  # unknown or inconsistent planner settings
+
+    def schedule(self):
+        """These options with the run's seed_steps (the default resolved, at most `steps`): what run.json records
+        and a resumed run compares."""
+        seed_steps = max(1000, 5 * self.episode_steps) if self.seed_steps is None else self.seed_steps
+        return replace(self, seed_steps=min(seed_steps, self.steps))
+
+
+@dataclass(frozen=True)
+class OnlineOptions(ScheduleOptions):
+    """The settings of `edge-tdmpc train` and `train()`: the schedule and the model trained from scratch."""
+    size: int | None = setting(1, "size preset, or 'custom' with --dims", type=str)
+    dims: dict | None = setting(None, "architecture overrides, e.g. mlp_dim=256,latent_dim=64", type=str)
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "size", parse_size(self.size, "--size"))
+        object.__setattr__(self, "dims", parse_dims(self.dims, "--dims"))
 
 
 # a resumed run may change these (a longer run, other logging); any other setting must be the run's
@@ -135,17 +149,28 @@ def train(tasks, out, options: OnlineOptions | None = None, *, resume=False, pro
     TrainConfig fields (lr, tau, ...). `resume` continues the run in `out`."""
     tasks = resolve_tasks(tasks)
     own, train_overrides = split_settings(OnlineOptions, settings)
-    opts = replace(options or OnlineOptions(), **own)
-    seed_steps = max(1000, 5 * opts.episode_steps) if opts.seed_steps is None else opts.seed_steps
-    opts = replace(opts, seed_steps=min(seed_steps, opts.steps))  # the run's: recorded, compared on resume
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    opts = replace(options or OnlineOptions(), **own).schedule()
     cfg = TrainConfig.make(batch_size=opts.batch_size, seed=opts.seed, d_coef=0.0, **train_overrides)
     model = build_student(tasks, opts.size, opts.seed, "cpu", **opts.dims)
-    mc = model.cfg
     trainer = Trainer(model, cfg)
-    replay = Replay(mc.obs_dim, mc.action_dim, batch_size=opts.batch_size, seed=opts.seed)
-    settings = json.loads(json.dumps(dict(tasks=list(tasks), **asdict(opts), train=asdict(cfg))))
+    replay = Replay(model.cfg.obs_dim, model.cfg.action_dim, batch_size=opts.batch_size, seed=opts.seed)
+    settings = dict(tasks=list(tasks), **asdict(opts), train=asdict(cfg))
+    acting = [(t, i if model.cfg.multitask else None) for i, t in enumerate(tasks)]
+    return run_online(trainer, replay, acting, out, opts, settings, resume=resume, progress=progress, echo=echo)
+
+
+def run_online(trainer: Trainer, replay: Replay, acting, out, opts: ScheduleOptions, settings: dict, *,
+               sampler=None, before_first_update=None, resume=False, progress=True, echo=print) -> dict:
+    """The official online schedule around `trainer`'s model: the tasks of `acting` ([(task, the model's index of
+    it)]) take turns episode by episode, their episodes go to `replay`, and updates draw from `sampler` (default:
+    `replay`; anything with sample/state_dict/load_state_dict). `before_first_update(replay)` runs once, right
+    before the first update (after the seed phase). State is checkpointed at episode ends in out/checkpoints;
+    `resume` continues from the newest, refusing other `settings` (but RESUME_MAY_CHANGE)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, mc = trainer.model, trainer.model.cfg
+    sampler = replay if sampler is None else sampler
+    settings = json.loads(json.dumps(settings))
     ckpts = Checkpoints(out / "checkpoints")
     env_steps = episodes = 0
     update_budget = 0.0
@@ -160,6 +185,8 @@ def train(tasks, out, options: OnlineOptions | None = None, *, resume=False, pro
                              + ", ".join(f"{k}={old.get(k)!r}, now {settings.get(k)!r}" for k in diff) + ")")
         trainer.load_state_dict(state["trainer"])
         replay.load_state_dict(state["replay"])
+        if sampler is not replay:
+            sampler.load_state_dict(state["sampler"])
         env_steps, episodes, update_budget = state["env_steps"], state["episodes"], state["update_budget"]
         resume_step = env_steps
         echo(f"resumed at {env_steps} environment steps, {trainer.step} updates")
@@ -168,7 +195,8 @@ def train(tasks, out, options: OnlineOptions | None = None, *, resume=False, pro
 
     def checkpoint():
         ckpts.save(dict(trainer=trainer.state_dict(), replay=replay.state_dict(), env_steps=env_steps,
-                        episodes=episodes, update_budget=update_budget, settings=settings),
+                        episodes=episodes, update_budget=update_budget, settings=settings,
+                        **({} if sampler is replay else {"sampler": sampler.state_dict()})),
                    env_steps)
         save_model(model, out / "model.pt")
 
@@ -183,8 +211,10 @@ def train(tasks, out, options: OnlineOptions | None = None, *, resume=False, pro
         if s < opts.seed_steps or not replay.episodes:
             return
         update_budget += opts.seed_steps if s == opts.seed_steps else opts.utd
+        if update_budget >= 1 and trainer.step == 0 and before_first_update is not None:
+            before_first_update(replay)
         while update_budget >= 1:
-            info = trainer.update(replay.sample())
+            info = trainer.update(sampler.sample())
             update_budget -= 1
             for k, v in info.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -195,24 +225,23 @@ def train(tasks, out, options: OnlineOptions | None = None, *, resume=False, pro
                            **{k: v / n for k, v in sums.items()}, "updates_per_s": n / dt})
                 sums, n, t_log = {}, 0, time.perf_counter()
 
+    eval_tasks = [t for t, _ in acting]
     with tqdm(total=opts.steps, initial=env_steps, unit="step", desc="train", disable=not progress,
               dynamic_ncols=True) as pbar:
         while env_steps < opts.steps:
-            i = episodes % len(tasks)
-            task = tasks[i]
+            task, index = acting[episodes % len(acting)]
             length = min(opts.episode_steps, opts.steps - env_steps)
             random_phase = env_steps < opts.seed_steps
-            obs, action, reward, _ = play(model, task, i if mc.multitask else None, derive_seed(opts.seed, episodes),
-                                       length, opts.mpc, random_actions=random_phase, after_step=learn,
-                                       **opts.planner)
-            replay.add(obs, action, reward, i)
+            obs, action, reward, _ = play(model, task, index, derive_seed(opts.seed, episodes), length, opts.mpc,
+                                          random_actions=random_phase, after_step=learn, **opts.planner)
+            replay.add(obs, action, reward, index or 0)
             T = len(action)
             env_steps, episodes = env_steps + T, episodes + 1
             pbar.update(T)
             log.write({"kind": "episode", "step": env_steps, "task": task, "return": float(reward.sum()),
                        "length": T, "random": random_phase})
             if opts.eval_every and (env_steps // opts.eval_every) > ((env_steps - T) // opts.eval_every):
-                returns = closed_loop_eval(model, tasks, opts.eval_episodes, opts.eval_steps, opts.seed + 10_000,
+                returns = closed_loop_eval(model, eval_tasks, opts.eval_episodes, opts.eval_steps, opts.seed + 10_000,
                                            opts.mpc, **opts.planner)
                 log.write({"kind": "eval", "step": env_steps, **returns,
                            "mean_return": float(np.mean(list(returns.values())))})
@@ -222,7 +251,7 @@ def train(tasks, out, options: OnlineOptions | None = None, *, resume=False, pro
                 last_save = env_steps
     if resume_step == env_steps:
         save_model(model, out / "model.pt")
-    write_replay(replay, out / "replay", tasks)
+    write_replay(replay, out / "replay", mc.tasks)
     return dict(model=str(out / "model.pt"), env_steps=env_steps, updates=trainer.step, episodes=episodes)
 
 
@@ -231,7 +260,7 @@ def write_replay(replay: Replay, root: Path, tasks):
     if (root / "index.json").exists():
         import shutil
         shutil.rmtree(root)
-    own = [MT30_DIMS[t] for t in tasks]
+    own = [TASK_DIMS[t] for t in tasks]
     with EpisodeWriter(root, replay.obs_dim, replay.action_dim, tasks) as w:
         for k, ep in enumerate(replay.episodes):
             o, a = own[ep["task"]]

@@ -6,8 +6,10 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from dm_control import suite
+from dm_control.suite.wrappers import action_scale
 
-from edge_tdmpc.envs import MT30, MT30_ACTION_DIM, MT30_OBS_DIM, TASK_DIMS, make_env
+from edge_tdmpc.envs import DMC_DIMS, MT30, MT30_ACTION_DIM, MT30_OBS_DIM, TASK_DIMS, make_env
+from edge_tdmpc.tasks import MT30_DIMS
 
 PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "parity"
 
@@ -43,7 +45,7 @@ def test_task_order_and_dims_match_official(parity):
     meta, _ = parity
     official = meta["tasks"]
     assert list(MT30) == sorted(official, key=lambda t: official[t]["index"])
-    assert {t: (v["obs_dim"], v["action_dim"]) for t, v in official.items()} == dict(TASK_DIMS)
+    assert {t: (v["obs_dim"], v["action_dim"]) for t, v in official.items()} == dict(MT30_DIMS)
 
 
 def test_reset_seed_reproduces_construction_seed(parity):
@@ -73,6 +75,50 @@ def test_full_episode(task):
         assert 0 <= reward <= 2 and np.isfinite(obs).all()
     with pytest.raises(RuntimeError, match="reset"):
         env.step(np.zeros(action_dim))
+
+
+# The stock tasks outside MT30 have no official recordings: the official wrapper on them is dm_control's
+# suite.load seeded with `random`, actions rescaled from [-1, 1] and repeated twice with summed rewards, the
+# observation dict flattened in spec order; that construction, written out here, is their reference.
+OFFICIAL_DOMAINS = {"pointmass": "point_mass"}
+
+
+def _official_dmc(task, seed, actions):
+    domain, name = task.replace("-", "_").split("_", 1)
+    env = action_scale.Wrapper(suite.load(OFFICIAL_DOMAINS.get(domain, domain), name, task_kwargs={"random": seed}),
+                               minimum=-1.0, maximum=1.0)
+    flat = lambda ts: np.concatenate([np.asarray(v).ravel() for v in ts.observation.values()])  # noqa: E731
+    ts = env.reset()
+    observations, rewards = [flat(ts)], []
+    for a in actions:
+        r = 0.0
+        for _ in range(2):
+            ts = env.step(a)
+            r += ts.reward
+        observations.append(flat(ts))
+        rewards.append(r)
+    return np.array(observations, np.float32), np.array(rewards), ts.last()
+
+
+@pytest.mark.parametrize("task", DMC_DIMS)
+def test_dmc_tasks_match_the_official_construction(task):
+    obs_dim, action_dim = DMC_DIMS[task]
+    actions = np.random.default_rng(7).uniform(-1, 1, (500, action_dim)).astype(np.float32)
+    ref_obs, ref_rewards, last = _official_dmc(task, 2, actions)
+    env = make_env(task, seed=2)
+    assert (env.obs_dim, env.action_dim, env.task_index) == (obs_dim, action_dim, None) and task not in MT30
+    obs, _ = env.reset()
+    observations, rewards = [obs], []
+    for t, a in enumerate(actions, 1):
+        obs, reward, terminated, truncated, _ = env.step(a)
+        assert not terminated and truncated == (t == 500)
+        observations.append(obs)
+        rewards.append(reward)
+    assert last  # dm_control's own time limit ends where the wrapper truncates: 1000 control steps
+    np.testing.assert_array_equal(np.array(observations), ref_obs)
+    np.testing.assert_array_equal(np.array(rewards), ref_rewards)
+    padded = make_env(task, seed=2, multitask=True)
+    assert padded.reset()[0].shape == (MT30_OBS_DIM,) and padded.action_space.shape == (MT30_ACTION_DIM,)
 
 
 def test_stock_suite_registry_untouched():
@@ -108,7 +154,7 @@ def test_unknown_task_names_close_match():
         make_env("cheetah-run-backward")
     message = str(err.value)
     assert "cheetah-run-backward" in message and "cheetah-run-backwards" in message
-    assert "edge_tdmpc.envs.MT30" in message and "\n" not in message
+    assert "edge_tdmpc.tasks.TASK_DIMS" in message and "\n" not in message
 
 
 # --- custom rewards respond to their goals: set the state directly, then read the task's reward ---

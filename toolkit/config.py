@@ -1,7 +1,7 @@
 """World-model configuration and the official size presets."""
 from dataclasses import dataclass, field
 
-from edge_tdmpc.tasks import EPISODE_LENGTH, MT30_DIMS, discount, resolve_tasks
+from edge_tdmpc.tasks import EPISODE_LENGTH, TASK_DIMS, discount, resolve_tasks
 
 # model_size -> architecture overrides (TD-MPC2 paper, Appendix / official config)
 PRESETS = {
@@ -57,7 +57,7 @@ def make_config(tasks="mt30", size: int | None = 1, **overrides) -> ModelConfig:
     tasks = resolve_tasks(tasks)
     if size is not None and size not in PRESETS:
         raise ValueError(f"unknown model size {size}: choose one of {sorted(PRESETS)}")
-    dims = [MT30_DIMS[t] for t in tasks]
+    dims = [TASK_DIMS[t] for t in tasks]
     multitask = len(tasks) > 1
     base = dict(
         tasks=tasks,

@@ -17,15 +17,22 @@ MT30_DIMS = {
     "cup-spin": (8, 2), "pendulum-spin": (3, 1),
 }
 MT30 = tuple(MT30_DIMS)
+# Stock DeepMind Control tasks outside MT30 whose dims fit the MT30 models' 24/6: new tasks to fine-tune on.
+DMC_DIMS = {
+    "pointmass-easy": (4, 2), "pointmass-hard": (4, 2), "acrobot-swingup-sparse": (6, 1),
+    "cartpole-two-poles": (8, 1), "cartpole-three-poles": (11, 1), "fish-upright": (21, 5),
+}
+TASK_DIMS = {**MT30_DIMS, **DMC_DIMS}  # every task the env wrapper makes
 EPISODE_LENGTH = 500  # agent steps per DMC episode (action repeat 2)
 
 TASK_SETS = {"mt30": MT30}
 
 
-def unknown_task(task: str, known=MT30) -> ValueError:
+def unknown_task(task: str, known=tuple(TASK_DIMS)) -> ValueError:
     close = difflib.get_close_matches(task, known, n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    return ValueError(f"unknown task '{task}': {hint}the known tasks are edge_tdmpc.envs.MT30")
+    return ValueError(f"unknown task '{task}': {hint}the known tasks are edge_tdmpc.tasks.TASK_DIMS (MT30 and "
+                      "the DMControl tasks that fit its dims)")
 
 
 def resolve_tasks(tasks) -> tuple[str, ...]:
@@ -36,7 +43,7 @@ def resolve_tasks(tasks) -> tuple[str, ...]:
         tasks = [t for t in tasks.split(",") if t]
     tasks = tuple(tasks)
     for t in tasks:
-        if t not in MT30_DIMS:
+        if t not in TASK_DIMS:
             raise unknown_task(t)
     return tasks
 
@@ -79,7 +86,7 @@ def fit_obs(obs, obs_dim: int, task: str | None = None) -> np.ndarray:
         raise ValueError(f"observation must be one vector, got shape {np.shape(obs)}: act on one observation at a "
                          "time")
     obs = np.asarray(obs, dtype=np.float32).reshape(-1)
-    own = MT30_DIMS.get(task, (None,))[0]
+    own = TASK_DIMS.get(task, (None,))[0]
     if obs.size == obs_dim:
         return obs
     if obs.size == own and own < obs_dim:

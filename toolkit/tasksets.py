@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from edge_tdmpc.model import WorldModel
-from edge_tdmpc.tasks import MT30_DIMS, check_task_subset, resolve_tasks
+from edge_tdmpc.tasks import TASK_DIMS, check_task_subset, resolve_tasks, unknown_task
 
 
 def subset_config(cfg, tasks):
@@ -24,7 +24,7 @@ def subset_config(cfg, tasks):
     if len(tasks) < 2 or not cfg.multitask:
         raise ValueError("a subset student needs a multi-task model and at least two of its tasks")
     rows = [cfg.tasks.index(t) for t in tasks]
-    dims = [MT30_DIMS.get(t, (cfg.obs_dim, cfg.action_dims[i])) for t, i in zip(tasks, rows, strict=True)]
+    dims = [TASK_DIMS.get(t, (cfg.obs_dim, cfg.action_dims[i])) for t, i in zip(tasks, rows, strict=True)]
     return replace(cfg, tasks=tasks, obs_dim=max(d[0] for d in dims), action_dim=max(d[1] for d in dims),
                    action_dims=tuple(cfg.action_dims[i] for i in rows),
                    episode_lengths=tuple(cfg.episode_lengths[i] for i in rows) if cfg.episode_lengths else (),
@@ -70,9 +70,9 @@ def add_task(model: WorldModel, task: str, init_from: str | None = None) -> Worl
         raise ValueError("adding a task needs a multi-task model (a task embedding to extend)")
     if task in c.tasks:
         raise ValueError(f"task {task!r} is already one of the model's {len(c.tasks)} tasks")
-    if task not in MT30_DIMS:
-        raise ValueError(f"unknown task {task!r}: the known tasks are edge_tdmpc.tasks.MT30_DIMS")
-    O, A = MT30_DIMS[task]
+    if task not in TASK_DIMS:
+        raise unknown_task(task)
+    O, A = TASK_DIMS[task]
     if O > c.obs_dim or A > c.action_dim:
         raise ValueError(f"{task} has {O} observations and {A} actions; the model takes at most {c.obs_dim} and "
                          f"{c.action_dim}: pick a task that fits, or a model with larger dims")

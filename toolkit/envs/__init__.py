@@ -1,10 +1,10 @@
-"""The 30 DMControl tasks of TD-MPC2's MT30 benchmark (19 stock + 11 custom) as gymnasium environments.
+"""The 30 DMControl tasks of TD-MPC2's MT30 benchmark (19 stock + 11 custom), and the stock tasks of DMC_DIMS
+that fit MT30's dims (new tasks to fine-tune on), as gymnasium environments.
 
     env = make_env("cheetah-run-backwards", seed=1)                # obs (17,), actions (6,) in [-1, 1]
     env = make_env("cheetah-run-backwards", seed=1, multitask=True)  # obs padded to (24,), actions (6,)
 """
-from ..tasks import MT30
-from ..tasks import MT30_DIMS as TASK_DIMS
+from ..tasks import DMC_DIMS, MT30, TASK_DIMS
 from .custom import CUSTOM_TASKS
 from .dmcontrol import (
     ACTION_REPEAT,
@@ -20,6 +20,6 @@ from .dmcontrol import (
 )
 
 __all__ = [
-    "ACTION_REPEAT", "CUSTOM_TASKS", "MT30", "MT30_ACTION_DIM", "MT30_OBS_DIM", "TASK_DIMS", "DMControlEnv",
+    "ACTION_REPEAT", "CUSTOM_TASKS", "DMC_DIMS", "MT30", "MT30_ACTION_DIM", "MT30_OBS_DIM", "TASK_DIMS", "DMControlEnv",
     "MultitaskEnv", "check_task", "episode_env", "load", "make_env", "split_task",
 ]

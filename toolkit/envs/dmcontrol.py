@@ -1,8 +1,9 @@
-"""MT30 DMControl tasks as gymnasium environments, wrapped exactly as in the official TD-MPC2 code.
+"""DMControl tasks (MT30's 30 and the stock ones of tasks.DMC_DIMS) as gymnasium environments, wrapped exactly
+as in the official TD-MPC2 code.
 
 Per agent step the action in [-1, 1] is rescaled to the task's bounds and repeated for ACTION_REPEAT control
 steps, summing the rewards; an episode is truncated after EPISODE_LENGTH agent steps (1000 control steps, the
-dm_control time limit of every MT30 task). The observation is the dm_control observation dict flattened in
+dm_control time limit of every task here). The observation is the dm_control observation dict flattened in
 spec order, as float32.
 """
 import gymnasium as gym
@@ -10,16 +11,16 @@ import numpy as np
 from dm_control import suite
 from dm_control.suite.wrappers import action_scale
 
-from ..tasks import EPISODE_LENGTH, MT30, MT30_DIMS, unknown_task
+from ..tasks import EPISODE_LENGTH, MT30, TASK_DIMS, unknown_task
 from .custom import CUSTOM_TASKS
 
 ACTION_REPEAT = 2
 MT30_OBS_DIM, MT30_ACTION_DIM = 24, 6  # largest obs / action dims in MT30: the multitask padding targets
-DOMAIN_ALIASES = {"cup": "ball_in_cup"}
+DOMAIN_ALIASES = {"cup": "ball_in_cup", "pointmass": "point_mass"}  # the official code's
 
 
 def check_task(task: str) -> None:
-    if task not in MT30_DIMS:
+    if task not in TASK_DIMS:
         raise unknown_task(task)
 
 
@@ -41,7 +42,7 @@ def _flatten(observation) -> np.ndarray:
 
 
 class DMControlEnv(gym.Env):
-    """One MT30 task. `seed` seeds the dm_control task (its `random`), exactly as the official code does.
+    """One task. `seed` seeds the dm_control task (its `random`), exactly as the official code does.
 
     `dm_env` is the underlying dm_control environment (it takes actions in [-1, 1]); `physics` its physics.
     """
@@ -50,8 +51,8 @@ class DMControlEnv(gym.Env):
 
     def __init__(self, task: str, seed: int = 0):
         check_task(task)
-        self.task, self.task_index = task, MT30.index(task)
-        self.obs_dim, self.action_dim = MT30_DIMS[task]
+        self.task, self.task_index = task, MT30.index(task) if task in MT30 else None  # None: not an MT30 task
+        self.obs_dim, self.action_dim = TASK_DIMS[task]
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.obs_dim,), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (self.action_dim,), np.float32)
         self.dm_env = self._load(seed)
@@ -119,7 +120,7 @@ class MultitaskEnv(gym.Wrapper):
 
 
 def make_env(task: str, seed: int = 0, multitask: bool = False, pad_to: tuple[int, int] | None = None) -> gym.Env:
-    """The gymnasium env of an MT30 task; `multitask=True` pads it to the shared MT30 obs/action sizes, or to
+    """The gymnasium env of a task (of tasks.TASK_DIMS); `multitask=True` pads it to the shared MT30 obs/action sizes, or to
     `pad_to` = (obs_dim, action_dim) of a multitask model trained on another task set."""
     env = DMControlEnv(task, seed)
     return MultitaskEnv(env, *(pad_to or (MT30_OBS_DIM, MT30_ACTION_DIM))) if multitask else env
