@@ -120,8 +120,8 @@ class MultitaskEnv(gym.Wrapper):
 
 
 def make_env(task: str, seed: int = 0, multitask: bool = False, pad_to: tuple[int, int] | None = None) -> gym.Env:
-    """The gymnasium env of a task (of tasks.TASK_DIMS); `multitask=True` pads it to the shared MT30 obs/action sizes, or to
-    `pad_to` = (obs_dim, action_dim) of a multitask model trained on another task set."""
+    """The gymnasium env of a task (of tasks.TASK_DIMS); `multitask=True` pads it to the shared MT30 obs/action
+    sizes, or to `pad_to` = (obs_dim, action_dim) of a multitask model trained on another task set."""
     env = DMControlEnv(task, seed)
     return MultitaskEnv(env, *(pad_to or (MT30_OBS_DIM, MT30_ACTION_DIM))) if multitask else env
 
