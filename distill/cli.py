@@ -1,7 +1,9 @@
-"""`edge-tdmpc distill | train`: thin wrappers over edge_tdmpc.distill functions; their settings' flags come from
-DistillOptions and OnlineOptions (one name, default and help text from the flag to run.json)."""
+"""`edge-tdmpc distill | train | finetune`: thin wrappers over edge_tdmpc.distill functions; their settings' flags
+come from DistillOptions, OnlineOptions and FinetuneOptions (one name, default and help text from the flag to
+run.json)."""
 import click
 
+from edge_tdmpc.distill.finetune import FinetuneOptions
 from edge_tdmpc.distill.offline import DistillOptions
 from edge_tdmpc.distill.online import OnlineOptions
 from edge_tdmpc.options import click_options, order_options, pop_settings
@@ -64,3 +66,23 @@ def train(tasks, out, resume, threads, progress, **settings):
     s = run(tasks, out, options, resume=resume, progress=progress, echo=click.echo)
     click.echo(f"model: {s['model']} ({s['env_steps']} env steps, {s['updates']} updates); "
                f"its episodes: {out}/replay (usable with `edge-tdmpc distill --data`)")
+
+
+@order_options("checkpoint", "task", "steps", "out", "init_from", "replay", "replay_ratio", "mpc", "seed_steps",
+               "episode_steps", "utd", "batch_size", "resume", "logger")
+@click.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--task", required=True, help="the new task: one of edge_tdmpc.tasks.TASK_DIMS that fits the model's "
+              "dims and is not yet its")
+@_out
+@click.option("--resume", is_flag=True, help="continue the run in --out")
+@click_options(FinetuneOptions, exclude=("eval_episodes", "planner"))
+@process_options
+def finetune(checkpoint, task, out, resume, threads, progress, **settings):
+    """Teach the multi-task model in CHECKPOINT one more task, online; writes OUT/model.pt (one more task)."""
+    from edge_tdmpc.distill.finetune import finetune as run
+    options = pop_settings(FinetuneOptions, settings)
+    _threads(threads)
+    s = run(checkpoint, task, out, options, resume=resume, progress=progress, echo=click.echo)
+    click.echo(f"model: {s['model']} ({len(s['tasks'])} tasks, {task} from {s['init_from']}'s embedding; "
+               f"{s['env_steps']} env steps, {s['updates']} updates)")

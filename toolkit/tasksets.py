@@ -95,18 +95,24 @@ def add_task(model: WorldModel, task: str, init_from: str | None = None) -> Worl
 
 
 @torch.no_grad()
-def most_similar_task(model: WorldModel, obs, action, reward) -> list[tuple[str, float]]:
-    """The model's tasks ranked by how well each one's reward head predicts a new task's rewards on a little
-    data of it (obs [N, O], action [N, A], reward [N], padded to the model's dims) -> [(task, MSE)], best first:
-    the task whose embedding makes the model read the new task's dynamics and rewards most like its own."""
-    from edge_tdmpc.model import two_hot_inv
-    obs = torch.as_tensor(obs, dtype=torch.float32)
-    action = torch.as_tensor(action, dtype=torch.float32)
-    reward = torch.as_tensor(reward, dtype=torch.float32).reshape(-1, 1)
+def most_similar_task(model: WorldModel, episodes, consistency_coef=20.0, reward_coef=0.1) -> list[tuple[str, float]]:
+    """The model's tasks ranked by TD-MPC2's own world-model loss (one-step latent consistency and reward
+    cross-entropy, with its coefficients) on a little data of a new task, read through each task's embedding ->
+    [(task, loss)], best first. It is the loss fine-tuning then minimises, so the best start has the least to
+    learn; the dynamics term is what separates tasks where the reward alone cannot (random actions on a sparse
+    task see reward 0 throughout, which every reward head predicts). `episodes`: (obs [T+1, O], action [T, A],
+    reward [T]) each, padded to the model's dims."""
+    from edge_tdmpc.model import soft_ce
+    c = model.cfg
+    obs = torch.cat([torch.as_tensor(o[:-1], dtype=torch.float32) for o, _, _ in episodes])
+    nxt = torch.cat([torch.as_tensor(o[1:], dtype=torch.float32) for o, _, _ in episodes])
+    action = torch.cat([torch.as_tensor(a, dtype=torch.float32) for _, a, _ in episodes])
+    reward = torch.cat([torch.as_tensor(r, dtype=torch.float32).reshape(-1, 1) for _, _, r in episodes])
     out = []
-    for i, name in enumerate(model.cfg.tasks):
+    for i, name in enumerate(c.tasks):
         t = torch.full((len(obs),), i)
         z = model.encode(obs, t)
-        pred = two_hot_inv(model.reward(z, action, t), model.cfg.num_bins, model.cfg.vmin, model.cfg.vmax)
-        out.append((name, float((pred - reward).pow(2).mean())))
+        consistency = (model.next(z, action, t) - model.encode(nxt, t)).pow(2).mean()
+        rew = soft_ce(model.reward(z, action, t), reward, c.num_bins, c.vmin, c.vmax).mean()
+        out.append((name, float(consistency_coef * consistency + reward_coef * rew)))
     return sorted(out, key=lambda x: x[1])

@@ -1,0 +1,129 @@
+"""`edge-tdmpc finetune`: teach a trained multi-task model one more task, online.
+
+The new task gets an embedding row of its own (`tasksets.add_task`), started from an existing task's: the one
+--init-from names, or (auto) the task under whose embedding the model's world-model loss on the seed phase's
+random episodes of the new task is lowest (`tasksets.most_similar_task`), measured right before the first
+update, before any weight moves. Then the official online schedule of `edge-tdmpc train` runs on the new task
+alone. With --replay DATA (episodes of the model's old tasks: the data it was distilled on, say) every batch
+also draws --replay-ratio of its slices from DATA, so the update keeps fitting the old tasks while it learns the
+new one. Out comes an
+ordinary checkpoint in the official layout with one more task.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from edge_tdmpc.checkpoint import load_model
+from edge_tdmpc.distill.data import Batch, EpisodeDataset
+from edge_tdmpc.distill.online import Replay, ScheduleOptions, run_online
+from edge_tdmpc.distill.sampler import SliceSampler
+from edge_tdmpc.distill.teacher import fit_dim, write_json
+from edge_tdmpc.distill.trainer import TrainConfig, Trainer
+from edge_tdmpc.files import file_sha256
+from edge_tdmpc.options import setting, split_settings
+from edge_tdmpc.seeding import derive_seed
+from edge_tdmpc.tasks import check_task_subset
+from edge_tdmpc.tasksets import add_task, most_similar_task
+
+AUTO = "auto"
+CHOICE = "new_task.json"  # out/: the new task, the task its embedding started from, and the ranking behind it
+
+
+@dataclass(frozen=True)
+class FinetuneOptions(ScheduleOptions):
+    """The settings of `edge-tdmpc finetune` and `finetune()`: the online schedule, where the new task's
+    embedding starts, and the old tasks' replay."""
+    init_from: str = setting(AUTO, "existing task whose embedding the new task's starts from; auto: the one under "
+                             "which the world-model loss on the seed-phase episodes is lowest")
+    replay: str | None = setting(None, "dataset of the model's old tasks mixed into every batch (against "
+                                 "forgetting)", type=str)
+    replay_ratio: float = setting(0.5, "share of each batch drawn from --replay")
+
+    def __post_init__(self):
+        super().__post_init__()
+        r = self.replay_ratio
+        if not (isinstance(r, (int, float)) and math.isfinite(r) and 0 < r < 1):
+            raise ValueError(f"--replay-ratio must be a number between 0 and 1 (exclusive), got {r!r}")
+        if self.init_from == AUTO and self.seed_steps == 0:
+            raise ValueError("--init-from auto measures on the seed phase's random episodes: give --seed-steps > 0, "
+                             "or name the task to start from (--init-from TASK)")
+
+
+class MixedSampler:
+    """Batches of `batch_size` slices: `replay`'s (the new task's episodes, `replay.batch_size` of them) and the
+    rest from `dataset` (the old tasks'), its task indices mapped to the model's and padded to its dims."""
+
+    def __init__(self, replay: Replay, dataset, model_tasks, batch_size: int, seed: int, horizon: int = 3):
+        self.replay = replay
+        self.old = SliceSampler(dataset, horizon, batch_size - replay.batch_size, seed, prefetch=False)
+        self.to_model = torch.tensor([model_tasks.index(t) for t in dataset.tasks])
+
+    def sample(self) -> Batch:
+        new, old = self.replay.sample(), self.old.sample()
+        O, A = new.obs.shape[-1], new.action.shape[-1]
+        return Batch(torch.cat([new.obs, fit_dim(old.obs, O)], 1), torch.cat([new.action, fit_dim(old.action, A)], 1),
+                     torch.cat([new.reward, old.reward], 1), torch.cat([new.task, self.to_model[old.task]]),
+                     torch.cat([torch.full_like(new.index, -1), old.index]))  # -1: not a transition of the data
+
+    def state_dict(self) -> dict:
+        return dict(old=self.old.state_dict())
+
+    def load_state_dict(self, state):
+        self.old.load_state_dict(state["old"])
+
+
+def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None, *, resume=False, progress=True,
+             echo=print, **settings) -> dict:
+    """Add `task` to the multi-task model in `checkpoint` and train it online on `task` for `steps` environment
+    steps -> out/model.pt (official layout, one more task), out/new_task.json, metrics.
+
+    `settings` override fields of `options` (FinetuneOptions: the flags of `edge-tdmpc finetune`); any others
+    are TrainConfig fields (lr, tau, ...). `resume` continues the run in `out`."""
+    own, train_overrides = split_settings(FinetuneOptions, settings)
+    opts = replace(options or FinetuneOptions(), **own).schedule()
+    base = load_model(checkpoint)
+    model = add_task(base, task, base.cfg.tasks[0] if opts.init_from == AUTO else opts.init_from)
+    model = model.float().requires_grad_(True)
+    mc, new = model.cfg, len(model.cfg.tasks) - 1
+    dataset = None
+    if opts.replay:
+        dataset = EpisodeDataset(opts.replay)
+        check_task_subset(dataset.tasks, base.cfg.tasks, "the model")
+        if dataset.obs_dim > mc.obs_dim or dataset.action_dim > mc.action_dim:
+            raise ValueError(f"--replay {opts.replay} has dims {dataset.obs_dim}/{dataset.action_dim}, the model "
+                             f"{mc.obs_dim}/{mc.action_dim}: replay data of the model's own tasks")
+    cfg = TrainConfig.make(batch_size=opts.batch_size, seed=opts.seed, d_coef=0.0, **train_overrides)
+    trainer = Trainer(model, cfg)
+    old_rows = round(opts.batch_size * opts.replay_ratio) if dataset else 0
+    if dataset and not 0 < old_rows < opts.batch_size:
+        raise ValueError(f"--replay-ratio {opts.replay_ratio} of --batch-size {opts.batch_size} leaves no slice for "
+                         "one side: use a larger batch or a ratio nearer 0.5")
+    replay = Replay(mc.obs_dim, mc.action_dim, batch_size=opts.batch_size - old_rows, seed=opts.seed)
+    sampler = MixedSampler(replay, dataset, mc.tasks, opts.batch_size, derive_seed(opts.seed, 1)) if dataset else None
+    run_settings = dict(checkpoint_sha256=file_sha256(checkpoint), task=task, **asdict(opts), train=asdict(cfg))
+    out = Path(out)
+
+    def before_first_update(replay):
+        if opts.init_from == AUTO:  # the old rows are still the base model's: rank with it
+            eps = replay.episodes
+            ranking = most_similar_task(base, [(e["obs"], e["action"], e["reward"]) for e in eps])
+            with torch.no_grad():
+                emb = model._task_emb.weight
+                emb[new] = emb[mc.tasks.index(ranking[0][0])]
+            write_json(out / CHOICE, dict(task=task, init_from=ranking[0][0], measured_on=int(sum(
+                len(e["action"]) for e in eps)), world_model_loss=dict(ranking)))
+            echo(f"{task} starts from {ranking[0][0]}'s embedding (world-model loss {ranking[0][1]:.4g}; next: "
+                 + ", ".join(f"{t} {v:.4g}" for t, v in ranking[1:3]) + ")")
+        else:
+            write_json(out / CHOICE, dict(task=task, init_from=opts.init_from))
+        # a trained model's Q values are far from the running scale's start of 1 (see Trainer.warm_scale)
+        trainer.warm_scale(replay.sample() if sampler is None else sampler.sample())
+
+    summary = run_online(trainer, replay, [(task, new)], out, opts, run_settings, sampler=sampler,
+                         before_first_update=before_first_update, resume=resume, progress=progress, echo=echo)
+    choice = json.loads((out / CHOICE).read_text()) if (out / CHOICE).exists() else {}  # None: no update yet
+    return dict(summary, tasks=list(mc.tasks), init_from=choice.get("init_from") if opts.init_from == AUTO
+                else opts.init_from)

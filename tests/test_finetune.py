@@ -1,0 +1,188 @@
+"""`edge-tdmpc finetune`: a new task for a trained multi-task model, online; its start (the embedding chosen by
+measurement), resume after kill -9, the old tasks' replay, the one-line errors, the official layout."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import make_tiny_model
+
+from edge_tdmpc import load_model
+from edge_tdmpc.checkpoint import save_model
+from edge_tdmpc.cli import main
+from edge_tdmpc.distill.data import EpisodeWriter
+from edge_tdmpc.distill.finetune import CHOICE, MixedSampler, finetune
+from edge_tdmpc.distill.online import Replay
+from edge_tdmpc.tasksets import subset_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OLD = ("cartpole-swingup", "reacher-easy")  # a 6/2 model: pointmass-easy (4/2) fits, cheetah-run (17/6) does not
+QUICK = dict(steps=60, seed_steps=20, episode_steps=20, batch_size=16, save_every=20, log_every=10)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "base.pt"
+    save_model(subset_model(make_tiny_model("mt30", seed=3), OLD), path)
+    return path
+
+
+def _flags(settings):
+    return [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def test_finetune_adds_the_task_and_trains_it_online(base, tmp_path):
+    s = finetune(base, "pointmass-easy", tmp_path / "ft", progress=False, echo=lambda *a: None, **QUICK)
+    model = load_model(tmp_path / "ft" / "model.pt")  # the file names its task set: one more task
+    assert model.cfg.tasks == (*OLD, "pointmass-easy") and s["tasks"] == list(model.cfg.tasks)
+    assert model.cfg.action_dims[-1] == 2 and model.cfg.discounts[-1] == model.cfg.discounts[0]
+    assert s["env_steps"] == 60 and s["updates"] == 20 + 39  # the official schedule: seed_steps, then 1 per step
+    choice = json.loads((tmp_path / "ft" / CHOICE).read_text())
+    assert choice["init_from"] == s["init_from"] and set(choice["world_model_loss"]) == set(OLD)
+    assert choice["measured_on"] == 20  # the one random episode of the seed phase
+    rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    episodes = [r for r in rows if r["kind"] == "episode"]
+    assert [r["task"] for r in episodes] == ["pointmass-easy"] * 3 and [r["random"] for r in episodes] == [1, 0, 0]
+    # the replay it writes holds the new task's episodes under its index in the model
+    from edge_tdmpc.distill.data import EpisodeDataset
+    ds = EpisodeDataset(tmp_path / "ft" / "replay")
+    assert ds.tasks == model.cfg.tasks and set(ds.episode_table()["task"].tolist()) == {2}
+    # --init-from names the start: the new row is that task's, exactly, before the first update
+    named = finetune(base, "pointmass-easy", tmp_path / "named", init_from="reacher-easy", progress=False,
+                     echo=lambda *a: None, **{**QUICK, "steps": 20})
+    assert named["updates"] == 0 and named["init_from"] == "reacher-easy"
+    emb = load_model(tmp_path / "named" / "model.pt")._task_emb.weight
+    assert torch.equal(emb[2], emb[1])
+
+
+def test_the_chosen_start_is_the_task_whose_world_model_fits_best(base, tmp_path):
+    from edge_tdmpc.tasksets import most_similar_task
+    s = finetune(base, "pointmass-easy", tmp_path / "ft", progress=False, echo=lambda *a: None,
+                 **{**QUICK, "steps": 40})
+    model = load_model(base)
+    replay = Replay(6, 2)
+    from edge_tdmpc.distill.collect import play
+    from edge_tdmpc.seeding import derive_seed
+    obs, action, reward, _ = play(model, "pointmass-easy", 2, derive_seed(QUICK.get("seed", 1), 0), 20,
+                                  random_actions=True)
+    replay.add(obs, action, reward, 2)
+    e = replay.episodes[0]
+    ranking = most_similar_task(model, [(e["obs"], e["action"], e["reward"])])
+    assert s["init_from"] == ranking[0][0]
+    assert json.loads((tmp_path / "ft" / CHOICE).read_text())["world_model_loss"] == pytest.approx(dict(ranking))
+
+
+_RUN = [sys.executable, "-m", "edge_tdmpc.cli", "finetune"]
+
+
+def test_finetune_resumes_after_kill_9_bit_for_bit(base, tmp_path):
+    settings = {**QUICK, "steps": 100, "save_every": 1}
+    args = [str(base), "--task", "pointmass-easy", *_flags(settings), "--no-progress", "--threads", "1"]
+    ref = subprocess.run([*_run_args(args, tmp_path / "ref")], capture_output=True, text=True, env=_env())
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_run_args(args, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not any(
+            int(p.name[6:15]) >= 40 for p in (run / "checkpoints").glob("state-*.pt")):
+        time.sleep(0.01)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = subprocess.run([*_run_args(args, run), "--resume"], capture_output=True, text=True, env=_env())
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = (load_model(d / "model.pt").state_dict() for d in (tmp_path / "ref", run))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    episodes = lambda d: [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+                          if json.loads(x)["kind"] == "episode"]
+    assert episodes(run) == episodes(tmp_path / "ref") == [20, 40, 60, 80, 100]
+
+
+def _run_args(args, out):
+    return [*_RUN, *args, "--out", str(out)]
+
+
+def _env():
+    return dict(os.environ, MUJOCO_GL="disable")
+
+
+def _old_data(root, tasks=OLD, seed=0):
+    rng = np.random.default_rng(seed)
+    with EpisodeWriter(root, 6, 2, tasks) as w:
+        for k, (task, (o, a)) in enumerate([(0, (5, 1)), (1, (6, 2)), (0, (5, 1))]):
+            w.add(rng.standard_normal((31, o)), rng.uniform(-1, 1, (30, a)), rng.uniform(0, 1, 30), task, key=k)
+    return root
+
+
+def test_replay_mixes_the_old_tasks_into_every_batch(base, tmp_path):
+    from edge_tdmpc.distill.data import EpisodeDataset
+    data = EpisodeDataset(_old_data(tmp_path / "old", tasks=OLD[::-1]))  # another order: indices are mapped
+    replay = Replay(6, 2, batch_size=6, seed=0)
+    replay.add(np.full((21, 4), 7.0), np.zeros((20, 2)), np.zeros(20), 2)
+    sampler = MixedSampler(replay, data, (*OLD, "pointmass-easy"), 16, seed=1)
+    b = sampler.sample()
+    assert b.obs.shape == (4, 16, 6) and b.action.shape == (3, 16, 2)
+    assert (b.task[:6] == 2).all() and (b.obs[:, :6, :4] == 7).all()
+    own = data.gather(b.index[6:])  # the old rows are the data's slices, their task indices the model's
+    assert torch.equal(b.obs[:, 6:], own.obs) and torch.equal(b.task[6:], 1 - own.task)
+    state = sampler.state_dict()
+    nxt = sampler.sample()
+    sampler.load_state_dict(state)
+    assert torch.equal(sampler.old.sample().index, nxt.index[6:])
+    s = finetune(base, "pointmass-easy", tmp_path / "ft", replay=str(tmp_path / "old"), replay_ratio=0.25,
+                 progress=False, echo=lambda *a: None, **QUICK)
+    assert s["updates"] == 59
+    run = json.loads((tmp_path / "ft" / "run.json").read_text())
+    assert run["replay"] == str(tmp_path / "old") and run["replay_ratio"] == 0.25
+
+
+def test_bad_finetune_settings_are_one_line_errors(base, tmp_path):
+    single = tmp_path / "single.pt"
+    save_model(make_tiny_model("cartpole-swingup"), single)
+    _old_data(tmp_path / "walker", tasks=("walker-walk", "reacher-easy"))
+    cases = [
+        ([str(base), "--task", "dog-run"], "unknown task 'dog-run'"),
+        ([str(base), "--task", "reacher-easy"], "already one of the model's 2 tasks"),
+        ([str(base), "--task", "cheetah-run"], "the model takes at most 6 and 2"),
+        ([str(single), "--task", "pointmass-easy"], "needs a multi-task model"),
+        ([str(base), "--task", "pointmass-easy", "--init-from", "walker-walk"], "is not one of the model's tasks"),
+        ([str(base), "--task", "pointmass-easy", "--seed-steps", "0"], "--init-from auto measures"),
+        ([str(base), "--task", "pointmass-easy", "--replay-ratio", "1"], "--replay-ratio must be"),
+        ([str(base), "--task", "pointmass-easy", "--replay-ratio", "nan"], "--replay-ratio must be"),
+        ([str(base), "--task", "pointmass-easy", "--replay", str(tmp_path / "walker")], "'walker-walk' is not in"),
+        ([str(base), "--task", "pointmass-easy", "--steps", "0"], "--steps must be at least 1"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "out"
+        r = CliRunner().invoke(main, ["finetune", *args, "--out", str(out), "--no-progress"])
+        assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, (args, r.output)
+        assert not out.exists(), args  # refused before anything is written
+
+
+def test_the_mt30_model_takes_a_new_task_in_the_official_layout(checkpoint_path, tmp_path):
+    from edge_tdmpc.checkpoint import read_checkpoint
+    s = finetune(checkpoint_path, "fish-upright", tmp_path / "ft", progress=False, echo=lambda *a: None,
+                 **{**QUICK, "steps": 40, "batch_size": 4})
+    assert len(s["tasks"]) == 31 and s["tasks"][-1] == "fish-upright"
+    ours, meta = read_checkpoint(tmp_path / "ft" / "model.pt")
+    save_model(load_model(checkpoint_path), tmp_path / "mt30.pt")  # the shared file, in the newer official layout
+    theirs, _ = read_checkpoint(tmp_path / "mt30.pt")
+    assert set(ours) == set(theirs) and meta["tasks"] == s["tasks"]  # the official keys, one more embedding row
+    assert {k: getattr(v, "shape", v) for k, v in ours.items() if "task_emb" not in k and "action_masks" not in k} == \
+        {k: getattr(v, "shape", v) for k, v in theirs.items() if "task_emb" not in k and "action_masks" not in k}
+    emb = next(k for k in ours if "task_emb" in k)
+    assert ours[emb].shape == (31, theirs[emb].shape[1])
+    model = load_model(tmp_path / "ft" / "model.pt")
+    assert model.cfg.tasks[:30] == load_model(checkpoint_path).cfg.tasks
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "ft" / "model.pt"), "--tasks", "fish-upright", "--no-mpc",
+                                  "--steps", "5"])
+    assert r.exit_code == 0 and "fish-upright" in r.output, r.output
+    with pytest.raises(ValueError, match="a model of 31 task.*not of the 30 asked for"):
+        load_model(tmp_path / "ft" / "model.pt", tasks="mt30")
