@@ -8,6 +8,7 @@ import sys
 import click
 
 from edge_tdmpc.bench.distill_study import main as distill_study
+from edge_tdmpc.bench.finetune_study import main as finetune_study
 from edge_tdmpc.bench.harness import BenchOptions
 from edge_tdmpc.compile.artifact import CompileOptions
 from edge_tdmpc.options import click_options, pop_settings
@@ -143,6 +144,7 @@ def wallclock_cmd(checkpoint, task, hz, ticks, runtime, precision, fallback, see
 
 
 bench.add_command(distill_study, "distill-study")
+bench.add_command(finetune_study, "finetune-study")
 
 
 @click.command()
