@@ -21,15 +21,15 @@ KINDS = ("ft-replay", "ft", "scratch")
 
 
 def held_out_ranking(model, episodes=2, steps=500, seed=1) -> dict:
-    """For each task of `model`: the model without it (`subset_model`) ranks its other tasks as starts for it
-    (`most_similar_task`) on `episodes` random-action episodes of it -> {task: [(start, loss), ...]}. A
-    measurement that picks a task of the held-out task's own domain where there is one is doing its job."""
+    """For each task of `model`: its other tasks ranked as starts for it (`most_similar_task`) on `episodes`
+    random-action episodes of it -> {task: [(start, loss), ...]}. (A task's ranking reads only the other tasks'
+    embeddings, so it is the ranking of the model without the task.) A measurement that picks a task of the
+    held-out task's own domain where there is one is doing its job."""
     from edge_tdmpc.envs import make_env
-    from edge_tdmpc.tasksets import most_similar_task, subset_model
+    from edge_tdmpc.tasksets import most_similar_task
     c = model.cfg
     out = {}
     for task in c.tasks:
-        rest = subset_model(model, [t for t in c.tasks if t != task])
         data = []
         for k in range(episodes):
             env = make_env(task, seed=seed + k, multitask=True, pad_to=(c.obs_dim, c.action_dim))
@@ -44,7 +44,7 @@ def held_out_ranking(model, episodes=2, steps=500, seed=1) -> dict:
                 a.append(act)
                 r.append(rew)
             data.append((np.array(o), np.array(a), np.array(r)))
-        out[task] = most_similar_task(rest, data)
+        out[task] = [(t, v) for t, v in most_similar_task(model, data) if t != task]
     return out
 
 

@@ -186,3 +186,32 @@ def test_the_mt30_model_takes_a_new_task_in_the_official_layout(checkpoint_path,
     assert r.exit_code == 0 and "fish-upright" in r.output, r.output
     with pytest.raises(ValueError, match="a model of 31 task.*not of the 30 asked for"):
         load_model(tmp_path / "ft" / "model.pt", tasks="mt30")
+
+
+def test_held_out_ranking_ranks_the_other_tasks():
+    from edge_tdmpc.bench.finetune_study import held_out_ranking
+    model = subset_model(make_tiny_model("mt30", seed=2), ("cartpole-swingup", "cartpole-balance", "reacher-easy"))
+    ranking = held_out_ranking(model, episodes=1, steps=10)
+    assert list(ranking) == list(model.cfg.tasks)
+    for task, r in ranking.items():
+        assert sorted(t for t, _ in r) == sorted(t for t in model.cfg.tasks if t != task)
+        assert [v for _, v in r] == sorted(v for _, v in r)
+
+
+def test_study_report_finds_the_steps_to_the_from_scratch_final(tmp_path):
+    from edge_tdmpc.bench.finetune_study import main as study
+    curves = {"scratch": {1: [10, 20, 40, 80], 2: [10, 30, 50, 60]}, "ft": {1: [50, 75, 90, 95], 2: [40, 60, 80, 90]}}
+    for kind, seeds in curves.items():
+        for seed, returns in seeds.items():
+            d = tmp_path / "pointmass-easy" / f"{kind}-s{seed}"
+            d.mkdir(parents=True)
+            rows = [{"kind": "eval", "step": 500 * (i + 1), "mean_return": r} for i, r in enumerate(returns)]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (d / "done").touch()
+    r = CliRunner().invoke(study, ["report", str(tmp_path), "--plot", str(tmp_path / "c.png")])
+    assert r.exit_code == 0, r.output
+    row = next(x for x in r.output.splitlines() if "| ft |" in x)
+    # scratch's final return is 70 (mean of 80 and 60); the fine-tuned mean curve (45, 67.5, 85, 92.5) first
+    # reaches it at 1500 steps, 0.75 of the from-scratch run's 2000
+    assert "| 1500 | 0.75 |" in row and "| 92.5 (95, 90) |" in row
+    assert (tmp_path / "c.png").stat().st_size > 0
