@@ -376,7 +376,7 @@ class Planner:
             _bundled("control").shift_mean(self.prev_mean, ticks)
 
     def act(self, obs, task=0, t0=False, eval_mode=False):
-        self.flagged = not _bundled("control").finite(obs)
+        self.flagged = not _bundled("control").usable(obs)
         if self.flagged:
             self.nonfinite += 1
             return (self.last_action if self.last_action is not None else np.zeros(self.action_dim, np.float32)).copy()

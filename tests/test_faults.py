@@ -22,6 +22,7 @@ from edge_tdmpc.cli import main
 from edge_tdmpc.compile.runtimes import compiled_runtime
 from edge_tdmpc.control import RealtimeLoop
 from edge_tdmpc.envs import episode_env
+from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.rollout import run, runtime_actor
 from edge_tdmpc.runtime import TorchRuntime
 
@@ -48,11 +49,11 @@ def test_nonfinite_observation_gets_the_same_flagged_safe_action_everywhere(tiny
     and counted; nothing planned, so the warm start and the noise stream go on as if the step never came."""
     for name, rt in _runtimes(tiny).items():
         rt.reset(3)
-        for bad in (NAN, np.array([0, np.inf, 0, 0, 0], np.float32)):
+        for bad in (NAN, np.array([0, np.inf, 0, 0, 0], np.float32), np.array([0, 0, 1e30, 0, 0], np.float32)):
             assert np.array_equal(rt.act(bad, TASK, t0=True), np.zeros(6, np.float32)) and rt.flagged, name
         a1 = rt.act(_obs(1), TASK, t0=True)
         assert not rt.flagged and np.abs(a1).max() > 0
-        assert np.array_equal(rt.act(NAN, TASK, t0=False), a1) and rt.flagged and rt.nonfinite == 3, name
+        assert np.array_equal(rt.act(NAN, TASK, t0=False), a1) and rt.flagged and rt.nonfinite == 4, name
         a2 = rt.act(_obs(2), TASK, t0=False)
         ref = _runtimes(tiny)[name]  # the same episode without the bad steps
         ref.reset(3)
@@ -60,6 +61,24 @@ def test_nonfinite_observation_gets_the_same_flagged_safe_action_everywhere(tiny
         assert np.array_equal(ref.act(_obs(2), TASK, t0=False), a2), name
         rt.reset(3)  # a new episode has no action to hold yet
         assert np.array_equal(rt.act(NAN, TASK, t0=True), np.zeros(6, np.float32))
+
+
+def test_a_finite_but_absurd_observation_is_refused_alike_by_every_runtime(tiny):
+    """1e30 overflows the encoder's LayerNorm: PyTorch's prior would return NaN, ONNX Runtime's a finite action.
+    Past control.OBS_LIMIT both give the safe action, flagged; up to it both act, and agree."""
+    from edge_tdmpc.control import OBS_LIMIT
+    prior = PlannerConfig.make(mpc=False)
+    runtimes = {"torch": TorchRuntime(tiny, "fp32", prior, seed=3),
+                "onnxruntime": compiled_runtime("onnxruntime", tiny, "fp32", prior, seed=3)}
+    edge = np.array([OBS_LIMIT, 0, 0, 0, 0], np.float32)
+    acts = {}
+    for name, rt in runtimes.items():
+        rt.reset(3)
+        assert np.array_equal(rt.act(np.array([0, 1e30, 0, 0, 0], np.float32), TASK, t0=True), np.zeros(6)), name
+        assert rt.flagged and rt.nonfinite == 1, name
+        acts[name] = rt.act(edge, TASK, t0=True)
+        assert not rt.flagged and np.isfinite(acts[name]).all(), name
+    np.testing.assert_allclose(acts["torch"], acts["onnxruntime"], atol=1e-4)
 
 
 class _BrokenSensor:

@@ -23,9 +23,17 @@ import numpy as np
 FALLBACKS = ("hold", "plan", "policy")
 
 
-def finite(obs) -> bool:
-    """Whether an observation may reach the networks: every entry finite (no NaN, no Inf)."""
-    return bool(np.isfinite(np.asarray(obs, np.float64)).all())
+# Larger entries are no sensor reading of a robot these models control, and squared in the encoder's LayerNorm
+# they overflow fp32 (past ~1e18), where PyTorch's kernels return NaN and ONNX Runtime's a finite action: one
+# bound keeps every runtime's answer the same, the safe action, flagged.
+OBS_LIMIT = 1e6
+
+
+def usable(obs) -> bool:
+    """Whether an observation may reach the networks: every entry finite (no NaN, no Inf) and within
+    +-OBS_LIMIT."""
+    x = np.asarray(obs, np.float64)
+    return bool(np.isfinite(x).all() and (np.abs(x) <= OBS_LIMIT).all())
 
 
 def check_fallback(mode: str) -> str:
@@ -167,7 +175,7 @@ class DeadlineSim:
         self.stats = TickStats()
 
     def act(self, obs, task=None, t0=False, eval_mode=False):
-        self.stats.nonfinite += not finite(obs)
+        self.stats.nonfinite += not usable(obs)
         if t0:
             self._episode()
         if self.pending is None:  # the planner is idle: it starts on this tick's observation
@@ -250,7 +258,7 @@ class RealtimeLoop:
                 time.sleep(max(due - time.perf_counter(), 0))
                 stats.late_ms.append((time.perf_counter() - due) * 1e3)
                 obs = self.sense()
-                stats.nonfinite += not finite(obs)
+                stats.nonfinite += not usable(obs)
                 with self._cv:
                     self._obs = (obs, tick)
                     self._cv.notify_all()

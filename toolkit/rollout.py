@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_tdmpc.control import ActionFilter, DeadlineSim, check_budget, check_fallback, finite
+from edge_tdmpc.control import ActionFilter, DeadlineSim, check_budget, check_fallback, usable
 from edge_tdmpc.seeding import evaluation_seeds
 from edge_tdmpc.tasks import fit_obs
 
@@ -27,7 +27,7 @@ class Episode:
     act_ns: list = field(default_factory=list)     # T agent times (around `act`, host<->device copies included)
     env_ns: int = 0                                 # env time, all steps together
     wall_s: float = 0.0
-    nonfinite: int = 0                              # steps whose observation had a NaN or Inf entry
+    nonfinite: int = 0                              # steps whose observation was not control.usable
 
     @property
     def ret(self) -> float:
@@ -47,7 +47,7 @@ def run(env, obs, act, steps: int, on_step=None) -> Episode:
     dims; on_step(t, episode) after each step (progress, memory samples, the online trainer's updates)."""
     ep, wall = Episode(obs=[obs]), time.perf_counter()
     for t in range(steps):
-        ep.nonfinite += not finite(obs)  # the runtimes act safely on them (`runtime.Runtime`); counted here
+        ep.nonfinite += not usable(obs)  # the runtimes act safely on them (`runtime.Runtime`); counted here
         t0 = time.perf_counter_ns()
         action = np.asarray(act(obs, t), np.float32)[: env.action_dim]
         t1 = time.perf_counter_ns()

@@ -5,10 +5,11 @@ planner settings it runs), `prev_mean` (the warm-start mean, None for a policy-o
 `planned_mean()` and `advance_mean(ticks)` for the control loop, `reset`, `act`, `close` and use as a context
 manager.
 
-A non-finite observation (NaN or Inf, from a broken sensor or a diverged simulation) never reaches the networks,
-in every runtime: `act` returns the safe action instead, the last action this runtime returned in the episode
-(zeros before its first), plans nothing (the warm start and the noise stream stay where they were), sets
-`flagged` and counts it in `nonfinite`.
+A non-finite observation (NaN or Inf, from a broken sensor or a diverged simulation), or one with an entry
+beyond +-`control.OBS_LIMIT`, never reaches the networks, in every runtime: `act` returns the safe action
+instead, the last action this runtime returned in the episode (zeros before its first), plans nothing (the warm
+start and the noise stream stay where they were), sets `flagged` and counts it in `nonfinite`. A step whose
+action comes out non-finite all the same is answered and counted the same way (its warm start has moved).
 
 `TorchRuntime` (PyTorch eager, the reference) lives here; the compiled runtimes and the registry of every
 runtime by name are `edge_tdmpc.compile.runtimes`. A runtime only loads and runs: compiling is a step of its own
@@ -20,7 +21,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
-from edge_tdmpc.control import copy_mean, finite, shift_mean
+from edge_tdmpc.control import copy_mean, shift_mean, usable
 from edge_tdmpc.planner import Agent, Noise, PlannerConfig
 from edge_tdmpc.tasks import check_task_index
 
@@ -38,7 +39,7 @@ class Runtime(ABC):
     prev_mean = None  # the warm-start mean (H x A) after the last step: set by runtimes that plan
     action_dim: int   # the (padded) action dim it returns
     tasks: tuple      # the model's task set (`act` takes an index into it)
-    nonfinite = 0     # non-finite observations seen (never reset: the caller takes differences)
+    nonfinite = 0     # steps flagged: non-finite observation or action (never reset: the caller takes differences)
     labels = False    # whether `plan_label()` gives the planner's label of a step
 
     def __init__(self, precision="fp32", planner: PlannerConfig | None = None, seed=0):
@@ -58,14 +59,19 @@ class Runtime(ABC):
         """Padded observation (or the task's own) -> action in [-1, 1] (padded action dim); a non-finite
         observation -> the safe action, flagged (module doc)."""
         task = check_task_index(task, self.tasks)
-        self.flagged = not finite(_host(obs))
+        self.flagged = not usable(_host(obs))
         self._label = None
         if self.flagged:
             self.nonfinite += 1
             safe = self.last_action if self.last_action is not None else np.zeros(self.action_dim, np.float32)
             return safe.copy()
-        self.last_action = np.asarray(self._act(obs, task, t0, eval_mode, noise), np.float32)
-        return self.last_action.copy()
+        action = np.asarray(self._act(obs, task, t0, eval_mode, noise), np.float32)
+        if not np.isfinite(action).all():
+            self.flagged, self._label = True, None
+            self.nonfinite += 1
+            return (self.last_action if self.last_action is not None else np.zeros(self.action_dim, np.float32)).copy()
+        self.last_action = action
+        return action.copy()
 
     @abstractmethod
     def _reset(self, seed: int | None):
