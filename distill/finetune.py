@@ -6,8 +6,10 @@ random episodes of the new task is lowest (`tasksets.most_similar_task`), measur
 update, before any weight moves. Then the official online schedule of `edge-tdmpc train` runs on the new task
 alone. With --replay DATA (episodes of the model's old tasks: the data it was distilled on, say) every batch
 also draws --replay-ratio of its slices from DATA, so the update keeps fitting the old tasks while it learns the
-new one. Out comes an
-ordinary checkpoint in the official layout with one more task.
+new one; with --replay-labels the prior also keeps learning the teacher planner's actions on them (the planner
+term of `--distill planner`, on the replayed rows), since TD-MPC2's own objective alone pulls a distilled prior
+away from its planner (docs/results/distill-mt30.md). Out comes an ordinary checkpoint in the official layout
+with one more task.
 """
 import json
 import math
@@ -23,7 +25,7 @@ from edge_tdmpc.distill.sampler import SliceSampler
 from edge_tdmpc.distill.teacher import fit_dim, write_json
 from edge_tdmpc.distill.trainer import TrainConfig, Trainer
 from edge_tdmpc.files import file_sha256
-from edge_tdmpc.options import setting, split_settings
+from edge_tdmpc.options import check_min, setting, split_settings
 from edge_tdmpc.seeding import derive_seed
 from edge_tdmpc.tasks import check_task_subset
 from edge_tdmpc.tasksets import add_task, most_similar_task
@@ -41,15 +43,34 @@ class FinetuneOptions(ScheduleOptions):
     replay: str | None = setting(None, "dataset of the model's old tasks mixed into every batch (against "
                                  "forgetting)", type=str)
     replay_ratio: float = setting(0.5, "share of each batch drawn from --replay")
+    replay_labels: bool = setting(False, "also teach the prior the planner labels --replay carries (the planner "
+                                  "term on its rows)")
+    planner_coef: float = setting(10.0, "weight of that planner term")
 
     def __post_init__(self):
         super().__post_init__()
         r = self.replay_ratio
         if not (isinstance(r, (int, float)) and math.isfinite(r) and 0 < r < 1):
             raise ValueError(f"--replay-ratio must be a number between 0 and 1 (exclusive), got {r!r}")
+        check_min(self, 0, "planner_coef")
         if self.init_from == AUTO and self.seed_steps == 0:
             raise ValueError("--init-from auto measures on the seed phase's random episodes: give --seed-steps > 0, "
                              "or name the task to start from (--init-from TASK)")
+
+
+class ReplayLabels:
+    """The planner labels of a mixed batch's rows: the replayed data's own (its `planner` field) for its rows,
+    NaN (none) for the new task's, which `planner_distill_loss` then leaves out."""
+
+    def __init__(self, dataset):
+        from edge_tdmpc.distill.labels import FieldLabels
+        self.data = FieldLabels(dataset)
+
+    def lookup(self, index) -> torch.Tensor:
+        have = index >= 0
+        out = torch.full((len(index), self.data.dim), float("nan"))
+        out[have] = self.data.lookup(index[have])
+        return out
 
 
 class MixedSampler:
@@ -95,8 +116,11 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
         if dataset.obs_dim > mc.obs_dim or dataset.action_dim > mc.action_dim:
             raise ValueError(f"--replay {opts.replay} has dims {dataset.obs_dim}/{dataset.action_dim}, the model "
                              f"{mc.obs_dim}/{mc.action_dim}: replay data of the model's own tasks")
-    cfg = TrainConfig.make(batch_size=opts.batch_size, seed=opts.seed, d_coef=0.0, **train_overrides)
-    trainer = Trainer(model, cfg)
+    if opts.replay_labels and not dataset:
+        raise ValueError("--replay-labels teaches the prior the labels of the replayed data: give --replay DATA")
+    terms = dict(distill=("planner",), planner_coef=opts.planner_coef) if opts.replay_labels else {}
+    cfg = TrainConfig.make(batch_size=opts.batch_size, seed=opts.seed, d_coef=0.0, **terms, **train_overrides)
+    trainer = Trainer(model, cfg, plan_labels=ReplayLabels(dataset) if opts.replay_labels else None)
     old_rows = round(opts.batch_size * opts.replay_ratio) if dataset else 0
     if dataset and not 0 < old_rows < opts.batch_size:
         raise ValueError(f"--replay-ratio {opts.replay_ratio} of --batch-size {opts.batch_size} leaves no slice for "

@@ -116,12 +116,14 @@ def split_plan_label(label, action_dim: int):
 
 def planner_distill_loss(pi_info: dict, label, mask, kind: str = "mse", eps: float = 1e-3):
     """The policy prior's first action against the planner's, at obs_0 (B rows); `mask` [B, A] marks the task's
-    action dims.
+    action dims. A row whose label is NaN has none and counts nothing (a fine-tuning batch's new-task rows).
 
     mse: MSE(tanh(mu), planner mean) over the task's dims: moves the action the prior executes in eval mode.
     nll: the planner mean's negative log-likelihood under the prior's Gaussian before the tanh (its atanh,
     clipped to 1 - eps): moves mu and also fits log_std, weighting each dim by the prior's own confidence."""
     mean, _, _ = label
+    have = torch.isfinite(mean).all(-1, keepdim=True)
+    mask, mean = mask * have, torch.where(have, mean, 0.0)
     n = mask.sum().clamp(min=1)
     if kind == "mse":
         return ((pi_info["mean"] - mean) * mask).pow(2).sum() / n

@@ -113,11 +113,13 @@ def _env():
     return dict(os.environ, MUJOCO_GL="disable")
 
 
-def _old_data(root, tasks=OLD, seed=0):
+def _old_data(root, tasks=OLD, seed=0, labels=False):
     rng = np.random.default_rng(seed)
-    with EpisodeWriter(root, 6, 2, tasks) as w:
+    with EpisodeWriter(root, 6, 2, tasks, fields={"planner": 6} if labels else None) as w:
         for k, (task, (o, a)) in enumerate([(0, (5, 1)), (1, (6, 2)), (0, (5, 1))]):
-            w.add(rng.standard_normal((31, o)), rng.uniform(-1, 1, (30, a)), rng.uniform(0, 1, 30), task, key=k)
+            more = {"planner": rng.uniform(-1, 1, (30, 6))} if labels else {}
+            w.add(rng.standard_normal((31, o)), rng.uniform(-1, 1, (30, a)), rng.uniform(0, 1, 30), task, key=k,
+                  **more)
     return root
 
 
@@ -143,6 +145,28 @@ def test_replay_mixes_the_old_tasks_into_every_batch(base, tmp_path):
     assert run["replay"] == str(tmp_path / "old") and run["replay_ratio"] == 0.25
 
 
+def test_replay_labels_teach_the_prior_on_the_replayed_rows_only(base, tmp_path):
+    from edge_tdmpc.distill.losses import planner_distill_loss
+    # a row without a label (NaN) counts nothing: the loss and its gradient are those of the labelled rows alone
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(5, 2, generator=g, requires_grad=True)
+    label = torch.rand(5, 2, generator=g)
+    with_nan = torch.cat([label[:3], torch.full((2, 2), float("nan"))])
+    mask = torch.ones(5, 2)
+    loss = planner_distill_loss({"mean": pred}, (with_nan, None, None), mask)
+    loss.backward()
+    assert torch.equal(loss, planner_distill_loss({"mean": pred[:3]}, (label[:3], None, None), mask[:3]))
+    assert pred.grad[3:].abs().sum() == 0 and pred.grad[:3].abs().sum() > 0
+    data = _old_data(tmp_path / "old", labels=True)
+    s = finetune(base, "pointmass-easy", tmp_path / "ft", replay=str(data), replay_labels=True, planner_coef=3.0,
+                 progress=False, echo=lambda *a: None, **QUICK)
+    rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert s["updates"] == 59 and train and all(np.isfinite(r["distill_planner_loss"]) for r in train)
+    run = json.loads((tmp_path / "ft" / "run.json").read_text())
+    assert run["train"]["distill"] == ["planner"] and run["train"]["planner_coef"] == 3.0
+
+
 def test_bad_finetune_settings_are_one_line_errors(base, tmp_path):
     single = tmp_path / "single.pt"
     save_model(make_tiny_model("cartpole-swingup"), single)
@@ -158,6 +182,10 @@ def test_bad_finetune_settings_are_one_line_errors(base, tmp_path):
         ([str(base), "--task", "pointmass-easy", "--replay-ratio", "nan"], "--replay-ratio must be"),
         ([str(base), "--task", "pointmass-easy", "--replay", str(tmp_path / "walker")], "'walker-walk' is not in"),
         ([str(base), "--task", "pointmass-easy", "--steps", "0"], "--steps must be at least 1"),
+        ([str(base), "--task", "pointmass-easy", "--replay-labels"], "--replay-labels teaches the prior"),
+        ([str(base), "--task", "pointmass-easy", "--replay", str(_old_data(tmp_path / "plain")), "--replay-labels"],
+         "carries no planner labels"),
+        ([str(base), "--task", "pointmass-easy", "--planner-coef", "nan"], "--planner-coef must be at least 0"),
     ]
     for args, message in cases:
         out = tmp_path / "out"
