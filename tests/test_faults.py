@@ -1,6 +1,7 @@
 """Faults and bad input: non-finite observations, non-finite weights, a second writer, killed parents, the umask.
 
 Each case asserts the exit code or the error's one line, and that what was there before is intact."""
+import errno
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import torch
 from click.testing import CliRunner
 from helpers import SMALL, make_tiny_model
 
-from edge_tdmpc import save_model
+from edge_tdmpc import load_model, save_model
 from edge_tdmpc.cli import main
 from edge_tdmpc.compile.runtimes import compiled_runtime
 from edge_tdmpc.control import RealtimeLoop
@@ -177,7 +178,6 @@ def test_atomic_writes_honour_the_umask(tiny, tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "student.pt").stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
-    from edge_tdmpc import load_model
     assert load_model(tmp_path / "student.pt").cfg == tiny.cfg  # and complete
 
 
@@ -242,6 +242,44 @@ def test_runs_that_would_do_nothing_and_unwritable_places_are_one_line_errors(ti
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 2 and "cannot write" in res.output and "writable --out" in res.output, res.output
         assert len(res.output.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 192 KiB file system (tmpfs) to fill: needs root and a kernel that lets this process mount."""
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is a small tmpfs mounted for the test: needs root")
+    d = tmp_path / "disk"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("this machine does not let the test mount a tmpfs (a full disk cannot be made)")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=True)
+
+
+def test_a_full_disk_is_a_one_line_error_and_earlier_outputs_stay_intact(tiny, tmp_path, small_disk):
+    """ENOSPC on a real file system: the commands print one line naming the fix; an atomic re-save that no longer
+    fits leaves the file it would have replaced whole."""
+    save_model(tiny, tmp_path / "tiny.pt")
+    ckpt = str(tmp_path / "tiny.pt")
+    size = (tmp_path / "tiny.pt").stat().st_size
+    assert size < 192 * 1024 < 2 * size + 32 * 1024, size  # one copy fits, a second beside it does not
+    save_model(tiny, small_disk / "model.pt")
+    with pytest.raises(OSError) as err:
+        save_model(tiny, small_disk / "model.pt")
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in small_disk.iterdir()) == ["model.pt"]  # no temporary file left behind
+    assert load_model(small_disk / "model.pt").cfg == tiny.cfg
+    small = ["--samples", "64", "--elites", "16", "--iterations", "2"]
+    for args in (["compile", ckpt, "--out", str(small_disk / "art"), *small],
+                 ["data", "collect", "--teacher", ckpt, "--tasks", "cartpole-swingup", "--episodes", "4", "--steps",
+                  "500", "--no-mpc", "--out", str(small_disk / "data")]):
+        res = CliRunner().invoke(main, args)
+        errors = [x for x in res.output.splitlines() if x.startswith("error:")]  # after the progress it printed
+        assert res.exit_code == 2 and len(errors) == 1 and "Traceback" not in res.output, (args, res.output)
+        assert f"no space left on the device for a file under {small_disk}" in errors[0] or \
+            f"no space left on the device for {small_disk}" in errors[0], errors
+    assert load_model(small_disk / "model.pt").cfg == tiny.cfg
 
 
 def test_cache_falls_back_where_home_cannot_be_written(monkeypatch, tmp_path):

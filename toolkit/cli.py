@@ -11,20 +11,35 @@ class _OneLineErrors(click.Group):
     """User errors (bad task, bad checkpoint, wrong dims) and the machine's (an unwritable directory, a full
     disk) print one line, not a traceback (EDGE_TDMPC_DEBUG=1 shows it)."""
 
+    def parse_args(self, ctx, args):
+        ctx.meta["argv"] = list(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
+        out = _out(ctx.meta.get("argv", ()))
         try:
             return super().invoke(ctx)
         except (ValueError, OSError) as e:
             if "EDGE_TDMPC_DEBUG" in os.environ:
                 raise
-            click.echo(f"error: {_one_line(e)}", err=True)
+            click.echo(f"error: {_one_line(e, out)}", err=True)
             sys.exit(2)
 
 
-def _one_line(e: Exception) -> str:
+def _out(args) -> str | None:
+    """The command line's --out, if any: where a write that names no file (a library's) was going."""
+    for i, a in enumerate(args):
+        if a == "--out" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--out="):
+            return a[len("--out="):]
+    return None
+
+
+def _one_line(e: Exception, out: str | None = None) -> str:
     if isinstance(e, ValueError) or not isinstance(e, OSError):
         return str(e).splitlines()[0] if str(e) else type(e).__name__
-    where = f" {e.filename}" if e.filename else ""
+    where = f" {e.filename}" if e.filename else f" a file under {out}" if out else ""
     if e.errno == errno.ENOSPC:
         return f"no space left on the device for{where or ' a file'}: free some space or write elsewhere (--out)"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
