@@ -5,7 +5,8 @@ scratch (`edge-tdmpc train`), and what the old tasks keep.
     edge-tdmpc bench finetune-study similarity CKPT --out held-out.json   # does the start measurement pick kin?
     edge-tdmpc bench finetune-study report RUNS --teacher-bench report.json --md FILE --plot FILE
 
-RUNS/TASK/KIND-sSEED holds one run's output: KIND ft or ft-replay (finetune) or scratch (train), each with its
+RUNS/TASK/KIND-sSEED holds one run's output: KIND ft, ft-replay or ft-replay-labels (finetune without replay,
+with --replay, with --replay --replay-labels) or scratch (train), each with its
 metrics.jsonl (the periodic eval: eval mode, full episodes); fine-tuned runs also hold mt30/report.json, the
 `edge-tdmpc bench --no-mpc` of the old tasks in the teacher's protocol (--teacher-bench).
 """
@@ -17,7 +18,7 @@ import numpy as np
 
 from edge_tdmpc.bench.distill_study import _ci, bootstrap, paired_difference, scores, table
 
-KINDS = ("ft-replay", "ft", "scratch")
+KINDS = ("ft-replay-labels", "ft-replay", "ft", "scratch")
 
 
 def held_out_ranking(model, episodes=2, steps=500, seed=1) -> dict:
@@ -68,6 +69,13 @@ def collect_runs(root: Path) -> dict:
     return res
 
 
+LAST = 3  # eval points (of one episode each) averaged into a run's final return: one alone swings by hundreds
+
+
+def final_return(curve: dict[int, float]) -> float:
+    return float(np.mean([curve[s] for s in sorted(curve)[-LAST:]]))
+
+
 def steps_to_reach(curve: dict[int, float], target: float) -> int | None:
     """The first eval step whose return is at least `target` (None: never)."""
     return next((s for s in sorted(curve) if curve[s] >= target), None)
@@ -108,27 +116,27 @@ def report(root, teacher_bench, md, plot):
     """Tables (final return, steps to the from-scratch model's final return, the old tasks' MT30 score) and the
     learning curves of the finished runs under ROOT."""
     res = collect_runs(Path(root))
-    lines = ["| new task | run | seeds | start | return after the seed phase | final return | env steps to the "
-             "from-scratch final | share of its steps |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| new task | run | seeds | start | return after the seed phase | final return (last {LAST} evals) | "
+             "env steps to the from-scratch final | share of its steps |", "|---|---|---|---|---|---|---|---|"]
     for task, kinds in res.items():
         curves = {k: {s: eval_curve(d) for s, d in seeds.items()} for k, seeds in kinds.items()}
         scratch = curves.get("scratch", {})
-        target = np.mean([c[max(c)] for c in scratch.values()]) if scratch else None
+        target = np.mean([final_return(c) for c in scratch.values()]) if scratch else None
         horizon = max(max(c) for c in scratch.values()) if scratch else None
         for kind in KINDS:
             if kind not in curves:
                 continue
             cs = curves[kind]
             mean = {s: np.mean([c[s] for c in cs.values() if s in c]) for s in sorted(set().union(*cs.values()))}
-            final = mean[max(mean)]
+            final = np.mean([final_return(c) for c in cs.values()])
             first = mean.get(min((s for s in mean if s > 1000), default=min(mean)))
             starts = sorted({json.loads((d / "new_task.json").read_text())["init_from"] for d in kinds[kind].values()
                              if (d / "new_task.json").exists()})
-            reach = steps_to_reach(mean, target) if target is not None else None
+            reach = steps_to_reach(mean, target) if target is not None and kind != "scratch" else None
             share = f"{reach / horizon:.2f}" if reach else "–"
+            shown = "–" if kind == "scratch" else reach or "not reached"
             lines.append(f"| {task} | {kind} | {len(cs)} | {', '.join(starts) or '–'} | {first:.1f} | {final:.1f} "
-                         f"({', '.join(f'{c[max(c)]:.0f}' for c in cs.values())}) | {reach or 'not reached'} | "
-                         f"{share} |")
+                         f"({', '.join(f'{final_return(c):.0f}' for c in cs.values())}) | {shown} | {share} |")
     if teacher_bench:
         ref = scores(teacher_bench)
         old = list(ref)
@@ -137,7 +145,7 @@ def report(root, teacher_bench, md, plot):
                   "differences task-paired):", "", "| new task | run | seeds | MT30 score | vs before |",
                   "|---|---|---|---|---|", f"| – | before | – | {_ci(bootstrap(before))} | |"]
         for task, kinds in res.items():
-            for kind in ("ft-replay", "ft"):
+            for kind in KINDS[:-1]:
                 per_seed = {s: scores(d / "mt30" / "report.json") for s, d in kinds.get(kind, {}).items()
                             if (d / "mt30" / "report.json").exists()}
                 if per_seed:
@@ -158,7 +166,7 @@ def _plot(res: dict, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(res), figsize=(5 * len(res), 3.6), squeeze=False)
     for ax, (task, kinds) in zip(axes[0], res.items(), strict=True):
-        for kind, color in zip(KINDS, ("C0", "C1", "C2"), strict=True):
+        for kind, color in zip(KINDS, ("C3", "C0", "C1", "C2"), strict=True):
             cs = [eval_curve(d) for d in kinds.get(kind, {}).values()]
             if not cs:
                 continue
