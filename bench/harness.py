@@ -121,7 +121,8 @@ def control_settings(hz, realtime, latency_ms, fallback, smooth, rate_limit, bud
 class BenchOptions:
     """What `edge-tdmpc bench` and `run_bench` take besides the model and the output directory: each setting's one
     name (its flag: `--field-name`), default and help. report.json records them under "settings"."""
-    tasks: str = setting("mt30", "mt30 or comma-separated task names")
+    tasks: str | None = setting(None, "mt30 or comma-separated task names  [default: the model's own task set]",
+                                type=str)
     episodes: int = setting(10, "episodes per task (official MT30: 10; 0 with --check-actions: the check alone)")
     runtimes: str | None = setting(
         None, "comma-separated: torch, onnxruntime, tensorrt, torch-cuda-graph(-triton), "
@@ -188,15 +189,16 @@ def run_bench(model, out, options: BenchOptions | None = None, resume=False, pro
     tasks, runtimes, precisions, episodes, seed, steps = o.tasks, o.runtimes, o.precisions, o.episodes, o.seed, o.steps
     eval_mode, workers, hz, check_actions, warmup, device = o.eval_mode, o.workers, o.hz, o.check_actions, o.warmup, \
         o.device
-    tasks = resolve_tasks(tasks)
-    if not tasks:
+    tasks = None if tasks is None else resolve_tasks(tasks)  # None: the model's own, once it is open
+    if tasks == ():
         raise ValueError("no tasks given: pass --tasks mt30 or comma-separated task names")
     control = control_settings(hz, o.realtime, o.latency_ms, o.fallback, o.smooth, o.rate_limit, o.budget)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' asked for, but torch sees no CUDA device; use --device cpu")
     out = _writable(Path(out))
     with exclusive_lock(out / ".lock", what=out):  # one bench per --out at a time
-        ref_model, source, artifacts, model_facts = open_model(model, tasks, o.model_tasks)
+        ref_model, source, artifacts, model_facts = open_model(model, tasks or (), o.model_tasks)
+        tasks = tuple(ref_model.cfg.tasks) if tasks is None else tasks
         overrides = o.planner_overrides()
         if artifacts:  # the planner is baked into a compiled artifact: use its settings, refuse others
             base = model_facts["manifest"].get("planner") or {}

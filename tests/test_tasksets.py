@@ -1,6 +1,8 @@
 """Subset students: a model restricted to some of its tasks gives its outputs on them (latents, values, rewards and
 dynamics exactly; the policy to float rounding); files name their
 task set and every loader takes it; `distill --tasks`."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +75,15 @@ def test_files_name_their_task_set_and_loaders_take_it(tmp_path):
     with pytest.raises(CheckpointError, match="model of 4 task"):
         load_model(tmp_path / "s.pt", tasks="mt30")
     assert load_model(tmp_path / "s.pt", tasks=",".join(CARTPOLE)).cfg.tasks == CARTPOLE
+    # bench with no --tasks runs the file's own task set (a cartpole student has no walker-stand to run)
+    from click.testing import CliRunner
+
+    from edge_tdmpc.cli import main
+    r = CliRunner().invoke(main, ["bench", "run", str(tmp_path / "s.pt"), "--no-mpc", "--episodes", "1", "--steps", "3",
+                                  "--warmup", "0", "--workers", "0", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "b" / "report.json").read_text())["rows"]
+    assert [row["task"] for row in rows] == list(CARTPOLE)
 
 
 @pytest.mark.skipif(not (CHECKPOINTS / "mt30-1M-distilled-fp16.pt").exists(), reason="needs ../shared checkpoints")
