@@ -205,7 +205,8 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
     import matplotlib.pyplot as plt
 
     bench_rows = _load_json(out / "bench.json")
-    metrics = {k: _rows(out / k / "metrics.jsonl") for k in ("teacher", "student", "baseline")}
+    from edge_tdmpc.distill.runlog import read_metrics
+    metrics = {k: read_metrics(out / k) for k in ("teacher", "student", "baseline")}
     data_info = _data_summary(out / "data")
 
     # plot 1: student vs baseline: loss, reward error against the teacher, closed-loop return while training
@@ -381,18 +382,6 @@ def _verdict(bench_rows, metrics, quick) -> str:
         parts.append("At a few thousand environment steps the teacher is far from converged TD-MPC2 "
                      "performance; the distillation comparison is only as informative as the teacher.")
     return " ".join(parts)
-
-
-def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
 
 
 def _data_summary(root: Path) -> str:

@@ -239,12 +239,13 @@ def curves(out: Path, res: dict, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from edge_tdmpc.distill.runlog import read_metrics
     fig, ax = plt.subplots(figsize=(7, 4))
     for student, objective in res:
         by_step = {}
-        for d in (p for p in out.glob(f"{student}-{objective}-s*") if (p / "metrics.jsonl").is_file()):
-            for line in (d / "metrics.jsonl").read_text().splitlines():
-                row = json.loads(line)
+        for d in out.glob(f"{student}-{objective}-s*"):
+            for row in read_metrics(d):
                 if row["kind"] == "eval":
                     by_step.setdefault(row["step"], []).append(row["mean_return"] / 10)
         if by_step:

@@ -55,8 +55,8 @@ def domain(task: str) -> str:
 
 def eval_curve(run: Path) -> dict[int, float]:
     """env step -> return of the run's periodic eval (metrics.jsonl, its one task)."""
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["mean_return"] for r in rows if r["kind"] == "eval"}
+    from edge_tdmpc.distill.runlog import read_metrics
+    return {r["step"]: r["mean_return"] for r in read_metrics(run) if r["kind"] == "eval"}
 
 
 def collect_runs(root: Path) -> dict:

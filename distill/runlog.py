@@ -39,6 +39,21 @@ class Checkpoints:
         return None
 
 
+def read_metrics(out) -> list[dict]:
+    """The metric rows of the run in `out` (its metrics.jsonl; [] when there is none), a line cut by a kill
+    left out."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 class MetricsLog:
     """metrics.jsonl (every row) + metrics.csv (train rows) / <kind>.csv; a resume drops rows past its step."""
 
@@ -46,14 +61,8 @@ class MetricsLog:
         self.out, self.external, self._fields = Path(out), external, {}
         self.jsonl = self.out / "metrics.jsonl"
         rows = []
-        if resume_step is not None and self.jsonl.is_file():
-            for line in self.jsonl.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill
-                    continue
-                if row.get("step", 0) <= resume_step:
-                    rows.append(row)
+        if resume_step is not None:
+            rows = [row for row in read_metrics(self.out) if row.get("step", 0) <= resume_step]
         for name in ("metrics.jsonl", "metrics.csv", "eval.csv", "episode.csv"):
             (self.out / name).unlink(missing_ok=True)
         for row in rows:
