@@ -59,19 +59,22 @@ class Runtime(ABC):
         """Padded observation (or the task's own) -> action in [-1, 1] (padded action dim); a non-finite
         observation -> the safe action, flagged (module doc)."""
         task = check_task_index(task, self.tasks)
-        self.flagged = not usable(_host(obs))
         self._label = None
-        if self.flagged:
-            self.nonfinite += 1
-            safe = self.last_action if self.last_action is not None else np.zeros(self.action_dim, np.float32)
-            return safe.copy()
+        if not usable(_host(obs)):
+            return self._safe_action()
+        self.flagged = False
         action = np.asarray(self._act(obs, task, t0, eval_mode, noise), np.float32)
         if not np.isfinite(action).all():
-            self.flagged, self._label = True, None
-            self.nonfinite += 1
-            return (self.last_action if self.last_action is not None else np.zeros(self.action_dim, np.float32)).copy()
+            self._label = None
+            return self._safe_action()
         self.last_action = action
         return action.copy()
+
+    def _safe_action(self) -> np.ndarray:
+        """A flagged step's answer: the last action returned in the episode, zeros before the first."""
+        self.flagged = True
+        self.nonfinite += 1
+        return (self.last_action if self.last_action is not None else np.zeros(self.action_dim, np.float32)).copy()
 
     @abstractmethod
     def _reset(self, seed: int | None):
