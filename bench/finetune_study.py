@@ -26,25 +26,19 @@ def held_out_ranking(model, episodes=2, steps=500, seed=1) -> dict:
     random-action episodes of it -> {task: [(start, loss), ...]}. (A task's ranking reads only the other tasks'
     embeddings, so it is the ranking of the model without the task.) A measurement that picks a task of the
     held-out task's own domain where there is one is doing its job."""
-    from edge_tdmpc.envs import make_env
+    import torch
+
+    from edge_tdmpc.distill.collect import play
+    from edge_tdmpc.distill.teacher import fit_dim
     from edge_tdmpc.tasksets import most_similar_task
     c = model.cfg
     out = {}
     for task in c.tasks:
         data = []
         for k in range(episodes):
-            env = make_env(task, seed=seed + k, multitask=True, pad_to=(c.obs_dim, c.action_dim))
-            rng = np.random.default_rng(seed + k)
-            obs, _ = env.reset()
-            o, a, r = [obs], [], []
-            for _ in range(steps):
-                act = np.zeros(c.action_dim, np.float32)
-                act[:env.action_dim] = rng.uniform(-1, 1, env.action_dim)
-                obs, rew, *_ = env.step(act)
-                o.append(obs)
-                a.append(act)
-                r.append(rew)
-            data.append((np.array(o), np.array(a), np.array(r)))
+            obs, action, reward, _ = play(model, task, None, seed + k, steps, random_actions=True)
+            data.append((fit_dim(torch.from_numpy(obs), c.obs_dim), fit_dim(torch.from_numpy(action), c.action_dim),
+                         reward))
         out[task] = [(t, v) for t, v in most_similar_task(model, data) if t != task]
     return out
 
