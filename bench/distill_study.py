@@ -25,7 +25,7 @@ STUDENTS = {
     "s128": ["--student-size", "custom", "--student-dims",     # (b) from scratch, 128 wide (~0.2M)
              "enc_dim=128,mlp_dim=128,latent_dim=64,num_q=5,task_dim=96"],
 }
-# objective: the flags that make it (equal data, equal updates)
+# objective: the flags that make it (equal data, equal updates); planner+daggerN (objective_flags): N rounds
 OBJECTIVES = {
     "tdmpc2": ["--d-coef", "0", "--distill", ""],
     "reward": ["--d-coef", "0.4", "--distill", "reward"],
@@ -35,7 +35,20 @@ OBJECTIVES = {
     "planner-c100": ["--d-coef", "0", "--distill", "planner", "--planner-coef", "100"],
     "planner-nll": ["--d-coef", "0", "--distill", "planner", "--planner-loss", "nll", "--planner-coef", "1"],
 }
-EVALS = {"eval": "--eval-mode", "stochastic": "--stochastic"}
+# bench protocols: the prior in eval mode and stochastic (--episodes each), and MPPI planning with the student's
+# own world model, in the official stochastic protocol (--plan-episodes each: a pass costs ~20x the prior's)
+EVALS = {"eval": ["--no-mpc", "--eval-mode"], "stochastic": ["--no-mpc", "--stochastic"],
+         "plan": ["--mpc", "--stochastic", "--runtime", "onnxruntime", "--precision", "fp32"]}
+
+
+def objective_flags(name: str) -> list[str]:
+    """An objective's distill flags; 'planner+daggerN' is the planner term with N DAgger rounds."""
+    if name in OBJECTIVES:
+        return OBJECTIVES[name]
+    head, _, rounds = name.partition("+dagger")
+    if head == "planner" and rounds.isdigit() and int(rounds) > 0:
+        return [*OBJECTIVES["planner"], "--dagger", rounds]
+    raise click.BadParameter(f"unknown objective {name!r}: choose from {', '.join(OBJECTIVES)}, or planner+daggerN")
 
 
 @dataclass(frozen=True)
@@ -59,8 +72,7 @@ def grid(spec: str, steps: int) -> list[Run]:
         if student not in STUDENTS:
             raise click.BadParameter(f"unknown student {student!r}: choose from {', '.join(STUDENTS)}")
         for o in objectives.split(","):
-            if o not in OBJECTIVES:
-                raise click.BadParameter(f"unknown objective {o!r}: choose from {', '.join(OBJECTIVES)}")
+            objective_flags(o)
             runs += [Run(student, o, int(s), steps) for s in seeds.split(",")]
     return runs
 
@@ -83,25 +95,26 @@ def _run(cmd, log, env):
 
 
 def execute(run: Run, teacher, data, out: Path, flags: list[str], episodes: int, dagger_steps: int,
-            evals=tuple(EVALS)) -> str:
+            evals=("eval", "stochastic"), plan_episodes: int = 1) -> str:
     d = out / run.name
-    env = dict(os.environ, OMP_NUM_THREADS="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "disable"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", EDGE_TDMPC_ORT_THREADS="1",
+               MUJOCO_GL=os.environ.get("MUJOCO_GL", "disable"))
     log = open(out / f"{run.name}.log", "a")
     if not (d / "done").exists():
         cmd = _cli("distill", "--teacher", str(teacher), "--data", str(data), "--out", str(d), "--steps",
                    str(run.steps), "--seed", str(run.seed), "--threads", "1", "--no-progress", "--device", "cpu",
                    "--label-cache", str(d / "labels"), "--dagger-steps", str(dagger_steps), "--workers", "1",
-                   *flags, *STUDENTS[run.student], *OBJECTIVES[run.objective])  # the run's own flags win
+                   *flags, *STUDENTS[run.student], *objective_flags(run.objective))  # the run's own flags win
         if (d / "checkpoints").exists():
             cmd.append("--resume")
         _run(cmd, log, env)
         (d / "done").write_text("")
     for kind in evals:
-        flag = EVALS[kind]
+        n = plan_episodes if kind == "plan" else episodes
         if not (d / f"bench-{kind}" / "report.json").exists():
-            _run(_cli("bench", "run", str(d / "student.pt"), "--tasks", "mt30", "--no-mpc", flag, "--episodes",
-                      str(episodes), "--seed", "1", "--workers", "1", "--warmup", "0", "--out",
-                      str(d / f"bench-{kind}"), "--resume"), log, env)
+            _run(_cli("bench", "run", str(d / "student.pt"), "--tasks", "mt30", *EVALS[kind], "--episodes", str(n),
+                      "--seed", "1", "--workers", "1", "--warmup", "0", "--out", str(d / f"bench-{kind}"),
+                      "--resume"), log, env)
     return run.name
 
 
@@ -116,20 +129,25 @@ def main():
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--grid", "spec", required=True, help="student:objectives:seeds;... (see `grid`)")
 @click.option("--steps", default=2000, show_default=True, help="updates per run")
-@click.option("--episodes", default=3, show_default=True, help="bench episodes per task (seed 1)")
+@click.option("--episodes", default=3, show_default=True, help="bench episodes per task of the prior (seed 1)")
+@click.option("--plan-episodes", default=1, show_default=True, help="bench episodes per task with planning")
 @click.option("--dagger-steps", default=100, show_default=True, help="steps per DAgger episode")
 @click.option("--jobs", default=2, show_default=True, help="runs at once")
 @click.option("--flags", default="", help="extra distill flags for every run, e.g. '--planner-coef 1'")
-@click.option("--evals", default="eval,stochastic", show_default=True, help="bench protocols: eval (mode), stochastic")
-def run(teacher, data, out, spec, steps, episodes, dagger_steps, jobs, flags, evals):
+@click.option("--evals", default="eval,stochastic", show_default=True,
+              help="bench protocols: eval (the prior, eval mode), stochastic (the prior), plan (MPPI)")
+def run(teacher, data, out, spec, steps, episodes, plan_episodes, dagger_steps, jobs, flags, evals):
     """Train and bench every run of --grid (resumable)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = grid(spec, steps)
     kinds = tuple(k for k in evals.split(",") if k)
+    bad = [k for k in kinds if k not in EVALS]
+    if bad:
+        raise click.BadParameter(f"unknown protocol(s) {bad}: choose from {', '.join(EVALS)}", param_hint="--evals")
     with ThreadPoolExecutor(jobs) as pool:
-        for name in pool.map(lambda r: execute(r, teacher, data, out, flags.split(), episodes, dagger_steps, kinds),
-                             runs):
+        for name in pool.map(lambda r: execute(r, teacher, data, out, flags.split(), episodes, dagger_steps, kinds,
+                                               plan_episodes), runs):
             click.echo(f"done: {name}")
 
 
@@ -181,44 +199,61 @@ def table(per_seed: dict[int, dict[str, float]], tasks) -> np.ndarray:
     return np.array([[per_seed[s][t] for s in sorted(per_seed)] for t in tasks])
 
 
+PROTOCOL_NAMES = {"eval": "prior, eval mode", "stochastic": "prior, stochastic", "plan": "planning"}
+
+
+def protocol_of(name: str) -> str | None:
+    """The protocol a teacher reference's NAME names (prior-eval, prior-stochastic, planner-plan...), if any."""
+    return next((k for k in EVALS if k in name.split("-")), None)
+
+
 @main.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
-@click.option("--teacher-bench", multiple=True, help="NAME=report.json of the teacher (prior, planner)")
+@click.option("--teacher-bench", multiple=True,
+              help="NAME=report.json of the teacher; NAME holds its protocol (eval, stochastic, plan), e.g. prior-eval")
 @click.option("--md", type=click.Path(dir_okay=False), default=None, help="write the tables here")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="score against updates (PNG)")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="score against updates and against planner labels (PNG)")
 def report(out, teacher_bench, md, plot):
-    """Tables (score and 95% interval per student x objective, per task) and the learning-curve plot."""
+    """Tables (score and 95% interval per student x objective x protocol, per task) and the learning curves."""
     out = Path(out)
     res = collect_results(out)
     refs = {k: scores(v) for k, v in (x.split("=", 1) for x in teacher_bench)}
-    tasks = list(next(iter(refs.values())) if refs else next(iter(next(iter(res.values())).values()))[1])
-    lines = ["| student | objective | seeds | prior, eval mode | prior, stochastic |", "|---|---|---|---|---|"]
+    first = next(iter(refs.values())) if refs else next(iter(next(iter(next(iter(res.values())).values())).values()))
+    tasks = list(first)
+    kinds = [k for k in EVALS if any(k in r for r in res.values()) or any(protocol_of(n) == k for n in refs)]
+    lines = ["| student | objective | seeds | " + " | ".join(PROTOCOL_NAMES[k] for k in kinds) + " |",
+             "|---|---|---|" + "---|" * len(kinds)]
     for name, sc in refs.items():
         v = np.array([sc[t] for t in tasks])[:, None]
-        lines.append(f"| teacher | {name} | – | {_ci(bootstrap(v))} | |")
-    for (student, objective), kinds in res.items():
-        cells = [_ci(bootstrap(table(kinds[k], tasks))) if k in kinds else "–" for k in EVALS]
-        seeds = len(next(iter(kinds.values())))
-        lines.append(f"| {student} | {objective} | {seeds} | {cells[0]} | {cells[1]} |")
+        cells = [_ci(bootstrap(v)) if protocol_of(name) == k else "" for k in kinds]
+        lines.append(f"| teacher | {name} | – | " + " | ".join(cells) + " |")
+    for (student, objective), got in res.items():
+        cells = [_ci(bootstrap(table(got[k], tasks))) + ("" if len(got[k]) == _seeds(got) else f" ({len(got[k])})")
+                 if k in got else "–" for k in kinds]
+        lines.append(f"| {student} | {objective} | {_seeds(got)} | " + " | ".join(cells) + " |")
     lines += ["", "Differences (task-paired bootstrap; a teacher reference is compared on its own protocol, named "
               "in it):", "", "| student | objective | protocol | vs | difference |", "|---|---|---|---|---|"]
-    for (student, objective), kinds in res.items():
-        for kind in (k for k in EVALS if k in kinds):
+    for (student, objective), got in res.items():
+        for kind in (k for k in EVALS if k in got):
             base = res.get((student, "tdmpc2"), {}).get(kind)
             if objective != "tdmpc2" and base:
-                d = paired_difference(table(kinds[kind], tasks), table(base, tasks))
+                d = paired_difference(table(got[kind], tasks), table(base, tasks))
                 lines.append(f"| {student} | {objective} | {kind} | {student} tdmpc2 | {_ci(d, signed=True)} |")
             for name, sc in refs.items():
-                if kind in name:
-                    d = paired_difference(table(kinds[kind], tasks), np.array([sc[t] for t in tasks])[:, None])
+                if protocol_of(name) == kind:
+                    d = paired_difference(table(got[kind], tasks), np.array([sc[t] for t in tasks])[:, None])
                     lines.append(f"| {student} | {objective} | {kind} | teacher {name} | {_ci(d, signed=True)} |")
-    lines += ["", "Per task (eval mode, mean over seeds):", "",
-              "| task | " + " | ".join([*refs, *(f"{s} {o}" for s, o in res)]) + " |",
-              "|---|" + "---|" * (len(refs) + len(res))]
-    for t in tasks:
-        cells = [f"{refs[r][t]:.1f}" for r in refs]
-        cells += [f"{np.mean([v[t] for v in k['eval'].values()]):.1f}" if "eval" in k else "–" for k in res.values()]
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    for kind in (k for k in ("eval", "plan") if k in kinds):
+        names = [n for n in refs if (protocol_of(n) == "plan") == (kind == "plan")]
+        runs = [(s, o) for (s, o), got in res.items() if kind in got]
+        lines += ["", f"Per task ({PROTOCOL_NAMES[kind]}, mean over seeds):", "",
+                  "| task | " + " | ".join([*names, *(f"{s} {o}" for s, o in runs)]) + " |",
+                  "|---|" + "---|" * (len(names) + len(runs))]
+        for t in tasks:
+            cells = [f"{refs[n][t]:.1f}" for n in names]
+            cells += [f"{np.mean([v[t] for v in res[r][kind].values()]):.1f}" for r in runs]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     click.echo(text)
     if md:
@@ -227,33 +262,56 @@ def report(out, teacher_bench, md, plot):
         curves(out, res, plot)
 
 
+def _seeds(got: dict) -> int:
+    return max(len(v) for v in got.values())
+
+
 def _ci(x, signed=False) -> str:
     m, lo, hi = x
     f = "+.2f" if signed else ".2f"
     return f"{m:{f}} [{lo:{f}}, {hi:{f}}]"
 
 
+def label_points(run_dir: Path) -> list[tuple[int, int | None, float]]:
+    """(update, planner labels trained on, MT30 score) of each periodic eval of a run (metrics.jsonl: eval mode,
+    1 episode per task). The labels are the dataset's (its run.json names it) plus those of the DAgger rounds
+    before that eval; None where the dataset cannot be read."""
+    from edge_tdmpc.distill.data import read_index
+    from edge_tdmpc.distill.runlog import read_metrics
+    try:
+        base = int(read_index(json.loads((run_dir / "run.json").read_text())["data"])["num_transitions"])
+    except (OSError, ValueError, KeyError):
+        base = None
+    rows = read_metrics(run_dir)
+    points = []
+    for row in (r for r in rows if r["kind"] == "eval"):
+        rounds = [r["labels"] for r in rows if r["kind"] == "dagger" and r["step"] <= row["step"]]
+        points.append((row["step"], None if base is None else base + sum(rounds), row["mean_return"] / 10))
+    return points
+
+
 def curves(out: Path, res: dict, path):
-    """Score of the periodic eval (metrics.jsonl, eval mode, 1 episode per task) against updates, mean over
-    seeds per student x objective."""
+    """The periodic eval, mean over seeds per student x objective, against updates and against planner labels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edge_tdmpc.distill.runlog import read_metrics
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (by_updates, by_labels) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for student, objective in res:
-        by_step = {}
+        at_step, at_labels = {}, {}
         for d in out.glob(f"{student}-{objective}-s*"):
-            for row in read_metrics(d):
-                if row["kind"] == "eval":
-                    by_step.setdefault(row["step"], []).append(row["mean_return"] / 10)
-        if by_step:
-            steps = sorted(by_step)
-            ax.plot(steps, [np.mean(by_step[s]) for s in steps], marker="o", label=f"{student} {objective}")
-    ax.set_xlabel("updates")
-    ax.set_ylabel("MT30 score of the prior (eval mode, 1 ep/task)")
-    ax.legend(fontsize=7)
+            for step, labels, score in label_points(d):
+                at_step.setdefault(step, []).append(score)
+                if labels is not None:
+                    at_labels.setdefault(labels, []).append(score)
+        for ax, points in ((by_updates, at_step), (by_labels, at_labels)):
+            if points:
+                x = sorted(points)
+                ax.plot(x, [np.mean(points[v]) for v in x], marker="o", label=f"{student} {objective}")
+    by_updates.set_xlabel("updates")
+    by_labels.set_xlabel("planner labels trained on (data + DAgger rounds)")
+    by_updates.set_ylabel("MT30 score of the prior (eval mode, 1 ep/task)")
+    by_updates.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

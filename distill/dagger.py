@@ -146,3 +146,9 @@ def run_round(r: int, student, data, present, run_dir, teacher, teacher_tasks, s
     finished = sorted({*finished_rounds(run_dir), r})
     write_json(path, {"finished": finished})
     return returns
+
+
+def round_labels(run_dir, r: int) -> int:
+    """The planner labels (transitions) round r added to the run's data."""
+    t = EpisodeDataset(Path(run_dir) / "dagger-data").episode_table()
+    return int(t["length"][t["key"] // KEY_STRIDE == r].sum())

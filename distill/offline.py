@@ -167,7 +167,8 @@ def dagger_fit(trainer, dataset, plan_labels, out, teacher, opts, eval_fn, resum
                                        opts.seed, opts.workers, progress)
             flat = [r for rs in returns.values() for r in rs]
             MetricsLog(out, trainer.step).write({"kind": "dagger", "step": trainer.step, "round": phase,
-                                                 "episodes": len(flat), "mean_return": float(np.mean(flat)),
+                                                 "episodes": len(flat), "labels": dagger.round_labels(out, phase),
+                                                 "mean_return": float(np.mean(flat)),
                                                  **{t: float(np.mean(r)) for t, r in returns.items()}})
             echo(f"dagger round {phase}: {len(flat)} episodes of the student's prior, mean return "
                  f"{np.mean(flat):.1f}; training on")

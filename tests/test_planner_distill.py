@@ -243,7 +243,7 @@ def test_dagger_resumes_after_kill_9_with_no_round_repeated_or_lost(tmp_path, te
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     ref_rows = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     dagger = [r for r in rows if r["kind"] == "dagger"]
-    assert [(r["round"], r["step"], r["episodes"]) for r in dagger] == [(1, 4, 4), (2, 8, 4)]
+    assert [(r["round"], r["step"], r["episodes"], r["labels"]) for r in dagger] == [(1, 4, 4, 120), (2, 8, 4, 120)]
     assert dagger == [r for r in ref_rows if r["kind"] == "dagger"]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [2, 4, 6, 8, 10, 12]
 

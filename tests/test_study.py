@@ -45,20 +45,48 @@ def _bench(path, scores):
 
 
 def test_report_reads_finished_runs(tmp_path):
+    from edge_tdmpc.distill.data import FORMAT, INDEX, VERSION
     tasks = ["walker-walk", "cartpole-swingup", "reacher-easy"]
-    for objective, base in (("tdmpc2", 10.0), ("planner", 20.0)):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / INDEX).write_text(json.dumps({"format": FORMAT, "version": VERSION, "num_transitions": 1000}))
+    for objective, base in (("tdmpc2", 10.0), ("planner", 20.0), ("planner+dagger2", 30.0)):
         for seed in (1, 2):
             d = tmp_path / f"s128-{objective}-s{seed}"
             _bench(d / "bench-eval", {t: base + i + seed for i, t in enumerate(tasks)})
+            if objective != "planner+dagger2" and seed == 1:
+                _bench(d / "bench-plan", {t: 2 * base for t in tasks})
             (d / "done").write_text("")
-            (d / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 5, "mean_return": 10 * base}) + "\n")
+            (d / "run.json").write_text(json.dumps({"data": str(data)}))
+            rows = [{"kind": "eval", "step": 5, "mean_return": 10 * base}]
+            if "dagger" in objective:
+                rows = [{"kind": "dagger", "step": 4, "labels": 300}, {"kind": "dagger", "step": 8, "labels": 200},
+                        {"kind": "eval", "step": 6, "mean_return": 10 * base}]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _bench(tmp_path / "teacher", {t: 15.0 for t in tasks})
-    ref = f"prior-eval={tmp_path / 'teacher' / 'report.json'}"
-    r = CliRunner().invoke(study.main, ["report", str(tmp_path), "--teacher-bench", ref, "--md", str(tmp_path / "t.md"),
-                                        "--plot", str(tmp_path / "c.png")])
+    _bench(tmp_path / "teacher-plan", {t: 34.0 for t in tasks})
+    refs = [f"prior-eval={tmp_path / 'teacher' / 'report.json'}", f"plan={tmp_path / 'teacher-plan' / 'report.json'}"]
+    r = CliRunner().invoke(study.main, ["report", str(tmp_path), "--teacher-bench", refs[0], "--teacher-bench", refs[1],
+                                        "--md", str(tmp_path / "t.md"), "--plot", str(tmp_path / "c.png")])
     assert r.exit_code == 0, r.output
     text = (tmp_path / "t.md").read_text()
-    assert "| s128 | planner | 2 | 22.50 [" in text and "| teacher | prior-eval | – | 15.00 [15.00, 15.00] |" in text
+    assert "| student | objective | seeds | prior, eval mode | planning |" in text
+    assert "| s128 | planner | 2 | 22.50 [" in text and "| teacher | prior-eval | – | 15.00 [15.00, 15.00] |  |" in text
+    assert "| teacher | plan | – |  | 34.00 [34.00, 34.00] |" in text
+    assert "40.00 [40.00, 40.00] (1) |" in text  # the planning pass of one seed of two, marked
     assert "| s128 | planner | eval | teacher prior-eval | +7.50 [" in text
     assert "| s128 | planner | eval | s128 tdmpc2 | +10.00 [" in text
+    assert "| s128 | planner | plan | s128 tdmpc2 | +20.00 [+20.00, +20.00] |" in text
+    assert "| s128 | planner | plan | teacher plan | +6.00 [" in text
+    assert "| s128 | planner+dagger2 | 2 | 32.50 [" in text
     assert (tmp_path / "c.png").stat().st_size > 0
+    points = study.label_points(tmp_path / "s128-planner+dagger2-s1")
+    assert points == [(6, 1300, 30.0)]  # the eval at update 6 had the data and round 1's labels, not round 2's
+
+
+def test_objective_flags_name_dagger_rounds():
+    assert study.objective_flags("planner+dagger") == [*study.OBJECTIVES["planner"], "--dagger", "1"]
+    assert study.objective_flags("planner+dagger3") == [*study.OBJECTIVES["planner"], "--dagger", "3"]
+    for bad in ("planner+dagger0", "reward+dagger2", "planner+daggerx"):
+        with pytest.raises(click.BadParameter):
+            study.objective_flags(bad)
