@@ -349,8 +349,9 @@ class Engine:
 
 class Planner:
     """The control loop on the robot: obs -> action with the warm-start mean kept between steps. A non-finite
-    observation gets the safe action, as in every edge_tdmpc runtime: the last action returned this episode
-    (zeros before the first), nothing planned, `flagged` set and counted in `nonfinite`."""
+    observation (or one beyond control.OBS_LIMIT) gets the safe action, as in every edge_tdmpc runtime: the last
+    action returned this episode (zeros before the first), nothing planned, `flagged` set and counted in
+    `nonfinite`. A step whose action comes out non-finite all the same is answered and counted the same way."""
 
     def __init__(self, engine: Engine, seed=0, num_q=2):
         self.engine, self.rng, self.num_q = engine, np.random.default_rng(seed), num_q
@@ -376,12 +377,14 @@ class Planner:
             _bundled("control").shift_mean(self.prev_mean, ticks)
 
     def act(self, obs, task=0, t0=False, eval_mode=False):
-        self.flagged = not _bundled("control").usable(obs)
-        if self.flagged:
-            self.nonfinite += 1
-            return (self.last_action if self.last_action is not None else np.zeros(self.action_dim, np.float32)).copy()
-        self.last_action = np.asarray(self._plan(obs, task, t0, eval_mode), np.float32)
-        return self.last_action.copy()
+        if _bundled("control").usable(obs):
+            action = np.asarray(self._plan(obs, task, t0, eval_mode), np.float32)
+            if np.isfinite(action).all():
+                self.flagged, self.last_action = False, action
+                return action.copy()
+        self.flagged = True
+        self.nonfinite += 1
+        return (self.last_action if self.last_action is not None else np.zeros(self.action_dim, np.float32)).copy()
 
     def _plan(self, obs, task, t0, eval_mode):
         shape = {k[len("noise_"):]: v.shape for k, v in self.engine.inputs.items() if k.startswith("noise_")}

@@ -98,6 +98,46 @@ class _BrokenSensor:
         self.env.close()
 
 
+def test_deploy_bundle_planner_gives_the_same_flagged_safe_action(tiny):
+    """The deploy bundle's Planner (compile/trt.py as build_engine.py, the robot's loop) over the compiled step
+    graph, executed by ONNX Runtime behind the engine's interface where TensorRT is not installed: the same safe
+    action and flag as every runtime above, nothing planned on a refused observation, and a non-finite action from
+    the engine answered the same way."""
+    from edge_tdmpc.compile.trt import Planner
+    rt = compiled_runtime("onnxruntime", tiny, "fp32", SMALL, seed=3)
+
+    class OnnxEngine:  # trt.Engine's interface: host buffers of the graph's inputs, filled as Engine.run fills them
+        poison = False
+
+        def __init__(self):
+            self.inputs = rt.feed(np.zeros(5, np.float32), TASK, True)
+
+        def run(self, feeds):
+            for name, host in self.inputs.items():
+                np.copyto(host, np.asarray(feeds[name]).reshape(host.shape), casting="unsafe")
+            out = rt.session.run(self.inputs)
+            if self.poison:  # what a diverged engine returns
+                out = {k: np.full_like(v, np.nan) for k, v in out.items()}
+            return out
+
+    engine = OnnxEngine()
+    p = Planner(engine, seed=0, num_q=tiny.cfg.num_q)
+    pad = lambda x: np.concatenate([x, np.zeros(rt.obs_dim - 5, np.float32)])  # noqa: E731
+    for bad in (NAN, np.array([0, np.inf, 0, 0, 0], np.float32), np.array([0, 0, 1e30, 0, 0], np.float32)):
+        assert np.array_equal(p.act(pad(bad), TASK, t0=True), np.zeros(rt.action_dim, np.float32)) and p.flagged
+        assert not p.planned_mean().any()  # nothing planned
+    a1 = p.act(pad(_obs(1)), TASK, t0=True)
+    assert not p.flagged and np.isfinite(a1).all() and np.abs(a1).max() > 0 and p.planned_mean().any()
+    mean = p.planned_mean()
+    assert np.array_equal(p.act(pad(NAN), TASK), a1) and p.flagged and p.nonfinite == 4
+    assert np.array_equal(p.planned_mean(), mean)  # the warm start stays where it was
+    engine.poison = True
+    assert np.array_equal(p.act(pad(_obs(2)), TASK), a1) and p.flagged and p.nonfinite == 5
+    engine.poison = False
+    p.reset()
+    assert np.array_equal(p.act(pad(NAN), TASK, t0=True), np.zeros(rt.action_dim, np.float32))
+
+
 def test_rollout_counts_nonfinite_observations_and_the_runtime_holds(tiny):
     rt = TorchRuntime(tiny, "fp32", SMALL, seed=0)
     rt.reset(0)
