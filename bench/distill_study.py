@@ -34,6 +34,8 @@ OBJECTIVES = {
     "planner+dagger": ["--d-coef", "0", "--distill", "planner", "--dagger", "1"],
     "planner-c100": ["--d-coef", "0", "--distill", "planner", "--planner-coef", "100"],
     "planner-nll": ["--d-coef", "0", "--distill", "planner", "--planner-loss", "nll", "--planner-coef", "1"],
+    "planner-frozen": ["--d-coef", "0", "--distill", "planner", "--frozen-world-model"],
+    "planner-frozen-c100": ["--d-coef", "0", "--distill", "planner", "--frozen-world-model", "--planner-coef", "100"],
 }
 # bench protocols: the prior in eval mode and stochastic (--episodes each), and MPPI planning with the student's
 # own world model, in the official stochastic protocol (--plan-episodes each: a pass costs ~20x the prior's)
@@ -42,13 +44,14 @@ EVALS = {"eval": ["--no-mpc", "--eval-mode"], "stochastic": ["--no-mpc", "--stoc
 
 
 def objective_flags(name: str) -> list[str]:
-    """An objective's distill flags; 'planner+daggerN' is the planner term with N DAgger rounds."""
+    """An objective's distill flags; 'OBJ+daggerN' is a planner objective OBJ with N DAgger rounds."""
     if name in OBJECTIVES:
         return OBJECTIVES[name]
     head, _, rounds = name.partition("+dagger")
-    if head == "planner" and rounds.isdigit() and int(rounds) > 0:
-        return [*OBJECTIVES["planner"], "--dagger", rounds]
-    raise click.BadParameter(f"unknown objective {name!r}: choose from {', '.join(OBJECTIVES)}, or planner+daggerN")
+    if head in OBJECTIVES and "planner" in OBJECTIVES[head] and rounds.isdigit() and int(rounds) > 0:
+        return [*OBJECTIVES[head], "--dagger", rounds]
+    raise click.BadParameter(f"unknown objective {name!r}: choose from {', '.join(OBJECTIVES)}, or OBJ+daggerN "
+                             "with OBJ a planner objective")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,9 @@ class DistillOptions(LoopOptions):
     planner_coef: float = setting(TrainConfig.planner_coef, "weight of the planner term (0: only logged)")
     planner_loss: str = setting(TrainConfig.planner_loss, "the planner term: mse to the planner's mean, or nll of "
                                 "it under the policy", choices=PLANNER_LOSSES)
+    world_model: bool = setting(True, "train the world model, or keep it as it starts and teach the policy "
+                                "alone (the student then plans exactly as its start)",
+                                flag="--train-world-model/--frozen-world-model")
     dagger: int = setting(0, "on-policy rounds: the student's prior acts, the teacher's planner labels")
     dagger_episodes: int = setting(1, "episodes per task in each round")
     dagger_steps: int = setting(500, "agent steps per round episode (500 = full)")
@@ -211,7 +214,8 @@ def distill(data, out, teacher=None, options: DistillOptions | None = None, *, r
         if rank == 0:
             echo("no --teacher: training the from-scratch baseline (d_coef 0)")
     cfg = TrainConfig.make(d_coef=opts.d_coef, distill=opts.distill, batch_size=opts.batch_size, seed=opts.seed,
-                           planner_coef=opts.planner_coef, planner_loss=opts.planner_loss, **train)
+                           planner_coef=opts.planner_coef, planner_loss=opts.planner_loss,
+                           world_model=opts.world_model, **train)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = EpisodeDataset(data)

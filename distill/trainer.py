@@ -58,6 +58,9 @@ class TrainConfig:
     # beside TD-MPC2's policy objective
     planner_coef: float = 1.0
     planner_loss: str = "mse"
+    # False: the world model stays as it starts and only the policy learns (policy-only distillation), so the
+    # student plans exactly as its start does
+    world_model: bool = True
     seed: int = 1
 
     @classmethod
@@ -80,6 +83,10 @@ class TrainConfig:
             raise ValueError(f"planner_loss {cfg.planner_loss!r}: choose from {', '.join(PLANNER_LOSSES)}")
         if cfg.batch_size < 1:
             raise ValueError(f"batch size must be positive, got {cfg.batch_size}")
+        model_terms = [t for t in cfg.teacher_terms if t != "policy"]
+        if not cfg.world_model and cfg.d_coef > 0 and model_terms:
+            raise ValueError(f"distillation term(s) {model_terms} train the world model, which is frozen: drop them "
+                             "or train the world model")
         return cfg
 
     @property
@@ -267,6 +274,8 @@ class Trainer:
         noise = self._draw(H, B)
         if task is not None:
             self._renorm_task_emb(task)
+        if not cfg.world_model:
+            return self._update_policy_only(obs, action, task, noise, batch)
         gamma = self.discount[task].unsqueeze(-1) if task is not None else self.discount[0]
 
         # targets: encoded next observations and TD targets from the target Qs (no gradient)
@@ -298,11 +307,8 @@ class Trainer:
         total = (cfg.consistency_coef * info["consistency_loss"] + cfg.reward_coef * info["reward_loss"]
                  + cfg.value_coef * info["value_loss"])
 
-        labels = {}
-        if self.plan_labels is not None:
-            labels["planner"] = split_plan_label(self.plan_labels.lookup(batch.index).to(dev), m.cfg.action_dim)
+        labels = self._labels(batch)
         if self.distill:
-            labels.update(self._teacher_labels(batch))
             terms = {}
             if "reward" in labels:
                 terms["reward"] = reward_distill_loss(reward_logits[0], labels["reward"])
@@ -327,6 +333,32 @@ class Trainer:
         info.update(self._update_pi(zs.detach(), task, noise, labels))
         m.soft_update_target_Q(cfg.tau)
         m.eval()
+        self.step += 1
+        return {k: v.detach() for k, v in info.items()}
+
+    def _labels(self, batch) -> dict:
+        labels = {}
+        if self.plan_labels is not None:
+            labels["planner"] = split_plan_label(self.plan_labels.lookup(batch.index).to(self.device),
+                                                 self.model.cfg.action_dim)
+        if self.distill:
+            labels.update(self._teacher_labels(batch))
+        return labels
+
+    def _update_policy_only(self, obs, action, task, noise, batch) -> dict:
+        """The policy step alone, on the latents of the world model as it is (cfg.world_model False)."""
+        m = self.model
+        with torch.no_grad():
+            z = m.encode(obs[0], task)
+            zs = [z]
+            for t in range(action.shape[0]):
+                z = m.next(z, action[t], task)
+                zs.append(z)
+        m.train()
+        info = self._update_pi(torch.stack(zs), task, noise, self._labels(batch))
+        m.eval()
+        # the policy loss's task-embedding gradient has no model step to join: dropped, the embedding stays put
+        self.optim.zero_grad(set_to_none=True)
         self.step += 1
         return {k: v.detach() for k, v in info.items()}
 
@@ -385,7 +417,8 @@ class Trainer:
         }
 
     def load_state_dict(self, sd: dict):
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in sd["config"].items()}
+        # a setting added since the state was saved ran at its default then
+        saved = asdict(TrainConfig()) | {k: tuple(v) if isinstance(v, list) else v for k, v in sd["config"].items()}
         if saved != asdict(self.cfg):
             diff = sorted(k for k in saved if saved[k] != asdict(self.cfg).get(k))
             raise ValueError(f"cannot resume: training settings differ from the checkpoint's "

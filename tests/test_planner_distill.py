@@ -166,6 +166,30 @@ def test_planner_term_moves_only_the_policy_and_weight_zero_is_the_plain_update(
     assert not any(torch.equal(on[k], zero[k]) for k in on if k.startswith("_pi.") and k.endswith("weight"))
 
 
+def test_frozen_world_model_moves_only_the_policy(tmp_path):
+    ds = random_labelled(tmp_path / "d", episodes=2, T=10)
+    final = {}
+    for coef in (0.0, 50.0):
+        tr = _trainer(ds, distill="planner", planner_coef=coef, world_model=False)
+        start = {k: v.clone() for k, v in tr.model.state_dict().items()}
+        sampler = SliceSampler(ds, 3, 16, seed=0, prefetch=False)
+        losses = [tr.update(sampler.sample())["distill_planner_loss"].item() for _ in range(100)]
+        final[coef] = np.mean(losses[-10:])
+        after = tr.model.state_dict()
+        moved = {k for k in after if not torch.equal(after[k], start[k])}
+        assert moved and all(k.startswith("_pi.") for k in moved), moved  # the planner's world model: the start's
+    assert final[50.0] < 0.5 * final[0.0] and tr.step == 100, final
+    state = tr.state_dict()
+    assert state["task_emb_grad"] is None
+    resumed = _trainer(ds, distill="planner", planner_coef=50.0, world_model=False)
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match="world_model"):  # a run with the world model trained is another run
+        _trainer(ds, distill="planner", planner_coef=50.0).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"\['reward'\] train the world model, which is frozen"):
+        TrainConfig.make(d_coef=0.4, distill="reward,planner", world_model=False)
+    TrainConfig.make(d_coef=0.4, distill="policy,planner", world_model=False)  # the teacher's policy is fine
+
+
 def test_planner_term_teaches_the_policy_the_planners_mean(tmp_path):
     ds = random_labelled(tmp_path / "d", episodes=2, T=10)
     final = {}

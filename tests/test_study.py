@@ -87,6 +87,7 @@ def test_report_reads_finished_runs(tmp_path):
 def test_objective_flags_name_dagger_rounds():
     assert study.objective_flags("planner+dagger") == [*study.OBJECTIVES["planner"], "--dagger", "1"]
     assert study.objective_flags("planner+dagger3") == [*study.OBJECTIVES["planner"], "--dagger", "3"]
+    assert study.objective_flags("planner-frozen+dagger2")[-3:] == ["--frozen-world-model", "--dagger", "2"]
     for bad in ("planner+dagger0", "reward+dagger2", "planner+daggerx"):
         with pytest.raises(click.BadParameter):
             study.objective_flags(bad)
