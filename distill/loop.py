@@ -109,7 +109,8 @@ def fit(trainer: Trainer, sampler, steps: int, out, save_every=10_000, log_every
                        "updates_per_s": n / dt if dt > 0 else float("nan")}
                 if lead:
                     log.write(row)
-                    pbar.set_postfix(loss=f"{row['total_loss']:.3f}", ups=f"{row['updates_per_s']:.1f}")
+                    loss = row.get("total_loss", row["pi_loss"])  # a frozen world model has no loss: the policy's
+                    pbar.set_postfix(loss=f"{loss:.3f}", ups=f"{row['updates_per_s']:.1f}")
                 sums, n, t0 = {}, 0, time.perf_counter()
             if eval_fn is not None and eval_every and step % eval_every == 0 and lead:
                 returns = eval_fn(trainer.model)

@@ -190,6 +190,22 @@ def test_frozen_world_model_moves_only_the_policy(tmp_path):
     TrainConfig.make(d_coef=0.4, distill="policy,planner", world_model=False)  # the teacher's policy is fine
 
 
+def test_frozen_world_model_through_the_cli(tmp_path, teacher_path, labelled):
+    """The student from the teacher, its prior taught with the world model frozen: its planner is the teacher's."""
+    from click.testing import CliRunner
+
+    from edge_tdmpc.cli import main
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["distill", "--data", str(labelled.root), "--teacher", str(teacher_path), "--init",
+                                  "teacher", "--distill", "planner", "--d-coef", "0", "--frozen-world-model",
+                                  "--steps", "6", "--batch-size", "8", "--log-every", "3", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    tasks = ",".join(TASKS)
+    student, teacher = load_model(out / "student.pt", tasks=tasks), load_model(teacher_path, tasks=tasks)
+    moved = {k for k, v in student.state_dict().items() if not torch.equal(v, teacher.state_dict()[k])}
+    assert moved and all(k.startswith("_pi.") for k in moved), moved
+
+
 def test_planner_term_teaches_the_policy_the_planners_mean(tmp_path):
     ds = random_labelled(tmp_path / "d", episodes=2, T=10)
     final = {}
@@ -285,6 +301,8 @@ def test_bad_planner_distillation_settings_are_one_line_errors(tmp_path, teacher
         (["--data", str(plain), "--teacher", str(teacher_path), "--dagger", "1"], "add planner to --distill"),
         (["--data", str(plain), "--distill", "planner", "--planner-coef", "nan"], "--planner-coef"),
         (["--data", str(plain), "--init", "teacher"], "--init teacher needs a --teacher"),
+        (["--data", str(plain), "--teacher", str(teacher_path), "--frozen-world-model"],
+         "['reward'] train the world model, which is frozen"),
     ]
     for args, message in cases:
         out = tmp_path / "out"
