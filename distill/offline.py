@@ -40,8 +40,8 @@ class DistillOptions(LoopOptions):
     planner_coef: float = setting(TrainConfig.planner_coef, "weight of the planner term (0: only logged)")
     planner_loss: str = setting(TrainConfig.planner_loss, "the planner term: mse to the planner's mean, or nll of "
                                 "it under the policy", choices=PLANNER_LOSSES)
-    world_model: bool = setting(True, "train the world model, or keep it as it starts and teach the policy "
-                                "alone (the student then plans exactly as its start)",
+    world_model: bool = setting(True, "train the world model, or keep it as it starts (encoder, dynamics, "
+                                "reward, Qs) and teach the policy alone",
                                 flag="--train-world-model/--frozen-world-model")
     dagger: int = setting(0, "on-policy rounds: the student's prior acts, the teacher's planner labels")
     dagger_episodes: int = setting(1, "episodes per task in each round")

@@ -58,8 +58,9 @@ class TrainConfig:
     # beside TD-MPC2's policy objective
     planner_coef: float = 1.0
     planner_loss: str = "mse"
-    # False: the world model stays as it starts and only the policy learns (policy-only distillation), so the
-    # student plans exactly as its start does
+    # False: the world model (encoder, dynamics, reward, Qs, task embedding) stays as it starts and only the
+    # policy learns (policy-only distillation); the planner then differs from the start's only where it uses
+    # the policy (its policy trajectories, the value at the horizon)
     world_model: bool = True
     seed: int = 1
 

@@ -177,7 +177,7 @@ def test_frozen_world_model_moves_only_the_policy(tmp_path):
         final[coef] = np.mean(losses[-10:])
         after = tr.model.state_dict()
         moved = {k for k in after if not torch.equal(after[k], start[k])}
-        assert moved and all(k.startswith("_pi.") for k in moved), moved  # the planner's world model: the start's
+        assert moved and all(k.startswith("_pi.") for k in moved), moved  # the world model: the start's
     assert final[50.0] < 0.5 * final[0.0] and tr.step == 100, final
     state = tr.state_dict()
     assert state["task_emb_grad"] is None
@@ -191,7 +191,7 @@ def test_frozen_world_model_moves_only_the_policy(tmp_path):
 
 
 def test_frozen_world_model_through_the_cli(tmp_path, teacher_path, labelled):
-    """The student from the teacher, its prior taught with the world model frozen: its planner is the teacher's."""
+    """The student from the teacher, its prior taught with the world model frozen: all else is the teacher's."""
     from click.testing import CliRunner
 
     from edge_tdmpc.cli import main
