@@ -278,7 +278,8 @@ def _ci(x, signed=False) -> str:
 def label_points(run_dir: Path) -> list[tuple[int, int | None, float]]:
     """(update, planner labels trained on, MT30 score) of each periodic eval of a run (metrics.jsonl: eval mode,
     1 episode per task). The labels are the dataset's (its run.json names it) plus those of the DAgger rounds
-    before that eval; None where the dataset cannot be read."""
+    the updates before that eval trained on (a round at update s follows the eval at s); None where the dataset
+    cannot be read."""
     from edge_tdmpc.distill.data import read_index
     from edge_tdmpc.distill.runlog import read_metrics
     try:
@@ -288,13 +289,14 @@ def label_points(run_dir: Path) -> list[tuple[int, int | None, float]]:
     rows = read_metrics(run_dir)
     points = []
     for row in (r for r in rows if r["kind"] == "eval"):
-        rounds = [r["labels"] for r in rows if r["kind"] == "dagger" and r["step"] <= row["step"]]
+        rounds = [r["labels"] for r in rows if r["kind"] == "dagger" and r["step"] < row["step"]]
         points.append((row["step"], None if base is None else base + sum(rounds), row["mean_return"] / 10))
     return points
 
 
 def curves(out: Path, res: dict, path):
-    """The periodic eval, mean over seeds per student x objective, against updates and against planner labels."""
+    """The periodic eval, mean over seeds per student x objective, against updates and against planner labels
+    (of a run's evals at the same labels, the last: the most trained on them)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -303,10 +305,13 @@ def curves(out: Path, res: dict, path):
     for student, objective in res:
         at_step, at_labels = {}, {}
         for d in out.glob(f"{student}-{objective}-s*"):
-            for step, labels, score in label_points(d):
+            last = {}
+            for step, labels, score in sorted(label_points(d)):
                 at_step.setdefault(step, []).append(score)
                 if labels is not None:
-                    at_labels.setdefault(labels, []).append(score)
+                    last[labels] = score
+            for labels, score in last.items():
+                at_labels.setdefault(labels, []).append(score)
         for ax, points in ((by_updates, at_step), (by_labels, at_labels)):
             if points:
                 x = sorted(points)

@@ -60,7 +60,8 @@ def test_report_reads_finished_runs(tmp_path):
             (d / "run.json").write_text(json.dumps({"data": str(data)}))
             rows = [{"kind": "eval", "step": 5, "mean_return": 10 * base}]
             if "dagger" in objective:
-                rows = [{"kind": "dagger", "step": 4, "labels": 300}, {"kind": "dagger", "step": 8, "labels": 200},
+                rows = [{"kind": "eval", "step": 4, "mean_return": 10 * base - 10},
+                        {"kind": "dagger", "step": 4, "labels": 300}, {"kind": "dagger", "step": 8, "labels": 200},
                         {"kind": "eval", "step": 6, "mean_return": 10 * base}]
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _bench(tmp_path / "teacher", {t: 15.0 for t in tasks})
@@ -81,7 +82,8 @@ def test_report_reads_finished_runs(tmp_path):
     assert "| s128 | planner+dagger2 | 2 | 32.50 [" in text
     assert (tmp_path / "c.png").stat().st_size > 0
     points = study.label_points(tmp_path / "s128-planner+dagger2-s1")
-    assert points == [(6, 1300, 30.0)]  # the eval at update 6 had the data and round 1's labels, not round 2's
+    # the eval at update 4 came before round 1; the one at 6 had the data and round 1's labels, not round 2's
+    assert points == [(4, 1000, 29.0), (6, 1300, 30.0)]
 
 
 def test_objective_flags_name_dagger_rounds():
