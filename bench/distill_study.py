@@ -315,7 +315,8 @@ def curves(out: Path, res: dict, path):
         for ax, points in ((by_updates, at_step), (by_labels, at_labels)):
             if points:
                 x = sorted(points)
-                ax.plot(x, [np.mean(points[v]) for v in x], marker="o", label=f"{student} {objective}")
+                ax.plot(x, [np.mean(points[v]) for v in x], marker="o", label=f"{student} {objective}",
+                        linestyle=("-", "--", ":")[list(STUDENTS).index(student) % 3])  # colours repeat
     by_updates.set_xlabel("updates")
     by_labels.set_xlabel("planner labels trained on (data + DAgger rounds)")
     by_updates.set_ylabel("MT30 score of the prior (eval mode, 1 ep/task)")
