@@ -251,7 +251,7 @@ def report(out, teacher_bench, md, plot):
         names = [n for n in refs if (protocol_of(n) == "plan") == (kind == "plan")]
         runs = [(s, o) for (s, o), got in res.items() if kind in got]
         lines += ["", f"Per task ({PROTOCOL_NAMES[kind]}, mean over seeds):", "",
-                  "| task | " + " | ".join([*names, *(f"{s} {o}" for s, o in runs)]) + " |",
+                  "| task | " + " | ".join([*(f"teacher {n}" for n in names), *(f"{s} {o}" for s, o in runs)]) + " |",
                   "|---|" + "---|" * (len(names) + len(runs))]
         for t in tasks:
             cells = [f"{refs[n][t]:.1f}" for n in names]
