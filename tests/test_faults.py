@@ -337,6 +337,12 @@ def test_bundle_builder_refuses_an_edited_or_missing_manifest(tiny, tmp_path):
     bundle = artifact.compile_model(tiny, "fp16", SMALL, target="jetson", out=tmp_path / "bundle",
                                     verify_episodes=1, verify_steps=2)
     script = [sys.executable, str(bundle / "build_engine.py"), "--dir", str(bundle)]
+    # intact, on a machine without TensorRT (where `tensorrt` imports, the builder would build instead)
+    trt_missing = subprocess.run([sys.executable, "-c", "import tensorrt"], capture_output=True).returncode != 0
+    res = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    if trt_missing:
+        err = res.stderr.strip().splitlines()
+        assert res.returncode != 0 and len(err) == 1 and "--runtime onnxruntime" in err[0], res.stderr
     m = json.loads((bundle / "manifest.json").read_text())
     (bundle / "manifest.json").write_text(json.dumps({**m, "precision": "fp32"}))
     res = subprocess.run(script, capture_output=True, text=True, timeout=120)
