@@ -320,7 +320,7 @@ def curves(out: Path, res: dict, path):
     by_updates.set_xlabel("updates")
     by_labels.set_xlabel("planner labels trained on (data + DAgger rounds)")
     by_updates.set_ylabel("MT30 score of the prior (eval mode, 1 ep/task)")
-    by_updates.legend(fontsize=7)
+    by_labels.legend(*by_updates.get_legend_handles_labels(), fontsize=7, loc="lower right")  # the empty corner
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
