@@ -185,6 +185,8 @@ def test_frozen_world_model_moves_only_the_policy(tmp_path):
     resumed.load_state_dict(state)
     with pytest.raises(ValueError, match="world_model"):  # a run with the world model trained is another run
         _trainer(ds, distill="planner", planner_coef=50.0).load_state_dict(state)
+    state["config"].pop("world_model")  # a state saved before the setting existed: it trained the world model
+    _trainer(ds, distill="planner", planner_coef=50.0).load_state_dict(state)
     with pytest.raises(ValueError, match=r"\['reward'\] train the world model, which is frozen"):
         TrainConfig.make(d_coef=0.4, distill="reward,planner", world_model=False)
     TrainConfig.make(d_coef=0.4, distill="policy,planner", world_model=False)  # the teacher's policy is fine
