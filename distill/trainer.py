@@ -285,14 +285,8 @@ class Trainer:
             next_a, _ = m.pi(next_z, task, eps=noise.td_eps)
             td = td_target(reward, gamma, m.Q(next_z, next_a, task, "min", target=True, qidx=noise.td_qidx))
 
-        # latent rollout through the dynamics with the real actions
         m.train()
-        z = m.encode(obs[0], task)
-        zs = [z]
-        for t in range(H):
-            z = m.next(z, action[t], task)
-            zs.append(z)
-        zs = torch.stack(zs)
+        zs = self._rollout(obs[0], action, task)
         if self._drop is not None:
             self._drop.mask = noise.wm_drop
         qs = m.Q(zs[:-1], action, task, "all")
@@ -346,17 +340,23 @@ class Trainer:
             labels.update(self._teacher_labels(batch))
         return labels
 
+    def _rollout(self, obs0, action, task):
+        """Latents [H+1, B, latent] of the rollout through the dynamics from obs_0 with the data's actions."""
+        m = self.model
+        z = m.encode(obs0, task)
+        zs = [z]
+        for a in action:
+            z = m.next(z, a, task)
+            zs.append(z)
+        return torch.stack(zs)
+
     def _update_policy_only(self, obs, action, task, noise, batch) -> dict:
         """The policy step alone, on the latents of the world model as it is (cfg.world_model False)."""
         m = self.model
-        with torch.no_grad():
-            z = m.encode(obs[0], task)
-            zs = [z]
-            for t in range(action.shape[0]):
-                z = m.next(z, action[t], task)
-                zs.append(z)
         m.train()
-        info = self._update_pi(torch.stack(zs), task, noise, self._labels(batch))
+        with torch.no_grad():
+            zs = self._rollout(obs[0], action, task)
+        info = self._update_pi(zs, task, noise, self._labels(batch))
         m.eval()
         # the policy loss's task-embedding gradient has no model step to join: dropped, the embedding stays put
         self.optim.zero_grad(set_to_none=True)
