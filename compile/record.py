@@ -50,7 +50,24 @@ def reference_step(model: WorldModel, feed: dict, cfg: PlannerConfig) -> dict[st
                 "mean": policy_action(model, obs, task, noise.action, eval_mode=True).numpy(), "z": z}
     gamma = model.cfg.discounts[task or 0]
     action, mean, info = plan(model, obs, task, prev_mean, t0, noise, cfg, gamma)
-    return {"action": action.numpy(), "mean": mean.numpy(), "value": info["value"].reshape(1).numpy(), "z": z}
+    return {"action": action.numpy(), "mean": mean.numpy(), "value": info["value"].reshape(1).numpy(), "z": z,
+            **runner_up(info, noise)}
+
+
+def runner_up(info: dict, noise: Noise) -> dict[str, np.ndarray]:
+    """The step as executed with the best elite other than the one picked -> {action_alt, tie_gap}: its action,
+    and the picked elite's lead in value relative to max(|value|, 1). Where another runtime's value differs by
+    more than that lead, it may rightly pick the runner-up (`verify.compare`)."""
+    value = info["elite_value"].reshape(-1).double()
+    if len(value) < 2:
+        return {}
+    pick = int(info["pick"])
+    others = info["score"].reshape(-1).clone()
+    others[pick] = -1.0
+    alt = int(torch.argmax(others))
+    action = (info["elite_first"][alt] + info["std"][0] * noise.action).clamp(-1, 1)
+    gap = (value[pick] - value[alt]).abs() / value[pick].abs().clamp(min=1.0)
+    return {"action_alt": action.numpy(), "tie_gap": gap.reshape(1).float().numpy()}
 
 
 def record(model: WorldModel, cfg: PlannerConfig, tasks, steps: int, seed: int = 0, step_fn=None,

@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
-from helpers import ROOT, SMALL, make_tiny_model
+from helpers import ROOT, SMALL, make_feed, make_tiny_model
 
 from edge_tdmpc import save_model
-from edge_tdmpc.compile import artifact, export
+from edge_tdmpc.compile import artifact, export, record, verify
 from edge_tdmpc.compile.runtimes import compiled_runtime, make_runtime
 from edge_tdmpc.compile.targets import check_precision, load_target
-from edge_tdmpc.planner import PlannerConfig
+from edge_tdmpc.planner import PlannerConfig, plan
 
 
 def test_fp32_artifact_is_verified(fp32_artifact):
@@ -29,6 +30,40 @@ def test_fp32_artifact_is_verified(fp32_artifact):
         assert {"obs", "noise_sample", "expected_action", "expected_z"} <= set(data.files)
         assert np.abs(data["obs"]).sum() > 0
 
+
+
+def test_runner_up_is_the_step_executed_with_the_second_elite(model):
+    """The verification's runner-up action is what the planner executes when its pick is the best other elite."""
+    feed = make_feed(model, SMALL, seed=3)
+    feed["noise_gumbel"][:] = 0.0  # as recorded: the top elite is the pick
+    ref = record.reference_step(model, feed, SMALL)
+    obs, task, prev, t0, noise = record.feed_to_torch(feed)
+    _, _, info = plan(model, obs, task, prev, t0, noise, SMALL, model.cfg.discounts[task])
+    alt = int(torch.argsort(info["score"], descending=True)[1])
+    forced = record.feed_to_torch({**feed, "noise_gumbel": np.where(np.arange(SMALL.num_elites) == alt, 1e6, 0.0)
+                                   .astype(np.float32)})[4]
+    action, _, info2 = plan(model, obs, task, prev, t0, forced, SMALL, model.cfg.discounts[task])
+    assert int(info2["pick"]) == alt and not np.allclose(ref["action"], ref["action_alt"])
+    np.testing.assert_array_equal(action.numpy(), ref["action_alt"])
+    v = info["elite_value"].double()
+    assert ref["tie_gap"][0] == pytest.approx(float((v.max() - v[alt]) / max(v.max().abs(), 1)), rel=1e-5)
+
+
+def test_verification_takes_the_runner_up_on_a_near_tie_only(model):
+    """An elite pick flipped by float error is not a broken graph; a flip where the values differ, or an action
+    that is neither elite's, still fails."""
+    feed = make_feed(model, SMALL, seed=3)
+    feed["noise_gumbel"][:] = 0.0
+    ref = record.reference_step(model, feed, SMALL)
+    flipped = {**ref, "action": ref["action_alt"]}
+    far = verify.compare([flipped], [ref], "fp32")[0]
+    assert far.output == "action" and not far.ok and far.near_ties == 0 and ref["tie_gap"][0] > 1e-4
+    tie = {**ref, "tie_gap": np.array([1e-6], np.float32)}
+    near = verify.compare([flipped], [tie], "fp32")[0]
+    assert near.ok and near.near_ties == 1 and near.max_abs == 0.0 and "1 near-tie" in near.row()
+    wrong = verify.compare([{**ref, "action": ref["action"] + 0.5}], [tie], "fp32")[0]
+    assert not wrong.ok and wrong.near_ties == 0
+    assert verify.report([near])["outputs"]["action"]["near_ties"] == 1
 
 def test_tampered_or_edited_artifact_is_refused(fp32_artifact, tmp_path):
     import shutil
@@ -84,7 +119,7 @@ def test_compile_cache_is_safe_for_concurrent_processes(tmp_path):
         sys.path.insert(0, sys.argv[1])
         from helpers import make_tiny_model
         from edge_tdmpc.compile import artifact
-        from edge_tdmpc.planner import PlannerConfig
+        from edge_tdmpc.planner import PlannerConfig, plan
         small = PlannerConfig(num_samples=16, num_elites=4, num_pi_trajs=2, iterations=2)
         out = artifact.compile_cached(make_tiny_model(), "fp32", small, echo=lambda m: print("compiling", m),
                                       verify_episodes=1, verify_steps=2)

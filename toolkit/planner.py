@@ -159,7 +159,7 @@ def plan(model: WorldModel, obs, task, prev_mean, t0, noise: Noise, cfg: Planner
     picked = elite_actions[0].index_select(0, idx.view(1)).squeeze(0)  # no .item(): a CUDA graph can capture it
     action = picked if eval_mode else picked + std[0] * noise.action
     info = dict(elite_value=elite_value, score=score, std=std, value=elite_value.max(), pick=idx,
-                eval_action=picked.clamp(-1, 1))
+                eval_action=picked.clamp(-1, 1), elite_first=elite_actions[0])
     return action.clamp(-1, 1), mean, info
 
 
