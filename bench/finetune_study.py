@@ -6,7 +6,8 @@ scratch (`edge-tdmpc train`), and what the old tasks keep.
     edge-tdmpc bench finetune-study report RUNS --teacher-bench report.json --md FILE --plot FILE
 
 RUNS/TASK/KIND-sSEED holds one run's output: KIND ft, ft-replay or ft-replay-labels (finetune without replay,
-with --replay, with --replay --replay-labels) or scratch (train), each with its
+with --replay, with --replay --replay-labels), ft-prior (finetune with a seed phase of one episode, so that the
+model's own prior acts from then on) or scratch (train), each with its run.json and
 metrics.jsonl (the periodic eval: eval mode, full episodes); fine-tuned runs also hold mt30/report.json, the
 `edge-tdmpc bench --no-mpc` of the old tasks in the teacher's protocol (--teacher-bench).
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from edge_tdmpc.bench.distill_study import _ci, bootstrap, paired_difference, scores, table
 
-KINDS = ("ft-replay-labels", "ft-replay", "ft", "scratch")
+KINDS = ("ft-replay-labels", "ft-replay", "ft", "ft-prior", "scratch")
 
 
 def held_out_ranking(model, episodes=2, steps=500, seed=1) -> dict:
@@ -64,6 +65,12 @@ def collect_runs(root: Path) -> dict:
 
 
 LAST = 3  # eval points (of one episode each) averaged into a run's final return: one alone swings by hundreds
+
+
+def seed_steps(run: Path) -> int:
+    """The run's seed phase (run.json; the official default where the run names none)."""
+    settings = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    return int(settings.get("seed_steps") or 1000)
 
 
 def final_return(curve: dict[int, float]) -> float:
@@ -123,7 +130,8 @@ def report(root, teacher_bench, md, plot):
             cs = curves[kind]
             mean = {s: np.mean([c[s] for c in cs.values() if s in c]) for s in sorted(set().union(*cs.values()))}
             final = np.mean([final_return(c) for c in cs.values()])
-            first = mean.get(min((s for s in mean if s > 1000), default=min(mean)))
+            seeded = max(seed_steps(d) for d in kinds[kind].values())
+            first = mean.get(min((s for s in mean if s > seeded), default=min(mean)))
             starts = sorted({json.loads((d / "new_task.json").read_text())["init_from"] for d in kinds[kind].values()
                              if (d / "new_task.json").exists()})
             reach = steps_to_reach(mean, target) if target is not None and kind != "scratch" else None
@@ -139,7 +147,7 @@ def report(root, teacher_bench, md, plot):
                   "differences task-paired):", "", "| new task | run | seeds | MT30 score | vs before |",
                   "|---|---|---|---|---|", f"| – | before | – | {_ci(bootstrap(before))} | |"]
         for task, kinds in res.items():
-            for kind in KINDS[:-1]:
+            for kind in KINDS[:-1]:  # the fine-tuned ones
                 per_seed = {s: scores(d / "mt30" / "report.json") for s, d in kinds.get(kind, {}).items()
                             if (d / "mt30" / "report.json").exists()}
                 if per_seed:
@@ -160,7 +168,7 @@ def _plot(res: dict, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(res), figsize=(5 * len(res), 3.6), squeeze=False)
     for ax, (task, kinds) in zip(axes[0], res.items(), strict=True):
-        for kind, color in zip(KINDS, ("C3", "C0", "C1", "C2"), strict=True):
+        for kind, color in zip(KINDS, ("C3", "C0", "C1", "C4", "C2"), strict=True):
             cs = [eval_curve(d) for d in kinds.get(kind, {}).values()]
             if not cs:
                 continue

@@ -228,11 +228,14 @@ def test_held_out_ranking_ranks_the_other_tasks():
 
 def test_study_report_finds_the_steps_to_the_from_scratch_final(tmp_path):
     from edge_tdmpc.bench.finetune_study import main as study
-    curves = {"scratch": {1: [10, 20, 40, 80], 2: [10, 30, 50, 60]}, "ft": {1: [50, 75, 90, 96], 2: [40, 60, 81, 90]}}
+    curves = {"scratch": {1: [10, 20, 40, 80], 2: [10, 30, 50, 60]}, "ft": {1: [50, 75, 90, 96], 2: [40, 60, 81, 90]},
+              "ft-prior": {1: [70, 80, 95, 99]}}
     for kind, seeds in curves.items():
         for seed, returns in seeds.items():
             d = tmp_path / "pointmass-easy" / f"{kind}-s{seed}"
             d.mkdir(parents=True)
+            if kind == "ft-prior":  # its seed phase is one episode: its first eval after it is at step 1000
+                (d / "run.json").write_text(json.dumps({"seed_steps": 500}))
             rows = [{"kind": "eval", "step": 500 * (i + 1), "mean_return": r} for i, r in enumerate(returns)]
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             (d / "done").touch()
@@ -242,4 +245,7 @@ def test_study_report_finds_the_steps_to_the_from_scratch_final(tmp_path):
     # final: the mean of the last 3 evals; scratch's is 46.7 for both seeds; the fine-tuned mean curve (45, 67.5,
     # 85.5, 93) first reaches it at 1000 steps, 0.50 of the from-scratch run's 2000; its finals are 87 and 77
     assert "| 1000 | 0.50 |" in row and "| 82.0 (87, 77) |" in row, row
+    assert "| 85.5 |" in row  # after the default seed phase (1000 steps): the eval at 1500
+    early = next(x for x in r.output.splitlines() if "| ft-prior |" in x)
+    assert "| 80.0 |" in early and "| 500 | 0.25 |" in early, early
     assert (tmp_path / "c.png").stat().st_size > 0
