@@ -8,8 +8,8 @@ scratch (`edge-tdmpc train`), and what the old tasks keep.
 RUNS/TASK/KIND-sSEED holds one run's output: KIND ft, ft-replay or ft-replay-labels (finetune without replay,
 with --replay, with --replay --replay-labels), ft-prior (finetune with a seed phase of one episode, so that the
 model's own prior acts from then on) or scratch (train), each with its run.json and
-metrics.jsonl (the periodic eval: eval mode, full episodes); fine-tuned runs also hold mt30/report.json, the
-`edge-tdmpc bench --no-mpc` of the old tasks in the teacher's protocol (--teacher-bench).
+metrics.jsonl (the periodic eval: eval mode, full episodes); fine-tuned runs also hold mt30/report.json (or
+another --old-bench), the `edge-tdmpc bench --no-mpc` of the old tasks in the teacher's protocol (--teacher-bench).
 """
 import json
 from pathlib import Path
@@ -111,9 +111,11 @@ def similarity(checkpoint, out, episodes):
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--teacher-bench", type=click.Path(exists=True, dir_okay=False), default=None,
               help="report.json of the model before fine-tuning, on the old tasks (the forgetting baseline)")
+@click.option("--old-bench", default="mt30", show_default=True,
+              help="each fine-tuned run's directory of its old-task bench, run in --teacher-bench's protocol")
 @click.option("--md", type=click.Path(dir_okay=False), default=None, help="write the tables here")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="return against env steps (PNG)")
-def report(root, teacher_bench, md, plot):
+def report(root, teacher_bench, old_bench, md, plot):
     """Tables (final return, steps to the from-scratch model's final return, the old tasks' MT30 score) and the
     learning curves of the finished runs under ROOT."""
     res = collect_runs(Path(root))
@@ -148,8 +150,8 @@ def report(root, teacher_bench, md, plot):
                   "|---|---|---|---|---|", f"| – | before | – | {_ci(bootstrap(before))} | |"]
         for task, kinds in res.items():
             for kind in KINDS[:-1]:  # the fine-tuned ones
-                per_seed = {s: scores(d / "mt30" / "report.json") for s, d in kinds.get(kind, {}).items()
-                            if (d / "mt30" / "report.json").exists()}
+                per_seed = {s: scores(d / old_bench / "report.json") for s, d in kinds.get(kind, {}).items()
+                            if (d / old_bench / "report.json").exists()}
                 if per_seed:
                     t = table(per_seed, old)
                     d = paired_difference(t, before)

@@ -239,8 +239,18 @@ def test_study_report_finds_the_steps_to_the_from_scratch_final(tmp_path):
             rows = [{"kind": "eval", "step": 500 * (i + 1), "mean_return": r} for i, r in enumerate(returns)]
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             (d / "done").touch()
-    r = CliRunner().invoke(study, ["report", str(tmp_path), "--plot", str(tmp_path / "c.png")])
+    def bench(path, scores):  # a bench report's rows
+        path.mkdir(parents=True)
+        (path / "report.json").write_text(json.dumps({"rows": [{"task": t, "score": v} for t, v in scores.items()]}))
+
+    bench(tmp_path / "before", {"walker-run": 10.0, "cheetah-run": 20.0})  # the old tasks, before
+    bench(tmp_path / "pointmass-easy" / "ft-s1" / "old3", {"walker-run": 12.0, "cheetah-run": 20.0})
+    bench(tmp_path / "pointmass-easy" / "ft-s2" / "old3", {"walker-run": 10.0, "cheetah-run": 22.0})
+    r = CliRunner().invoke(study, ["report", str(tmp_path), "--plot", str(tmp_path / "c.png"), "--teacher-bench",
+                                   str(tmp_path / "before" / "report.json"), "--old-bench", "old3"])
     assert r.exit_code == 0, r.output
+    old = next(x for x in r.output.splitlines() if x.startswith("| pointmass-easy | ft | 2 | 16.00"))
+    assert "| +1.00 [" in old, old  # task-paired: (12 + 20 + 10 + 22) / 4 - 15
     row = next(x for x in r.output.splitlines() if "| ft |" in x)
     # final: the mean of the last 3 evals; scratch's is 46.7 for both seeds; the fine-tuned mean curve (45, 67.5,
     # 85.5, 93) first reaches it at 1000 steps, 0.50 of the from-scratch run's 2000; its finals are 87 and 77
