@@ -4,6 +4,7 @@ scratch (`edge-tdmpc train`), and what the old tasks keep.
 
     edge-tdmpc bench finetune-study similarity CKPT --out held-out.json   # does the start measurement pick kin?
     edge-tdmpc bench finetune-study report RUNS --teacher-bench report.json --md FILE --plot FILE
+    edge-tdmpc bench finetune-study subset STUDENTS --teacher CKPT --teacher-prior report.json  # subset students
 
 RUNS/TASK/KIND-sSEED holds one run's output: KIND ft, ft-replay or ft-replay-labels (finetune without replay,
 with --replay, with --replay --replay-labels), ft-prior (finetune with a seed phase of one episode, so that the
@@ -162,6 +163,79 @@ def report(root, teacher_bench, old_bench, md, plot):
         Path(md).write_text(text + "\n")
     if plot:
         _plot(res, plot)
+
+
+def subset_students(root: Path, prior_bench: str, planner_bench: str) -> dict:
+    """{objective: {seed: (run directory, prior scores {task: score}, planner scores or None)}} of the subset
+    students under `root` (OBJ-sSEED, each with student.pt and its benches)."""
+    res = {}
+    for d in sorted(root.glob("*-s*")):
+        objective, seed = d.name.rsplit("-s", 1)
+        prior, planner = d / prior_bench / "report.json", d / planner_bench / "report.json"
+        if (d / "student.pt").exists() and prior.exists():
+            res.setdefault(objective, {})[int(seed)] = (d, scores(prior), scores(planner) if planner.exists() else None)
+    return res
+
+
+@main.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--teacher", required=True, type=click.Path(exists=True, dir_okay=False), help="the teacher checkpoint")
+@click.option("--teacher-prior", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="report.json of the teacher's prior on (at least) the students' tasks, in their protocol")
+@click.option("--teacher-planner", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="report.json of the teacher's planner on them")
+@click.option("--prior-bench", default="bench-no-mpc", show_default=True, help="each student's prior bench")
+@click.option("--planner-bench", default="bench-mpc-1ep", show_default=True, help="each student's planner bench")
+@click.option("--md", type=click.Path(dir_okay=False), default=None, help="write the tables here")
+def subset(root, teacher, teacher_prior, teacher_planner, prior_bench, planner_bench, md):
+    """Subset students (ROOT/OBJ-sSEED: `distill --tasks LIST`, benched on their own tasks) against the teacher
+    on those tasks: score of the prior and the planner, its share of the teacher's, parameters, latency, size."""
+    from edge_tdmpc.checkpoint import load_model
+    res = subset_students(Path(root), prior_bench, planner_bench)
+    if not res:
+        raise click.ClickException(f"no student under {root} has {prior_bench}/report.json: bench them first")
+    tasks = list(next(iter(next(iter(res.values())).values()))[1])
+    t_prior, t_plan = scores(teacher_prior), scores(teacher_planner) if teacher_planner else None
+    missing = [t for t in tasks if t not in t_prior or (t_plan is not None and t not in t_plan)]
+    if missing:
+        raise click.ClickException(f"the teacher's reports lack {', '.join(missing)}: bench it on the students' tasks")
+    rows = {r["task"]: r for r in json.loads(Path(teacher_prior).read_text())["rows"]}
+    p50 = lambda rs: float(np.median([r["latency_ms"]["p50"] for r in rs]))  # noqa: E731
+    n_teacher = load_model(teacher).total_params
+    base = np.array([[t_prior[t]] for t in tasks])
+    plan_mean = np.mean([t_plan[t] for t in tasks]) if t_plan else None
+    lines = ["| model | parameters | seeds | prior | share of the teacher's prior / planner | planner | prior p50 "
+             "latency | size |", "|---|---|---|---|---|---|---|---|",
+             f"| teacher | {n_teacher:,} | – | {base.mean():.2f} | – | "
+             f"{'–' if plan_mean is None else f'{plan_mean:.2f}'} | {p50(rows[t] for t in tasks):.2f} ms | "
+             f"{rows[tasks[0]]['size_mib']:.2f} MiB |"]
+    tables = {}
+    for objective, seeds in res.items():
+        table_ = np.array([[seeds[s][1][t] for s in sorted(seeds)] for t in tasks])
+        tables[objective] = table_
+        d0 = seeds[min(seeds)][0]
+        own = {r["task"]: r for r in json.loads((d0 / prior_bench / "report.json").read_text())["rows"]}
+        n = load_model(d0 / "student.pt").total_params
+        plans = [np.mean([p[t] for t in tasks]) for _, _, p in seeds.values() if p is not None]
+        share = f"{table_.mean() / base.mean():.0%}" + (f" / {table_.mean() / plan_mean:.0%}" if plan_mean else "")
+        planned = f"{np.mean(plans):.2f} ({', '.join(f'{v:.1f}' for v in plans)})" if plans else "–"
+        lines.append(f"| {objective} | {n:,} ({n / n_teacher:.0%}) | {len(seeds)} | {_ci(bootstrap(table_))} ("
+                     + ", ".join(f"{table_[:, k].mean():.1f}" for k in range(table_.shape[1])) + f") | {share} | "
+                     f"{planned} | {p50(own[t] for t in tasks):.2f} ms | {own[tasks[0]]['size_mib']:.2f} MiB |")
+    lines += ["", "| comparison (prior) | difference (task-paired, 95%) |", "|---|---|"]
+    names = list(tables)
+    for i, a in enumerate(names):
+        lines.append(f"| {a} - teacher | {_ci(paired_difference(tables[a], base), signed=True)} |")
+        lines += [f"| {a} - {b} | {_ci(paired_difference(tables[a], tables[b]), signed=True)} |" for b in names[i + 1:]]
+    lines += ["", "| task | teacher prior | teacher planner | " + " | ".join(f"{o} prior" for o in names) + " |",
+              "|---|---|---|" + "---|" * len(names)]
+    for i, t in enumerate(tasks):
+        lines.append(f"| {t} | {t_prior[t]:.1f} | {'–' if t_plan is None else f'{t_plan[t]:.1f}'} | "
+                     + " | ".join(f"{tables[o][i].mean():.1f}" for o in names) + " |")
+    text = "\n".join(lines)
+    click.echo(text)
+    if md:
+        Path(md).write_text(text + "\n")
 
 
 def _plot(res: dict, path):

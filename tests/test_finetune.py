@@ -259,3 +259,36 @@ def test_study_report_finds_the_steps_to_the_from_scratch_final(tmp_path):
     early = next(x for x in r.output.splitlines() if "| ft-prior |" in x)
     assert "| 80.0 |" in early and "| 500 | 0.25 |" in early, early
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_subset_report_compares_students_with_the_teacher_on_their_tasks(tmp_path):
+    from edge_tdmpc.bench.finetune_study import main as study
+    tasks = ("cartpole-swingup", "cartpole-balance")
+
+    def bench(path, scores):  # a bench report's rows
+        path.mkdir(parents=True)
+        rows = [{"task": t, "score": v, "latency_ms": {"p50": 1.0}, "size_mib": 2.0} for t, v in scores.items()]
+        (path / "report.json").write_text(json.dumps({"rows": rows}))
+
+    teacher = make_tiny_model("mt30", seed=1)
+    save_model(teacher, tmp_path / "teacher.pt")
+    bench(tmp_path / "t-prior", {"cartpole-swingup": 40.0, "cartpole-balance": 80.0, "walker-run": 10.0})
+    bench(tmp_path / "t-plan", {"cartpole-swingup": 50.0, "cartpole-balance": 90.0, "walker-run": 20.0})
+    student = subset_model(teacher, tasks)
+    for seed, (a, b) in {1: (30.0, 90.0), 2: (50.0, 70.0)}.items():
+        d = tmp_path / "runs" / f"reward+planner-s{seed}"
+        d.mkdir(parents=True)
+        save_model(student, d / "student.pt")
+        bench(d / "bench-no-mpc", {"cartpole-swingup": a, "cartpole-balance": b})
+    args = ["subset", str(tmp_path / "runs"), "--teacher", str(tmp_path / "teacher.pt"), "--teacher-prior",
+            str(tmp_path / "t-prior" / "report.json")]
+    r = CliRunner().invoke(study, [*args, "--teacher-planner", str(tmp_path / "t-plan" / "report.json")])
+    assert r.exit_code == 0, r.output
+    row = next(x for x in r.output.splitlines() if x.startswith("| reward+planner |"))
+    # prior 60 against the teacher's prior 60 (its walker-run left out) and planner 70; no planner bench
+    n = load_model(tmp_path / "runs" / "reward+planner-s1" / "student.pt").total_params
+    assert f"| {n:,} (" in row and "| 2 | 60.00 [" in row and "| 100% / 86% | – |" in row, row
+    assert "| reward+planner - teacher | +0.00 [" in r.output
+    bench(tmp_path / "t-short", {"cartpole-swingup": 40.0})
+    r = CliRunner().invoke(study, [*args[:-1], str(tmp_path / "t-short" / "report.json")])
+    assert r.exit_code != 0 and "lack cartpole-balance" in r.output

@@ -32,6 +32,9 @@ def test_1m_parameter_count_matches_facts():
     stored = sum(v.numel() for k, v in model.state_dict().items()
                  if k not in ("log_std_min", "log_std_dif", "_action_masks"))
     assert stored == 1_980_357
+    # a model made trainable as a whole (a student from the teacher's weights) still holds its target Qs fixed
+    assert model.requires_grad_(False).requires_grad_(True).total_params == 1_426_427
+    assert not any(p.requires_grad for p in model._target_Qs.parameters())
 
 
 def test_two_hot_round_trip():

@@ -89,6 +89,11 @@ class WorldModel(nn.Module):
         self._target_Qs.train(False)  # target Qs never use dropout
         return self
 
+    def requires_grad_(self, requires_grad=True):
+        super().requires_grad_(requires_grad)
+        self._target_Qs.requires_grad_(False)  # they follow the Qs by their running average, never by gradient
+        return self
+
     @property
     def total_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
