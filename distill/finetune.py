@@ -8,8 +8,10 @@ alone. With --replay DATA (episodes of the model's old tasks: the data it was di
 also draws --replay-ratio of its slices from DATA, so the update keeps fitting the old tasks while it learns the
 new one; with --replay-labels the prior also keeps learning the teacher planner's actions on them (the planner
 term of `--distill planner`, on the replayed rows), since TD-MPC2's own objective alone pulls a distilled prior
-away from its planner (docs/results/distill-mt30.md). Out comes an ordinary checkpoint in the official layout
-with one more task.
+away from its planner (docs/results/distill-mt30.md). With --trainable embedding only the new task's embedding row
+learns (the world model's and the policy's losses reach it through the fixed network): every old task's outputs
+stay bit for bit what they were, at the price of what 16 numbers can express about a task. Out comes an ordinary
+checkpoint in the official layout with one more task.
 """
 import json
 import math
@@ -31,6 +33,7 @@ from edge_tdmpc.tasks import check_task_subset
 from edge_tdmpc.tasksets import add_task, most_similar_task
 
 AUTO = "auto"
+TRAINABLE = ("all", "embedding")
 CHOICE = "new_task.json"  # out/: the new task, the task its embedding started from, and the ranking behind it
 
 
@@ -46,6 +49,8 @@ class FinetuneOptions(ScheduleOptions):
     replay_labels: bool = setting(False, "also teach the prior the planner labels --replay carries (the planner "
                                   "term on its rows)")
     planner_coef: float = setting(10.0, "weight of that planner term")
+    trainable: str = setting("all", "what the updates move: all (every weight) or embedding (the new task's embedding "
+                         "row alone: the old tasks' outputs stay bit for bit)", choices=TRAINABLE)
 
     def __post_init__(self):
         super().__post_init__()
@@ -96,6 +101,17 @@ class MixedSampler:
         self.old.load_state_dict(state["old"])
 
 
+def train_new_row_only(model, row: int):
+    """Fix every weight of `model` but its task embedding, and keep that embedding's gradient to `row` (a
+    replayed old task's lookup would otherwise move its own row); Adam then leaves the other rows exactly as they
+    are (their moments stay 0, so their steps are 0)."""
+    model.requires_grad_(False)
+    weight = model._task_emb.weight.requires_grad_(True)
+    keep = torch.zeros(weight.shape[0], 1)
+    keep[row] = 1
+    weight.register_hook(lambda grad: grad * keep)
+
+
 def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None, *, resume=False, progress=True,
              echo=print, **settings) -> dict:
     """Add `task` to the multi-task model in `checkpoint` and train it online on `task` for `steps` environment
@@ -109,6 +125,8 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
     model = add_task(base, task, base.cfg.tasks[0] if opts.init_from == AUTO else opts.init_from)
     model = model.float().requires_grad_(True)
     mc, new = model.cfg, len(model.cfg.tasks) - 1
+    if opts.trainable == "embedding":
+        train_new_row_only(model, new)
     dataset = None
     if opts.replay:
         dataset = EpisodeDataset(opts.replay)

@@ -367,6 +367,7 @@ class Trainer:
         cfg, m = self.cfg, self.model
         if task is not None:
             self._renorm_task_emb(task)
+        tracked = [p.requires_grad for p in m._Qs.parameters()]
         m._Qs.requires_grad_(False)  # the official code reads Q through detached parameters here
         try:
             action, pi = m.pi_info(zs, task, eps=noise.pi_eps)
@@ -387,8 +388,9 @@ class Trainer:
                 if cfg.planner_coef > 0:  # at 0 only logged: the update is bitwise the one without the term
                     loss = loss + cfg.planner_coef * out["distill_planner_loss"]
             loss.backward()
-        finally:
-            m._Qs.requires_grad_(True)
+        finally:  # as they were: a model trained in part (finetune --trainable embedding) keeps its Qs fixed
+            for p, t in zip(m._Qs.parameters(), tracked):
+                p.requires_grad_(t)
         self._average_grads(m._pi.parameters())
         out["pi_grad_norm"] = torch.nn.utils.clip_grad_norm_(m._pi.parameters(), cfg.grad_clip_norm)
         self.pi_optim.step()

@@ -167,6 +167,33 @@ def test_replay_labels_teach_the_prior_on_the_replayed_rows_only(base, tmp_path)
     assert run["train"]["distill"] == ["planner"] and run["train"]["planner_coef"] == 3.0
 
 
+def test_trainable_embedding_moves_the_new_row_alone(base, tmp_path):
+    from edge_tdmpc.tasksets import add_task
+    # replayed old rows (with labels, so the policy's loss runs too) would move their own rows: the hook stops them
+    data = _old_data(tmp_path / "old", labels=True)
+    s = finetune(base, "pointmass-easy", tmp_path / "ft", trainable="embedding", init_from="reacher-easy",
+                 replay=str(data), replay_labels=True, progress=False, echo=lambda *a: None, **QUICK)
+    assert s["updates"] == 59
+    before = add_task(load_model(base), "pointmass-easy", "reacher-easy")
+    after = load_model(tmp_path / "ft" / "model.pt")
+    p0, p1 = dict(before.named_parameters()), dict(after.named_parameters())
+    for name in p0:  # the target Qs follow the (fixed) Qs by their running average; nothing acts through them
+        if name != "_task_emb.weight" and not name.startswith("_target_Qs"):
+            assert torch.equal(p0[name], p1[name]), name
+    e0, e1 = p0["_task_emb.weight"], p1["_task_emb.weight"]
+    assert torch.equal(e0[:2], e1[:2]) and not torch.equal(e0[2], e1[2])
+    g = torch.Generator().manual_seed(0)
+    obs, a = torch.randn(8, 6, generator=g), torch.rand(8, 2, generator=g) * 2 - 1
+    with torch.no_grad():
+        for task in (0, 1):  # the old tasks' outputs, bit for bit
+            t = torch.full((8,), task)
+            z0, z1 = before.encode(obs, t), after.encode(obs, t)
+            assert torch.equal(z0, z1) and torch.equal(before.pi_head(z0, t)[0], after.pi_head(z1, t)[0])
+            assert torch.equal(before.Q(z0, a, t, "all"), after.Q(z1, a, t, "all"))
+            assert torch.equal(before.reward(z0, a, t), after.reward(z1, a, t))
+    assert json.loads((tmp_path / "ft" / "run.json").read_text())["trainable"] == "embedding"
+
+
 def test_bad_finetune_settings_are_one_line_errors(base, tmp_path):
     single = tmp_path / "single.pt"
     save_model(make_tiny_model("cartpole-swingup"), single)
