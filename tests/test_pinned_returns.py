@@ -1,5 +1,10 @@
 """Per-episode returns of a short fixed-seed bench on the shared MT30 1M student, recorded before the rollout loop
-was written once (edge_tdmpc.rollout): the bench must keep giving them for the same seeds."""
+was written once (edge_tdmpc.rollout): the bench must keep giving them for the same seeds.
+
+PyTorch's CPU matmuls (MKL) take another kernel path on another CPU, and differ in the last bit; 20 steps of
+MPPI carry that into the returns. So each case holds one set of returns per kernel path recorded (ONNX
+Runtime's agree on all of them), and the bench must give one whole set. A new CPU that gives none: check it
+with the parity tests (the official recordings), then record its set here."""
 import json
 
 import pytest
@@ -34,6 +39,18 @@ CASES = {
 }
 
 
+# the torch returns on a second kernel path (AMD EPYC with AVX-512 BF16); the rest as in CASES
+OTHER_PATH = {
+    "mpc": {('torch', 'cartpole-balance', 0): 38.07466622918436, ('torch', 'cartpole-balance', 1): 36.591896916358294,
+            ('torch', 'walker-walk', 0): 5.670144426109454, ('torch', 'walker-walk', 1): 3.1422257827007636},
+    "prior": {('torch', 'cartpole-balance', 0): 36.1886281478343, ('torch', 'cartpole-balance', 1): 36.69747035364499,
+              ('torch', 'walker-walk', 0): 6.022330753556726, ('torch', 'walker-walk', 1): 2.674647723433738},
+    "deadline": {('torch', 'cartpole-balance', 0): 39.399034430306536,
+                 ('torch', 'cartpole-balance', 1): 38.078332864415756,
+                 ('torch', 'walker-walk', 0): 9.696855845668074, ('torch', 'walker-walk', 1): 3.3420653956271322},
+}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bench_returns_are_pinned(case, checkpoint_path, tmp_path):
     """2 tasks x 2 episodes x 20 steps from the official initial states (--seed 1): planning on torch and on
@@ -44,5 +61,6 @@ def test_bench_returns_are_pinned(case, checkpoint_path, tmp_path):
     got = {(r["runtime"], r["task"], r["episode"]): r["return"]
            for r in map(json.loads, (tmp_path / "episodes.jsonl").read_text().splitlines())}
     assert got.keys() == pinned.keys()
-    for key, ret in pinned.items():
-        assert got[key] == pytest.approx(ret, rel=1e-6, abs=1e-6), key
+    sets = [pinned, {**pinned, **OTHER_PATH[case]}]
+    assert any(all(got[k] == pytest.approx(v, rel=1e-6, abs=1e-6) for k, v in s.items()) for s in sets), \
+        {k: (got[k], *(s[k] for s in sets)) for k in sorted(got)}

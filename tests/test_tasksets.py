@@ -48,8 +48,13 @@ def test_subset_model_gives_the_models_outputs_exactly(names):
         full = _outputs(model, model.cfg.tasks, [name], obs, act, eps)[name]
         cut = _outputs(sub, names, [name], obs, act, eps)[name]
         a = sub.cfg.action_dim
+        same_shapes = (sub.cfg.obs_dim, sub.cfg.action_dim) == (model.cfg.obs_dim, model.cfg.action_dim)
         for k in ("z", "q", "reward", "next"):
-            assert torch.equal(full[k], cut[k]), (name, k)
+            if same_shapes:  # the same GEMMs over the same numbers: bit for bit
+                assert torch.equal(full[k], cut[k]), (name, k)
+            else:  # fewer input columns (the padded zeros dropped): another GEMM shape, which some CPUs' kernels
+                # sum in another order, so the same sums up to rounding
+                torch.testing.assert_close(full[k], cut[k], atol=1e-6, rtol=1e-6), (name, k)
         for k in ("action", "mean", "log_std"):  # the cut action dims are the padded ones: 0 in the model
             # the policy's last layer has fewer outputs: another GEMM shape, the same sums up to rounding
             torch.testing.assert_close(full[k][:, :a], cut[k], atol=1e-6, rtol=0), (name, k)
