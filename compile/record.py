@@ -54,6 +54,9 @@ def reference_step(model: WorldModel, feed: dict, cfg: PlannerConfig) -> dict[st
             **runner_up(info, noise)}
 
 
+RUNNER_UP = ("action_alt", "tie_gap")  # what `runner_up` adds to a reference step: no graph outputs these
+
+
 def runner_up(info: dict, noise: Noise) -> dict[str, np.ndarray]:
     """The step as executed with the best elite other than the one picked -> {action_alt, tie_gap}: its action,
     and the picked elite's lead in value relative to max(|value|, 1). Where another runtime's value differs by
@@ -67,7 +70,7 @@ def runner_up(info: dict, noise: Noise) -> dict[str, np.ndarray]:
     alt = int(torch.argmax(others))
     action = (info["elite_first"][alt] + info["std"][0] * noise.action).clamp(-1, 1)
     gap = (value[pick] - value[alt]).abs() / value[pick].abs().clamp(min=1.0)
-    return {"action_alt": action.numpy(), "tie_gap": gap.reshape(1).float().numpy()}
+    return dict(zip(RUNNER_UP, (action.numpy(), gap.reshape(1).float().numpy()), strict=True))
 
 
 def record(model: WorldModel, cfg: PlannerConfig, tasks, steps: int, seed: int = 0, step_fn=None,

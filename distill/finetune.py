@@ -107,7 +107,7 @@ def train_new_row_only(model, row: int):
     are (their moments stay 0, so their steps are 0)."""
     model.requires_grad_(False)
     weight = model._task_emb.weight.requires_grad_(True)
-    keep = torch.zeros(weight.shape[0], 1)
+    keep = torch.zeros(weight.shape[0], 1, device=weight.device)
     keep[row] = 1
     weight.register_hook(lambda grad: grad * keep)
 
