@@ -5,13 +5,16 @@ scratch (`edge-tdmpc train`), and what the old tasks keep.
     edge-tdmpc bench finetune-study similarity CKPT --out held-out.json   # does the start measurement pick kin?
     edge-tdmpc bench finetune-study report RUNS --teacher-bench report.json --md FILE --plot FILE
     edge-tdmpc bench finetune-study subset STUDENTS --teacher CKPT --teacher-prior report.json  # subset students
+    edge-tdmpc bench finetune-study hold-out CKPT --task TASK --out FILE    # a held-out MT30 task's start model
+    edge-tdmpc bench finetune-study start CKPT --task NEW --init-from TASK --out FILE   # a borrowed row, no update
 
 RUNS/TASK/KIND-sSEED holds one run's output: KIND ft, ft-replay or ft-replay-labels (finetune without replay,
 with --replay, with --replay --replay-labels), ft-prior (finetune with a seed phase of one episode, so that the
 model's own prior acts from then on), ft-embedding (finetune --trainable embedding: the new task's row alone
-learns) or scratch (train), each with its run.json and
-metrics.jsonl (the periodic eval: eval mode, full episodes); fine-tuned runs also hold mt30/report.json (or
-another --old-bench), the `edge-tdmpc bench --no-mpc` of the old tasks in the teacher's protocol (--teacher-bench).
+learns), ft-return and ft-embedding-return (ft and ft-embedding with --start-by return) or scratch (train), each
+with its run.json and metrics.jsonl (the periodic eval: eval mode, full episodes); fine-tuned runs also hold
+mt30/report.json (or another --old-bench), the `edge-tdmpc bench --no-mpc` of the old tasks in the teacher's
+protocol (--teacher-bench).
 """
 import json
 from pathlib import Path
@@ -21,7 +24,8 @@ import numpy as np
 
 from edge_tdmpc.bench.distill_study import _ci, bootstrap, paired_difference, scores, table
 
-KINDS = ("ft-replay-labels", "ft-replay", "ft", "ft-prior", "ft-embedding", "scratch")
+KINDS = ("ft-replay-labels", "ft-replay", "ft", "ft-prior", "ft-embedding", "ft-return", "ft-embedding-return",
+         "scratch")
 
 
 def held_out_ranking(model, episodes=2, steps=500, seed=1) -> dict:
@@ -107,6 +111,40 @@ def similarity(checkpoint, out, episodes):
     lines += ["", f"Of the {len(kin)} held-out tasks with another task of their domain in the model, the start chosen "
               f"is of that domain for {hits}."]
     click.echo("\n".join(lines))
+
+
+@main.command("hold-out")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--task", required=True, help="the task to take out of CHECKPOINT's task set")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="the model without it (official layout)")
+def hold_out(checkpoint, task, out):
+    """CHECKPOINT less one task (its embedding row; `subset_model`, so the other tasks' outputs stay the model's):
+    the start of fine-tuning on a held-out task. Its shared weights were trained on the task too: what
+    fine-tuning it back measures is how much of a task a new embedding row recovers, an upper end for a new task."""
+    from edge_tdmpc.checkpoint import load_model, save_model
+    from edge_tdmpc.tasksets import subset_model
+    model = load_model(checkpoint)
+    if task not in model.cfg.tasks:
+        raise click.BadParameter(f"{task} is not one of the model's tasks ({', '.join(model.cfg.tasks)})",
+                                 param_hint="--task")
+    held = subset_model(model, [t for t in model.cfg.tasks if t != task])
+    save_model(held, out, dtype=next(model.parameters()).dtype)
+    click.echo(f"{out}: {len(held.cfg.tasks)} tasks (without {task}), dims {held.cfg.obs_dim}/{held.cfg.action_dim}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--task", required=True, help="the new task")
+@click.option("--init-from", required=True, help="the existing task whose embedding row the new one copies")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="the model with it (official layout)")
+def start(checkpoint, task, init_from, out):
+    """CHECKPOINT with TASK added as `finetune` adds it, before any update: the baseline a fine-tuned run must
+    beat (a borrowed row alone may already act well)."""
+    from edge_tdmpc.checkpoint import load_model, save_model
+    from edge_tdmpc.tasksets import add_task
+    model = load_model(checkpoint)
+    save_model(add_task(model, task, init_from), out, dtype=next(model.parameters()).dtype)
+    click.echo(f"{out}: {task} added with {init_from}'s embedding row")
 
 
 @main.command()
@@ -245,7 +283,7 @@ def _plot(res: dict, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(res), figsize=(5 * len(res), 3.6), squeeze=False)
     for ax, (task, kinds) in zip(axes[0], res.items(), strict=True):
-        for kind, color in zip(KINDS, ("C3", "C0", "C1", "C4", "C5", "C2"), strict=True):
+        for kind, color in zip(KINDS, ("C3", "C0", "C1", "C4", "C5", "C6", "C7", "C2"), strict=True):
             cs = [eval_curve(d) for d in kinds.get(kind, {}).values()]
             if not cs:
                 continue

@@ -56,7 +56,7 @@ def distill(teacher, data, out, resume, label_cache, threads, progress, **settin
 @click.option("--tasks", required=True, help="comma-separated task names (or mt30)")
 @_out
 @click.option("--resume", is_flag=True, help="continue the run in --out")
-@click_options(OnlineOptions, exclude=("eval_episodes", "planner"))
+@click_options(OnlineOptions, exclude=("planner",))
 @process_options
 def train(tasks, out, resume, threads, progress, **settings):
     """Online TD-MPC2 from scratch on TASKS (makes a teacher); writes OUT/model.pt and OUT/replay/ (CPU)."""
@@ -68,15 +68,15 @@ def train(tasks, out, resume, threads, progress, **settings):
                f"its episodes: {out}/replay (usable with `edge-tdmpc distill --data`)")
 
 
-@order_options("checkpoint", "task", "steps", "out", "init_from", "replay", "replay_ratio", "mpc", "seed_steps",
-               "episode_steps", "utd", "batch_size", "resume", "logger")
+@order_options("checkpoint", "task", "steps", "out", "init_from", "start_by", "start_episodes", "replay",
+               "replay_ratio", "mpc", "seed_steps", "episode_steps", "utd", "batch_size", "resume", "logger")
 @click.command()
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--task", required=True, help="the new task: one of edge_tdmpc.tasks.TASK_DIMS that fits the model's "
               "dims and is not yet its")
 @_out
 @click.option("--resume", is_flag=True, help="continue the run in --out")
-@click_options(FinetuneOptions, exclude=("eval_episodes", "planner"))
+@click_options(FinetuneOptions, exclude=("planner",))
 @process_options
 def finetune(checkpoint, task, out, resume, threads, progress, **settings):
     """Teach the multi-task model in CHECKPOINT one more task, online; writes OUT/model.pt (one more task)."""

@@ -1,16 +1,19 @@
 """`edge-tdmpc finetune`: teach a trained multi-task model one more task, online.
 
 The new task gets an embedding row of its own (`tasksets.add_task`), started from an existing task's: the one
---init-from names, or (auto) the task under whose embedding the model's world-model loss on the seed phase's
-random episodes of the new task is lowest (`tasksets.most_similar_task`), measured right before the first
-update, before any weight moves. Then the official online schedule of `edge-tdmpc train` runs on the new task
-alone. With --replay DATA (episodes of the model's old tasks: the data it was distilled on, say) every batch
-also draws --replay-ratio of its slices from DATA, so the update keeps fitting the old tasks while it learns the
-new one; with --replay-labels the prior also keeps learning the teacher planner's actions on them (the planner
-term of `--distill planner`, on the replayed rows), since TD-MPC2's own objective alone pulls a distilled prior
-away from its planner (docs/results/distill-mt30.md). With --trainable embedding only the new task's embedding row
-learns (the world model's and the policy's losses reach it through the fixed network): every old task's outputs
-stay bit for bit what they were, at the price of what 16 numbers can express about a task. Out comes an ordinary
+--init-from names, or (auto) the one a measurement right before the first update, before any weight moves,
+ranks first: by default the task under whose embedding the model's world-model loss on the seed phase's random
+episodes of the new task is lowest (`tasksets.most_similar_task`); with --start-by return, the task whose row
+makes the model's prior act best on the new task (`returns_by_row`: a few episodes per row), since a row that
+fits the dynamics need not be the one whose policy already does the job. Then the official online schedule of
+`edge-tdmpc train` runs on the new task alone. With --replay DATA (episodes of the model's old tasks: the data it
+was distilled on, say) every batch also draws --replay-ratio of its slices from DATA, so the update keeps fitting
+the old tasks while it learns the new one; with --replay-labels the prior also keeps learning the teacher
+planner's actions on them (the planner term of `--distill planner`, on the replayed rows), since TD-MPC2's own
+objective alone pulls a distilled prior away from its planner (docs/results/distill-mt30.md). With --trainable
+embedding only the new task's embedding row learns (the world model's and the policy's losses reach it through
+the fixed network): every old task's outputs stay bit for bit what they were, at the price of what one embedding
+row (task_dim numbers) can express about a task. Out comes an ordinary
 checkpoint in the official layout with one more task.
 """
 import json
@@ -34,6 +37,7 @@ from edge_tdmpc.tasksets import add_task, most_similar_task
 
 AUTO = "auto"
 TRAINABLE = ("all", "embedding")
+START_BY = ("loss", "return")
 CHOICE = "new_task.json"  # out/: the new task, the task its embedding started from, and the ranking behind it
 
 
@@ -41,8 +45,12 @@ CHOICE = "new_task.json"  # out/: the new task, the task its embedding started f
 class FinetuneOptions(ScheduleOptions):
     """The settings of `edge-tdmpc finetune` and `finetune()`: the online schedule, where the new task's
     embedding starts, and the old tasks' replay."""
-    init_from: str = setting(AUTO, "existing task whose embedding the new task's starts from; auto: the one under "
-                             "which the world-model loss on the seed-phase episodes is lowest")
+    init_from: str = setting(AUTO, "existing task whose embedding the new task's starts from; auto: the one "
+                             "--start-by measures best")
+    start_by: str = setting("loss", "auto's measurement: loss (the world-model loss on the seed phase's random "
+                            "episodes, lowest) or return (the prior's return on the new task under each row, highest; "
+                            "loss breaks ties)", choices=START_BY)
+    start_episodes: int = setting(1, "episodes of the new task per row that --start-by return plays")
     replay: str | None = setting(None, "dataset of the model's old tasks mixed into every batch (against "
                                  "forgetting)", type=str)
     replay_ratio: float = setting(0.5, "share of each batch drawn from --replay")
@@ -58,6 +66,7 @@ class FinetuneOptions(ScheduleOptions):
         if not (isinstance(r, (int, float)) and math.isfinite(r) and 0 < r < 1):
             raise ValueError(f"--replay-ratio must be a number between 0 and 1 (exclusive), got {r!r}")
         check_min(self, 0, "planner_coef")
+        check_min(self, 1, "start_episodes")
         if self.init_from == AUTO and self.seed_steps == 0:
             raise ValueError("--init-from auto measures on the seed phase's random episodes: give --seed-steps > 0, "
                              "or name the task to start from (--init-from TASK)")
@@ -112,6 +121,24 @@ def train_new_row_only(model, row: int):
     weight.register_hook(lambda grad: grad * keep)
 
 
+def returns_by_row(model, task: str, row: int, episodes: int, steps: int, seed: int) -> dict[str, float]:
+    """{old task: the mean return of `model`'s prior (eval mode) on `task` with row `row` of the embedding set to
+    that task's}: the start that already acts best on the new task, on the same initial states for every row.
+    Leaves the row as it found it."""
+    from edge_tdmpc.distill.loop import closed_loop_eval
+    emb = model._task_emb.weight
+    was, training = emb[row].detach().clone(), model.training
+    out = {}
+    for i, name in enumerate(model.cfg.tasks[:row]):
+        with torch.no_grad():
+            emb[row] = emb[i]
+        out[name] = closed_loop_eval(model, [task], episodes, steps, seed)[task]
+    with torch.no_grad():
+        emb[row] = was
+    model.train(training)
+    return out
+
+
 def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None, *, resume=False, progress=True,
              echo=print, **settings) -> dict:
     """Add `task` to the multi-task model in `checkpoint` and train it online on `task` for `steps` environment
@@ -152,12 +179,19 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
         if opts.init_from == AUTO:  # the old rows are still the base model's: rank with it
             eps = replay.episodes
             ranking = most_similar_task(base, [(e["obs"], e["action"], e["reward"]) for e in eps])
+            loss = dict(ranking)
+            choice = dict(task=task, start_by=opts.start_by, measured_on=int(sum(len(e["action"]) for e in eps)),
+                          world_model_loss=loss)
+            if opts.start_by == "return":
+                returns = returns_by_row(model, task, new, opts.start_episodes, opts.episode_steps, opts.seed + 20_000)
+                ranking = sorted(returns.items(), key=lambda tr: (-tr[1], loss[tr[0]]))
+                choice.update(prior_return=returns, played=opts.start_episodes * opts.episode_steps)
             with torch.no_grad():
                 emb = model._task_emb.weight
                 emb[new] = emb[mc.tasks.index(ranking[0][0])]
-            write_json(out / CHOICE, dict(task=task, init_from=ranking[0][0], measured_on=int(sum(
-                len(e["action"]) for e in eps)), world_model_loss=dict(ranking)))
-            echo(f"{task} starts from {ranking[0][0]}'s embedding (world-model loss {ranking[0][1]:.4g}; next: "
+            write_json(out / CHOICE, dict(choice, init_from=ranking[0][0]))
+            what = "world-model loss" if opts.start_by == "loss" else "prior's return"
+            echo(f"{task} starts from {ranking[0][0]}'s embedding ({what} {ranking[0][1]:.4g}; next: "
                  + ", ".join(f"{t} {v:.4g}" for t, v in ranking[1:3]) + ")")
         else:
             write_json(out / CHOICE, dict(task=task, init_from=opts.init_from))

@@ -26,7 +26,7 @@ class LoopOptions:
     log_every: int = setting(100, "metrics row period (averaged)")
     eval_every: int = setting(0, "closed-loop eval period (0: never)")
     eval_steps: int = setting(100, "agent steps per eval episode")
-    eval_episodes: int = setting(1, None)
+    eval_episodes: int = setting(1, "episodes per task of each periodic eval")
 
     def __post_init__(self):
         check_min(self, 1, "save_every", "log_every", "eval_steps", "eval_episodes")

@@ -36,8 +36,7 @@ from edge_tdmpc.tasks import TASK_DIMS, resolve_tasks
 class ScheduleOptions(LoopOptions):
     """The official online schedule's settings (their flags: `--field-name`), shared by `edge-tdmpc train` and
     `edge-tdmpc finetune`. batch_size and seed (LoopOptions) are the run's side of the update's TrainConfig
-    (their defaults are its); eval_episodes and planner (overrides of the acting planner) are the Python API's
-    only."""
+    (their defaults are its); planner (overrides of the acting planner) is the Python API's only."""
     steps: int = setting(100_000, "environment steps, all tasks together")
     mpc: bool = setting(False, "act by MPPI planning (official, ~100x slower on CPU) or the policy prior")
     seed_steps: int | None = setting(None, "random-action steps first [max(1000, 5 x episode)]", type=int)

@@ -82,6 +82,21 @@ def test_the_chosen_start_is_the_task_whose_world_model_fits_best(base, tmp_path
 _RUN = [sys.executable, "-m", "edge_tdmpc.cli", "finetune"]
 
 
+def test_start_by_return_picks_the_row_whose_prior_acts_best(base, tmp_path):
+    from edge_tdmpc.distill.loop import closed_loop_eval
+    from edge_tdmpc.tasksets import add_task
+    s = finetune(base, "pointmass-easy", tmp_path / "ft", start_by="return", seed=3, progress=False,
+                 echo=lambda *a: None, **{**QUICK, "steps": 40})
+    choice = json.loads((tmp_path / "ft" / CHOICE).read_text())
+    returns, loss = choice["prior_return"], choice["world_model_loss"]
+    assert choice["start_by"] == "return" and set(returns) == set(loss) == set(OLD)
+    assert choice["init_from"] == s["init_from"] == max(OLD, key=lambda t: (returns[t], -loss[t]))
+    for t in OLD:  # each row's return is the prior's on the model that starts the new task from that row
+        start = add_task(load_model(base), "pointmass-easy", t)
+        assert closed_loop_eval(start, ["pointmass-easy"], 1, QUICK["episode_steps"], 3 + 20_000)[
+            "pointmass-easy"] == returns[t]
+
+
 def test_finetune_resumes_after_kill_9_bit_for_bit(base, tmp_path):
     settings = {**QUICK, "steps": 100, "save_every": 1}
     args = [str(base), "--task", "pointmass-easy", *_flags(settings), "--no-progress", "--threads", "1"]
@@ -251,6 +266,30 @@ def test_held_out_ranking_ranks_the_other_tasks():
     for task, r in ranking.items():
         assert sorted(t for t, _ in r) == sorted(t for t in model.cfg.tasks if t != task)
         assert [v for _, v in r] == sorted(v for _, v in r)
+
+
+def test_hold_out_and_start_make_the_held_out_studys_models(tmp_path):
+    from edge_tdmpc.bench.finetune_study import main as study
+    tasks = ("cartpole-swingup", "cartpole-balance", "reacher-easy")
+    model = subset_model(make_tiny_model("mt30", seed=2), tasks)
+    save_model(model, tmp_path / "m.pt")
+    run = lambda *args: CliRunner().invoke(study, [str(a) for a in args])  # noqa: E731
+    r = run("hold-out", tmp_path / "m.pt", "--task", "cartpole-balance", "--out", tmp_path / "held.pt")
+    assert r.exit_code == 0, r.output
+    held = load_model(tmp_path / "held.pt")
+    assert held.cfg.tasks == ("cartpole-swingup", "reacher-easy")
+    r = run("start", tmp_path / "held.pt", "--task", "cartpole-balance", "--init-from", "cartpole-swingup",
+            "--out", tmp_path / "start.pt")
+    assert r.exit_code == 0, r.output
+    back = load_model(tmp_path / "start.pt")
+    assert back.cfg.tasks == ("cartpole-swingup", "reacher-easy", "cartpole-balance")
+    emb = back._task_emb.weight
+    assert torch.equal(emb[2], emb[0]) and torch.equal(emb[:2], model._task_emb.weight[[0, 2]])
+    obs = torch.randn(4, model.cfg.obs_dim)
+    for old, new in ((0, 0), (2, 1)):  # the kept tasks' latents are the model's, bit for bit
+        assert torch.equal(back.encode(obs, torch.tensor([new])), model.encode(obs, torch.tensor([old])))
+    r = run("hold-out", tmp_path / "m.pt", "--task", "walker-walk", "--out", tmp_path / "x.pt")
+    assert r.exit_code != 0 and "not one of the model's tasks" in r.output
 
 
 def test_study_report_finds_the_steps_to_the_from_scratch_final(tmp_path):
