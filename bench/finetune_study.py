@@ -28,19 +28,29 @@ KINDS = ("ft-replay-labels", "ft-replay", "ft", "ft-prior", "ft-embedding", "ft-
          "scratch")
 
 
-def held_out_ranking(model, episodes=2, steps=500, seed=1) -> dict:
-    """For each task of `model`: its other tasks ranked as starts for it (`most_similar_task`) on `episodes`
-    random-action episodes of it -> {task: [(start, loss), ...]}. (A task's ranking reads only the other tasks'
-    embeddings, so it is the ranking of the model without the task.) A measurement that picks a task of the
-    held-out task's own domain where there is one is doing its job."""
+def held_out_ranking(model, episodes=2, steps=500, seed=1, by="loss") -> dict:
+    """For each task of `model`: its other tasks ranked as starts for it -> {task: [(start, value), ...]}, best
+    first. by="loss": `most_similar_task` on `episodes` random-action episodes of it (a task's ranking reads only
+    the other tasks' embeddings, so it is the ranking of the model without the task); by="return": the prior's
+    return on it under each other task's row (`returns_by_row`, `episodes` episodes of `steps` steps), with its own
+    row's return, the ceiling a start could reach, under the task's own name first. A measurement that picks a
+    task of the held-out task's own domain where there is one, or a row that acts nearly as well as its own, is
+    doing its job."""
     import torch
 
     from edge_tdmpc.distill.collect import play
+    from edge_tdmpc.distill.finetune import returns_by_row
+    from edge_tdmpc.distill.loop import closed_loop_eval
     from edge_tdmpc.distill.teacher import fit_dim
     from edge_tdmpc.tasksets import most_similar_task
     c = model.cfg
     out = {}
-    for task in c.tasks:
+    for i, task in enumerate(c.tasks):
+        if by == "return":
+            own = closed_loop_eval(model, [task], episodes, steps, seed)[task]
+            returns = returns_by_row(model, task, i, episodes, steps, seed)
+            out[task] = [(task, own), *sorted(returns.items(), key=lambda tr: -tr[1])]
+            continue
         data = []
         for k in range(episodes):
             obs, action, reward, _ = play(model, task, None, seed + k, steps, random_actions=True)
@@ -96,18 +106,42 @@ def main():
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="the rankings (JSON)")
-@click.option("--episodes", default=2, show_default=True, help="random-action episodes of each held-out task")
-def similarity(checkpoint, out, episodes):
-    """Hold out each task of CHECKPOINT in turn and rank the others as its start; how often kin wins."""
+@click.option("--by", type=click.Choice(["loss", "return"]), default="loss", show_default=True,
+              help="the start measurement: finetune's --start-by")
+@click.option("--episodes", default=2, show_default=True,
+              help="episodes of each held-out task (loss: random actions; return: the prior's, per row)")
+@click.option("--steps", default=500, show_default=True, help="agent steps per episode")
+@click.option("--loss-ranking", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="with --by return: an earlier --by loss ranking, whose picks are then scored by return too")
+def similarity(checkpoint, out, by, episodes, steps, loss_ranking):
+    """Hold out each task of CHECKPOINT in turn and rank the others as its start; how often kin wins (and, by
+    return, how much of the task's own row's return the chosen row keeps)."""
     from edge_tdmpc.checkpoint import load_model
     from edge_tdmpc.files import atomic_write_text
-    ranking = held_out_ranking(load_model(checkpoint), episodes)
+    ranking = held_out_ranking(load_model(checkpoint), episodes, steps, by=by)
     atomic_write_text(out, json.dumps(ranking, indent=1))
-    lines = ["| held-out task | start chosen | loss | next |", "|---|---|---|---|"]
+    starts = {t: r[1:] if by == "return" else r for t, r in ranking.items()}
     kin = [t for t in ranking if any(domain(o) == domain(t) for o in ranking if o != t)]
-    for t, r in ranking.items():
-        lines.append(f"| {t} | {r[0][0]} | {r[0][1]:.3f} | {r[1][0]} {r[1][1]:.3f} |")
-    hits = sum(domain(ranking[t][0][0]) == domain(t) for t in kin)
+    hits = sum(domain(starts[t][0][0]) == domain(t) for t in kin)
+    if by == "loss":
+        lines = ["| held-out task | start chosen | loss | next |", "|---|---|---|---|"]
+        lines += [f"| {t} | {r[0][0]} | {r[0][1]:.3f} | {r[1][0]} {r[1][1]:.3f} |" for t, r in ranking.items()]
+    else:
+        picks = {"return": {t: r[0][0] for t, r in starts.items()}}
+        if loss_ranking:
+            picks["loss"] = {t: r[0][0] for t, r in json.loads(Path(loss_ranking).read_text()).items()}
+        lines = ["| held-out task | own row's return | " + " | ".join(f"start by {k} (return)" for k in picks) + " |",
+                 "|---|---|" + "---|" * len(picks)]
+        share = {k: [] for k in picks}
+        for t, r in ranking.items():
+            own, got = r[0][1], dict(r[1:])
+            cells = []
+            for k, p in picks.items():
+                cells.append(f"{p[t]} ({got[p[t]]:.0f})")
+                share[k].append(got[p[t]] / own if own > 0 else 1.0)
+            lines.append(f"| {t} | {own:.0f} | " + " | ".join(cells) + " |")
+        lines += [""] + [f"Start by {k}: the chosen row keeps at least 90% of the own row's return on "
+                         f"{sum(x >= 0.9 for x in v)} of {len(v)} held-out tasks." for k, v in share.items()]
     lines += ["", f"Of the {len(kin)} held-out tasks with another task of their domain in the model, the start chosen "
               f"is of that domain for {hits}."]
     click.echo("\n".join(lines))

@@ -122,14 +122,16 @@ def train_new_row_only(model, row: int):
 
 
 def returns_by_row(model, task: str, row: int, episodes: int, steps: int, seed: int) -> dict[str, float]:
-    """{old task: the mean return of `model`'s prior (eval mode) on `task` with row `row` of the embedding set to
-    that task's}: the start that already acts best on the new task, on the same initial states for every row.
-    Leaves the row as it found it."""
+    """{every other task of `model`: the mean return of its prior (eval mode) on `task` with row `row` of the
+    embedding set to that task's}: the start that already acts best on the new task, on the same initial states
+    for every row. Leaves the row as it found it."""
     from edge_tdmpc.distill.loop import closed_loop_eval
     emb = model._task_emb.weight
     was, training = emb[row].detach().clone(), model.training
     out = {}
-    for i, name in enumerate(model.cfg.tasks[:row]):
+    for i, name in enumerate(model.cfg.tasks):
+        if i == row:
+            continue
         with torch.no_grad():
             emb[row] = emb[i]
         out[name] = closed_loop_eval(model, [task], episodes, steps, seed)[task]

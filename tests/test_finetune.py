@@ -266,6 +266,12 @@ def test_held_out_ranking_ranks_the_other_tasks():
     for task, r in ranking.items():
         assert sorted(t for t, _ in r) == sorted(t for t in model.cfg.tasks if t != task)
         assert [v for _, v in r] == sorted(v for _, v in r)
+    rows = model._task_emb.weight.detach().clone()
+    by_return = held_out_ranking(model, episodes=1, steps=10, by="return")
+    for task, r in by_return.items():  # its own row first, then the others, best return first
+        assert r[0][0] == task and sorted(t for t, _ in r[1:]) == sorted(t for t in model.cfg.tasks if t != task)
+        assert [v for _, v in r[1:]] == sorted((v for _, v in r[1:]), reverse=True)
+    assert torch.equal(model._task_emb.weight, rows)  # every row left as it was found
 
 
 def test_hold_out_and_start_make_the_held_out_studys_models(tmp_path):
