@@ -48,8 +48,8 @@ class FinetuneOptions(ScheduleOptions):
     init_from: str = setting(AUTO, "existing task whose embedding the new task's starts from; auto: the one "
                              "--start-by measures best")
     start_by: str = setting("loss", "auto's measurement: loss (the world-model loss on the seed phase's random "
-                            "episodes, lowest) or return (the prior's return on the new task under each row, highest; "
-                            "loss breaks ties)", choices=START_BY)
+                            "episodes, lowest) or return (the prior's return on the new task under each row, highest, "
+                            "played before the run starts; loss breaks ties)", choices=START_BY)
     start_episodes: int = setting(1, "episodes of the new task per row that --start-by return plays")
     replay: str | None = setting(None, "dataset of the model's old tasks mixed into every batch (against "
                                  "forgetting)", type=str)
@@ -67,9 +67,9 @@ class FinetuneOptions(ScheduleOptions):
             raise ValueError(f"--replay-ratio must be a number between 0 and 1 (exclusive), got {r!r}")
         check_min(self, 0, "planner_coef")
         check_min(self, 1, "start_episodes")
-        if self.init_from == AUTO and self.seed_steps == 0:
-            raise ValueError("--init-from auto measures on the seed phase's random episodes: give --seed-steps > 0, "
-                             "or name the task to start from (--init-from TASK)")
+        if self.init_from == AUTO and self.start_by == "loss" and self.seed_steps == 0:
+            raise ValueError("--start-by loss measures on the seed phase's random episodes: give --seed-steps > 0, "
+                             "--start-by return, or name the task to start from (--init-from TASK)")
 
 
 class ReplayLabels:
@@ -177,31 +177,47 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
     run_settings = dict(checkpoint_sha256=file_sha256(checkpoint), task=task, **asdict(opts), train=asdict(cfg))
     out = Path(out)
 
-    def before_first_update(replay):
-        if opts.init_from == AUTO:  # the old rows are still the base model's: rank with it
-            eps = replay.episodes
-            ranking = most_similar_task(base, [(e["obs"], e["action"], e["reward"]) for e in eps])
-            loss = dict(ranking)
-            choice = dict(task=task, start_by=opts.start_by, measured_on=int(sum(len(e["action"]) for e in eps)),
-                          world_model_loss=loss)
-            if opts.start_by == "return":
-                returns = returns_by_row(model, task, new, opts.start_episodes, opts.episode_steps, opts.seed + 20_000)
-                ranking = sorted(returns.items(), key=lambda tr: (-tr[1], loss[tr[0]]))
-                choice.update(prior_return=returns, played=opts.start_episodes * opts.episode_steps)
-            with torch.no_grad():
-                emb = model._task_emb.weight
-                emb[new] = emb[mc.tasks.index(ranking[0][0])]
-            write_json(out / CHOICE, dict(choice, init_from=ranking[0][0]))
-            what = "world-model loss" if opts.start_by == "loss" else "prior's return"
-            echo(f"{task} starts from {ranking[0][0]}'s embedding ({what} {ranking[0][1]:.4g}; next: "
-                 + ", ".join(f"{t} {v:.4g}" for t, v in ranking[1:3]) + ")")
+    def start_from(name):
+        with torch.no_grad():
+            model._task_emb.weight[new] = model._task_emb.weight[mc.tasks.index(name)]
+
+    def announce(what, ranking):
+        echo(f"{task} starts from {ranking[0][0]}'s embedding ({what} {ranking[0][1]:.4g}; next: "
+             + ", ".join(f"{t} {v:.4g}" for t, v in ranking[1:3]) + ")")
+
+    choice = {}
+    if opts.init_from == AUTO and opts.start_by == "return":  # measured before the run acts, so it acts from it
+        if resume and (out / CHOICE).exists():
+            choice = json.loads((out / CHOICE).read_text())
         else:
-            write_json(out / CHOICE, dict(task=task, init_from=opts.init_from))
+            returns = returns_by_row(model, task, new, opts.start_episodes, opts.episode_steps, opts.seed + 20_000)
+            ranking = sorted(returns.items(), key=lambda tr: -tr[1])
+            choice = dict(task=task, start_by="return", prior_return=returns,
+                          played=opts.start_episodes * opts.episode_steps, init_from=ranking[0][0],
+                          tied=[t for t, r in ranking if r == ranking[0][1]])  # written once the run has begun
+            announce("prior's return", ranking)
+        start_from(choice["init_from"])  # a resumed checkpoint then loads over it
+
+    def before_first_update(replay):
+        candidates = choice.get("tied", mc.tasks[:new])
+        if opts.init_from == AUTO and len(candidates) > 1:  # the old rows are still the base model's: rank with it
+            eps = replay.episodes
+            ranking = [(t, v) for t, v in most_similar_task(base, [(e["obs"], e["action"], e["reward"]) for e in eps])
+                       if t in candidates]
+            start_from(ranking[0][0])
+            write_json(out / CHOICE, dict(choice, task=task, start_by=opts.start_by, init_from=ranking[0][0],
+                                          measured_on=int(sum(len(e["action"]) for e in eps)),
+                                          world_model_loss=dict(ranking)))
+            announce("world-model loss" + (" among the rows tied on return" if choice else ""), ranking)
+        else:
+            write_json(out / CHOICE, choice or dict(task=task, init_from=opts.init_from))
         # a trained model's Q values are far from the running scale's start of 1 (see Trainer.warm_scale)
         trainer.warm_scale(replay.sample() if sampler is None else sampler.sample())
 
     summary = run_online(trainer, replay, [(task, new)], out, opts, run_settings, sampler=sampler,
                          before_first_update=before_first_update, resume=resume, progress=progress, echo=echo)
+    if choice and not (out / CHOICE).exists():  # a run shorter than its seed phase
+        write_json(out / CHOICE, choice)
     choice = json.loads((out / CHOICE).read_text()) if (out / CHOICE).exists() else {}  # None: no update yet
     return dict(summary, tasks=list(mc.tasks), init_from=choice.get("init_from") if opts.init_from == AUTO
                 else opts.init_from)

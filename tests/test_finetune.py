@@ -88,13 +88,18 @@ def test_start_by_return_picks_the_row_whose_prior_acts_best(base, tmp_path):
     s = finetune(base, "pointmass-easy", tmp_path / "ft", start_by="return", seed=3, progress=False,
                  echo=lambda *a: None, **{**QUICK, "steps": 40})
     choice = json.loads((tmp_path / "ft" / CHOICE).read_text())
-    returns, loss = choice["prior_return"], choice["world_model_loss"]
-    assert choice["start_by"] == "return" and set(returns) == set(loss) == set(OLD)
-    assert choice["init_from"] == s["init_from"] == max(OLD, key=lambda t: (returns[t], -loss[t]))
+    returns = choice["prior_return"]
+    assert choice["start_by"] == "return" and set(returns) == set(OLD) and returns[OLD[0]] != returns[OLD[1]]
+    assert choice["init_from"] == s["init_from"] == max(OLD, key=returns.get) and choice["tied"] == [s["init_from"]]
     for t in OLD:  # each row's return is the prior's on the model that starts the new task from that row
         start = add_task(load_model(base), "pointmass-easy", t)
         assert closed_loop_eval(start, ["pointmass-easy"], 1, QUICK["episode_steps"], 3 + 20_000)[
             "pointmass-easy"] == returns[t]
+    # measured before the run acts: with no seed phase and no update yet, the model already holds the chosen row
+    s = finetune(base, "pointmass-easy", tmp_path / "now", start_by="return", seed=3, progress=False,
+                 echo=lambda *a: None, **{**QUICK, "seed_steps": 0, "steps": 1})
+    emb = load_model(tmp_path / "now" / "model.pt")._task_emb.weight
+    assert s["updates"] == 0 and torch.equal(emb[2], emb[OLD.index(s["init_from"])])
 
 
 def test_finetune_resumes_after_kill_9_bit_for_bit(base, tmp_path):
@@ -219,7 +224,7 @@ def test_bad_finetune_settings_are_one_line_errors(base, tmp_path):
         ([str(base), "--task", "cheetah-run"], "the model takes at most 6 and 2"),
         ([str(single), "--task", "pointmass-easy"], "needs a multi-task model"),
         ([str(base), "--task", "pointmass-easy", "--init-from", "walker-walk"], "is not one of the model's tasks"),
-        ([str(base), "--task", "pointmass-easy", "--seed-steps", "0"], "--init-from auto measures"),
+        ([str(base), "--task", "pointmass-easy", "--seed-steps", "0"], "--start-by loss measures"),
         ([str(base), "--task", "pointmass-easy", "--replay-ratio", "1"], "--replay-ratio must be"),
         ([str(base), "--task", "pointmass-easy", "--replay-ratio", "nan"], "--replay-ratio must be"),
         ([str(base), "--task", "pointmass-easy", "--replay", str(tmp_path / "walker")], "'walker-walk' is not in"),
