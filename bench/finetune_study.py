@@ -11,10 +11,11 @@ scratch (`edge-tdmpc train`), and what the old tasks keep.
 RUNS/TASK/KIND-sSEED holds one run's output: KIND ft, ft-replay or ft-replay-labels (finetune without replay,
 with --replay, with --replay --replay-labels), ft-prior (finetune with a seed phase of one episode, so that the
 model's own prior acts from then on), ft-embedding (finetune --trainable embedding: the new task's row alone
-learns), ft-return and ft-embedding-return (ft and ft-embedding with --start-by return) or scratch (train), each
-with its run.json and metrics.jsonl (the periodic eval: eval mode, full episodes); fine-tuned runs also hold
-mt30/report.json (or another --old-bench), the `edge-tdmpc bench --no-mpc` of the old tasks in the teacher's
-protocol (--teacher-bench).
+learns), ft-return and ft-embedding-return (ft and ft-embedding with --start-by return), ft-return-prior (ft-return
+with --seed-steps 0: the prior acts from the first step, one update per step, no burst of seed-phase updates) or
+scratch (train), each with its run.json and metrics.jsonl (the periodic eval: eval mode, full episodes); fine-tuned
+runs also hold mt30/report.json (or another --old-bench), the `edge-tdmpc bench --no-mpc` of the old tasks in the
+teacher's protocol (--teacher-bench).
 """
 import json
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 from edge_tdmpc.bench.distill_study import _ci, bootstrap, paired_difference, scores, table
 
 KINDS = ("ft-replay-labels", "ft-replay", "ft", "ft-prior", "ft-embedding", "ft-return", "ft-embedding-return",
-         "scratch")
+         "ft-return-prior", "scratch")
 
 
 def held_out_ranking(model, episodes=2, steps=500, seed=1, by="loss") -> dict:
@@ -317,7 +318,7 @@ def _plot(res: dict, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(res), figsize=(5 * len(res), 3.6), squeeze=False)
     for ax, (task, kinds) in zip(axes[0], res.items(), strict=True):
-        for kind, color in zip(KINDS, ("C3", "C0", "C1", "C4", "C5", "C6", "C7", "C2"), strict=True):
+        for kind, color in zip(KINDS, ("C3", "C0", "C1", "C4", "C5", "C6", "C7", "C8", "C2"), strict=True):
             cs = [eval_curve(d) for d in kinds.get(kind, {}).values()]
             if not cs:
                 continue
