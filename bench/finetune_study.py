@@ -29,7 +29,10 @@ KINDS = ("ft-replay-labels", "ft-replay", "ft", "ft-prior", "ft-embedding", "ft-
          "ft-return-prior", "scratch")
 
 
-def held_out_ranking(model, episodes=2, steps=500, seed=1, by="loss") -> dict:
+RANKING_SEED = 1  # the env seed of the held-out rankings' episodes
+
+
+def held_out_ranking(model, episodes=2, steps=500, seed=RANKING_SEED, by="loss") -> dict:
     """For each task of `model`: its other tasks ranked as starts for it -> {task: [(start, value), ...]}, best
     first. by="loss": `most_similar_task` on `episodes` random-action episodes of it (a task's ranking reads only
     the other tasks' embeddings, so it is the ranking of the model without the task); by="return": the prior's
@@ -113,14 +116,25 @@ def main():
               help="episodes of each held-out task (loss: random actions; return: the prior's, per row)")
 @click.option("--steps", default=500, show_default=True, help="agent steps per episode")
 @click.option("--loss-ranking", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="with --by return: an earlier --by loss ranking, whose picks are then scored by return too")
-def similarity(checkpoint, out, by, episodes, steps, loss_ranking):
+              help="with --by return: an earlier --by loss ranking, whose picks are then scored too")
+@click.option("--score-episodes", default=3, show_default=True,
+              help="with --by return: fresh episodes (other initial states) on which the picks and the own row are "
+              "scored, since the best of 29 rows on the ranking's own episodes is biased upward")
+@click.option("--ranking", "earlier", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="with --by return: a ranking this command wrote before; score its picks without ranking again")
+def similarity(checkpoint, out, by, episodes, steps, loss_ranking, score_episodes, earlier):
     """Hold out each task of CHECKPOINT in turn and rank the others as its start; how often kin wins (and, by
-    return, how much of the task's own row's return the chosen row keeps)."""
+    return, how much of the task's own row's return the chosen row keeps, on fresh episodes)."""
     from edge_tdmpc.checkpoint import load_model
+    from edge_tdmpc.distill.finetune import returns_by_row
+    from edge_tdmpc.distill.loop import closed_loop_eval
     from edge_tdmpc.files import atomic_write_text
-    ranking = held_out_ranking(load_model(checkpoint), episodes, steps, by=by)
-    atomic_write_text(out, json.dumps(ranking, indent=1))
+    model = load_model(checkpoint)
+    if earlier:
+        ranking = json.loads(Path(earlier).read_text())
+    else:
+        ranking = held_out_ranking(model, episodes, steps, by=by)
+        atomic_write_text(out, json.dumps(ranking, indent=1))
     starts = {t: r[1:] if by == "return" else r for t, r in ranking.items()}
     kin = [t for t in ranking if any(domain(o) == domain(t) for o in ranking if o != t)]
     hits = sum(domain(starts[t][0][0]) == domain(t) for t in kin)
@@ -131,18 +145,24 @@ def similarity(checkpoint, out, by, episodes, steps, loss_ranking):
         picks = {"return": {t: r[0][0] for t, r in starts.items()}}
         if loss_ranking:
             picks["loss"] = {t: r[0][0] for t, r in json.loads(Path(loss_ranking).read_text()).items()}
-        lines = ["| held-out task | own row's return | " + " | ".join(f"start by {k} (return)" for k in picks) + " |",
+        seed = RANKING_SEED + 1000  # other initial states than the ranking's
+        lines = ["| held-out task | own row | " + " | ".join(f"start by {k}" for k in picks) + " |",
                  "|---|---|" + "---|" * len(picks)]
-        share = {k: [] for k in picks}
-        for t, r in ranking.items():
-            own, got = r[0][1], dict(r[1:])
+        share, scored = {k: [] for k in picks}, {}
+        for i, t in enumerate(model.cfg.tasks):
+            own = closed_loop_eval(model, [t], score_episodes, steps, seed)[t]
+            got = returns_by_row(model, t, i, score_episodes, steps, seed, among={p[t] for p in picks.values()})
+            scored[t] = dict(own=own, **{k: (p[t], got[p[t]]) for k, p in picks.items()})
             cells = []
             for k, p in picks.items():
                 cells.append(f"{p[t]} ({got[p[t]]:.0f})")
-                share[k].append(got[p[t]] / own if own > 0 else 1.0)
+                share[k].append(got[p[t]] >= 0.9 * own)
             lines.append(f"| {t} | {own:.0f} | " + " | ".join(cells) + " |")
-        lines += [""] + [f"Start by {k}: the chosen row keeps at least 90% of the own row's return on "
-                         f"{sum(x >= 0.9 for x in v)} of {len(v)} held-out tasks." for k, v in share.items()]
+        atomic_write_text(Path(out).with_suffix(".scored.json"), json.dumps(scored, indent=1))
+        lines += ["", f"Returns on {score_episodes} fresh episode(s) of {steps} steps per task (env seed {seed}; the "
+                  f"ranking's were seed {RANKING_SEED})."] + [
+            f"Start by {k}: the chosen row reaches at least 90% of the own row's return on {sum(v)} of {len(v)} "
+            "held-out tasks." for k, v in share.items()]
     lines += ["", f"Of the {len(kin)} held-out tasks with another task of their domain in the model, the start chosen "
               f"is of that domain for {hits}."]
     click.echo("\n".join(lines))

@@ -121,16 +121,16 @@ def train_new_row_only(model, row: int):
     weight.register_hook(lambda grad: grad * keep)
 
 
-def returns_by_row(model, task: str, row: int, episodes: int, steps: int, seed: int) -> dict[str, float]:
-    """{every other task of `model`: the mean return of its prior (eval mode) on `task` with row `row` of the
-    embedding set to that task's}: the start that already acts best on the new task, on the same initial states
-    for every row. Leaves the row as it found it."""
+def returns_by_row(model, task: str, row: int, episodes: int, steps: int, seed: int, among=None) -> dict[str, float]:
+    """{every other task of `model` (or those of `among`): the mean return of its prior (eval mode) on `task` with
+    row `row` of the embedding set to that task's}: the start that already acts best on the new task, on the same
+    initial states for every row. Leaves the row as it found it."""
     from edge_tdmpc.distill.loop import closed_loop_eval
     emb = model._task_emb.weight
     was, training = emb[row].detach().clone(), model.training
     out = {}
     for i, name in enumerate(model.cfg.tasks):
-        if i == row:
+        if i == row or (among is not None and name not in among):
             continue
         with torch.no_grad():
             emb[row] = emb[i]

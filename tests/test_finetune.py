@@ -279,6 +279,27 @@ def test_held_out_ranking_ranks_the_other_tasks():
     assert torch.equal(model._task_emb.weight, rows)  # every row left as it was found
 
 
+def test_similarity_by_return_scores_the_picks_on_fresh_episodes(tmp_path):
+    from edge_tdmpc.bench.finetune_study import main as study
+    tasks = ("cartpole-swingup", "cartpole-balance", "reacher-easy")
+    save_model(subset_model(make_tiny_model("mt30", seed=2), tasks), tmp_path / "m.pt")
+    run = lambda *args: CliRunner().invoke(study, ["similarity", str(tmp_path / "m.pt"), *map(str, args)])  # noqa: E731
+    assert run("--out", tmp_path / "loss.json", "--episodes", 1, "--steps", 10).exit_code == 0
+    r = run("--by", "return", "--episodes", 1, "--steps", 10, "--score-episodes", 1, "--loss-ranking",
+            tmp_path / "loss.json", "--out", tmp_path / "ret.json")
+    assert r.exit_code == 0, r.output
+    ranking = json.loads((tmp_path / "ret.json").read_text())
+    scored = json.loads((tmp_path / "ret.scored.json").read_text())
+    assert set(scored) == set(tasks) and "of 3 held-out tasks" in r.output
+    for t in tasks:  # the pick is the ranking's best other row, scored with the loss's pick and the own row
+        assert scored[t]["return"][0] == ranking[t][1][0] != t and scored[t]["loss"][0] != t
+        assert set(scored[t]) == {"own", "return", "loss"}
+    again = run("--by", "return", "--ranking", tmp_path / "ret.json", "--steps", 10, "--score-episodes", 1,
+                "--out", tmp_path / "again.json")  # reuses the ranking: the same scores
+    assert again.exit_code == 0 and json.loads((tmp_path / "again.scored.json").read_text()) == {
+        t: {k: v for k, v in s.items() if k != "loss"} for t, s in scored.items()}
+
+
 def test_hold_out_and_start_make_the_held_out_studys_models(tmp_path):
     from edge_tdmpc.bench.finetune_study import main as study
     tasks = ("cartpole-swingup", "cartpole-balance", "reacher-easy")
