@@ -214,8 +214,8 @@ def report(root, teacher_bench, old_bench, md, plot):
     """Tables (final return, steps to the from-scratch model's final return, the old tasks' MT30 score) and the
     learning curves of the finished runs under ROOT."""
     res = collect_runs(Path(root))
-    lines = [f"| new task | run | seeds | start | return after the seed phase | final return (last {LAST} evals) | "
-             "env steps to the from-scratch final | share of its steps |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| new task | run | seeds | start | first eval | return after the seed phase | final return (last {LAST} "
+             "evals) | env steps to the from-scratch final | share of its steps |", "|---" * 9 + "|"]
     for task, kinds in res.items():
         curves = {k: {s: eval_curve(d) for s, d in seeds.items()} for k, seeds in kinds.items()}
         scratch = curves.get("scratch", {})
@@ -234,7 +234,8 @@ def report(root, teacher_bench, old_bench, md, plot):
             reach = steps_to_reach(mean, target) if target is not None and kind != "scratch" else None
             share = f"{reach / horizon:.2f}" if reach else "–"
             shown = "–" if kind == "scratch" else reach or "not reached"
-            lines.append(f"| {task} | {kind} | {len(cs)} | {', '.join(starts) or '–'} | {first:.1f} | {final:.1f} "
+            lines.append(f"| {task} | {kind} | {len(cs)} | {', '.join(starts) or '–'} | {mean[min(mean)]:.1f} | "
+                         f"{first:.1f} | {final:.1f} "
                          f"({', '.join(f'{final_return(c):.0f}' for c in cs.values())}) | {shown} | {share} |")
     if teacher_bench:
         ref = scores(teacher_bench)

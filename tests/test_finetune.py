@@ -353,7 +353,7 @@ def test_study_report_finds_the_steps_to_the_from_scratch_final(tmp_path):
     # final: the mean of the last 3 evals; scratch's is 46.7 for both seeds; the fine-tuned mean curve (45, 67.5,
     # 85.5, 93) first reaches it at 1000 steps, 0.50 of the from-scratch run's 2000; its finals are 87 and 77
     assert "| 1000 | 0.50 |" in row and "| 82.0 (87, 77) |" in row, row
-    assert "| 85.5 |" in row  # after the default seed phase (1000 steps): the eval at 1500
+    assert "| 45.0 | 85.5 |" in row  # the first eval (the start), and after the default seed phase: the eval at 1500
     early = next(x for x in r.output.splitlines() if "| ft-prior |" in x)
     assert "| 80.0 |" in early and "| 500 | 0.25 |" in early, early
     assert (tmp_path / "c.png").stat().st_size > 0
