@@ -12,8 +12,9 @@ RUNS/TASK/KIND-sSEED holds one run's output: KIND ft, ft-replay or ft-replay-lab
 with --replay, with --replay --replay-labels), ft-prior (finetune with a seed phase of one episode, so that the
 model's own prior acts from then on), ft-embedding (finetune --trainable embedding: the new task's row alone
 learns), ft-return and ft-embedding-return (ft and ft-embedding with --start-by return), ft-return-prior (ft-return
-with --seed-steps 0: the prior acts from the first step, one update per step, no burst of seed-phase updates) or
-scratch (train), each with its run.json and metrics.jsonl (the periodic eval: eval mode, full episodes); fine-tuned
+with --seed-steps 0: the prior acts from the first step, one update per step, no burst of seed-phase updates),
+ft-return-warmup (ft-return with --pi-warmup 1000: the policy held through the seed phase's burst) or scratch
+(train), each with its run.json and metrics.jsonl (the periodic eval: eval mode, full episodes); fine-tuned
 runs also hold mt30/report.json (or another --old-bench), the `edge-tdmpc bench --no-mpc` of the old tasks in the
 teacher's protocol (--teacher-bench).
 """
@@ -26,7 +27,7 @@ import numpy as np
 from edge_tdmpc.bench.distill_study import _ci, bootstrap, paired_difference, scores, table
 
 KINDS = ("ft-replay-labels", "ft-replay", "ft", "ft-prior", "ft-embedding", "ft-return", "ft-embedding-return",
-         "ft-return-prior", "scratch")
+         "ft-return-prior", "ft-return-warmup", "scratch")
 
 
 RANKING_SEED = 1  # the env seed of the held-out rankings' episodes
@@ -339,7 +340,7 @@ def _plot(res: dict, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(res), figsize=(5 * len(res), 3.6), squeeze=False)
     for ax, (task, kinds) in zip(axes[0], res.items(), strict=True):
-        for kind, color in zip(KINDS, ("C3", "C0", "C1", "C4", "C5", "C6", "C7", "C8", "C2"), strict=True):
+        for kind, color in zip(KINDS, ("C3", "C0", "C1", "C4", "C5", "C6", "C7", "C8", "C9", "C2"), strict=True):
             cs = [eval_curve(d) for d in kinds.get(kind, {}).values()]
             if not cs:
                 continue

@@ -57,6 +57,8 @@ class FinetuneOptions(ScheduleOptions):
     replay_labels: bool = setting(False, "also teach the prior the planner labels --replay carries (the planner "
                                   "term on its rows)")
     planner_coef: float = setting(10.0, "weight of that planner term")
+    pi_warmup: int = setting(0, "updates in which only the world model learns (the Qs fit the new task under the "
+                             "prior as it is) before the policy's first step")
     trainable: str = setting("all", "what the updates move: all (every weight) or embedding (the new task's embedding "
                          "row alone: the old tasks' outputs stay bit for bit)", choices=TRAINABLE)
 
@@ -67,6 +69,7 @@ class FinetuneOptions(ScheduleOptions):
             raise ValueError(f"--replay-ratio must be a number between 0 and 1 (exclusive), got {r!r}")
         check_min(self, 0, "planner_coef")
         check_min(self, 1, "start_episodes")
+        check_min(self, 0, "pi_warmup")
         if self.init_from == AUTO and self.start_by == "loss" and self.seed_steps == 0:
             raise ValueError("--start-by loss measures on the seed phase's random episodes: give --seed-steps > 0, "
                              "--start-by return, or name the task to start from (--init-from TASK)")
@@ -166,7 +169,8 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
     if opts.replay_labels and not dataset:
         raise ValueError("--replay-labels teaches the prior the labels of the replayed data: give --replay DATA")
     terms = dict(distill=("planner",), planner_coef=opts.planner_coef) if opts.replay_labels else {}
-    cfg = TrainConfig.make(batch_size=opts.batch_size, seed=opts.seed, d_coef=0.0, **terms, **train_overrides)
+    cfg = TrainConfig.make(batch_size=opts.batch_size, seed=opts.seed, d_coef=0.0, pi_warmup=opts.pi_warmup, **terms,
+                           **train_overrides)
     trainer = Trainer(model, cfg, plan_labels=ReplayLabels(dataset) if opts.replay_labels else None)
     old_rows = round(opts.batch_size * opts.replay_ratio) if dataset else 0
     if dataset and not 0 < old_rows < opts.batch_size:

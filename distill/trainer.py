@@ -62,6 +62,10 @@ class TrainConfig:
     # policy learns (policy-only distillation); the planner then differs from the start's only where it uses
     # the policy (its policy trajectories, the value at the horizon)
     world_model: bool = True
+    # updates before the policy's first step: a trained prior started on a new task (finetune) otherwise climbs
+    # Qs that still value another task's returns, and unlearns what it could do; the Qs first learn the new
+    # task's values under the prior as it is
+    pi_warmup: int = 0
     seed: int = 1
 
     @classmethod
@@ -84,6 +88,10 @@ class TrainConfig:
             raise ValueError(f"planner_loss {cfg.planner_loss!r}: choose from {', '.join(PLANNER_LOSSES)}")
         if cfg.batch_size < 1:
             raise ValueError(f"batch size must be positive, got {cfg.batch_size}")
+        if not (isinstance(cfg.pi_warmup, int) and cfg.pi_warmup >= 0):
+            raise ValueError(f"pi_warmup must be a whole number of updates >= 0, got {cfg.pi_warmup!r}")
+        if cfg.pi_warmup and not cfg.world_model:
+            raise ValueError("pi_warmup holds the policy while the world model learns, which is frozen: drop one")
         model_terms = [t for t in cfg.teacher_terms if t != "policy"]
         if not cfg.world_model and cfg.d_coef > 0 and model_terms:
             raise ValueError(f"distillation term(s) {model_terms} train the world model, which is frozen: drop them "
@@ -325,7 +333,8 @@ class Trainer:
         # official order: zeroed here, so the policy loss's task-embedding gradient joins the next model step
         self.optim.zero_grad(set_to_none=True)
 
-        info.update(self._update_pi(zs.detach(), task, noise, labels))
+        if self.step >= cfg.pi_warmup:
+            info.update(self._update_pi(zs.detach(), task, noise, labels))
         m.soft_update_target_Q(cfg.tau)
         m.eval()
         self.step += 1

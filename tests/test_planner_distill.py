@@ -192,6 +192,24 @@ def test_frozen_world_model_moves_only_the_policy(tmp_path):
     TrainConfig.make(d_coef=0.4, distill="policy,planner", world_model=False)  # the teacher's policy is fine
 
 
+def test_pi_warmup_holds_the_policy_while_the_world_model_learns(tmp_path):
+    ds = random_labelled(tmp_path / "d", episodes=2, T=10)
+    tr = _trainer(ds, pi_warmup=3)
+    sampler = SliceSampler(ds, 3, 16, seed=0, prefetch=False)
+    start = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    infos = [tr.update(sampler.sample()) for _ in range(3)]
+    after = tr.model.state_dict()
+    moved = {k for k in after if not torch.equal(after[k], start[k])}
+    assert moved and not any(k.startswith("_pi.") for k in moved), moved  # the policy: the start's
+    assert all("pi_loss" not in i for i in infos)
+    info = tr.update(sampler.sample())  # the fourth update takes the policy's first step
+    assert "pi_loss" in info and not torch.equal(tr.model.state_dict()["_pi.0.weight"], start["_pi.0.weight"])
+    with pytest.raises(ValueError, match="pi_warmup holds the policy"):
+        TrainConfig.make(pi_warmup=5, world_model=False)
+    with pytest.raises(ValueError, match="pi_warmup must be"):
+        TrainConfig.make(pi_warmup=-1)
+
+
 def test_frozen_world_model_through_the_cli(tmp_path, teacher_path, labelled):
     """The student from the teacher, its prior taught with the world model frozen: all else is the teacher's."""
     from click.testing import CliRunner
