@@ -91,7 +91,7 @@ LAST = 3  # eval points (of one episode each) averaged into a run's final return
 def seed_steps(run: Path) -> int:
     """The run's seed phase (run.json; the official default where the run names none)."""
     settings = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
-    return int(settings.get("seed_steps") or 1000)
+    return 1000 if settings.get("seed_steps") is None else int(settings["seed_steps"])  # 0: no seed phase
 
 
 def final_return(curve: dict[int, float]) -> float:

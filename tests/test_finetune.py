@@ -327,13 +327,14 @@ def test_hold_out_and_start_make_the_held_out_studys_models(tmp_path):
 def test_study_report_finds_the_steps_to_the_from_scratch_final(tmp_path):
     from edge_tdmpc.bench.finetune_study import main as study
     curves = {"scratch": {1: [10, 20, 40, 80], 2: [10, 30, 50, 60]}, "ft": {1: [50, 75, 90, 96], 2: [40, 60, 81, 90]},
-              "ft-prior": {1: [70, 80, 95, 99]}}
+              "ft-prior": {1: [70, 80, 95, 99]}, "ft-return-prior": {1: [60, 20, 30, 40]}}
     for kind, seeds in curves.items():
         for seed, returns in seeds.items():
             d = tmp_path / "pointmass-easy" / f"{kind}-s{seed}"
             d.mkdir(parents=True)
-            if kind == "ft-prior":  # its seed phase is one episode: its first eval after it is at step 1000
-                (d / "run.json").write_text(json.dumps({"seed_steps": 500}))
+            if kind in ("ft-prior", "ft-return-prior"):  # a seed phase of one episode (its first eval after it is
+                seeded = 500 if kind == "ft-prior" else 0  # at step 1000), and none
+                (d / "run.json").write_text(json.dumps({"seed_steps": seeded}))
             rows = [{"kind": "eval", "step": 500 * (i + 1), "mean_return": r} for i, r in enumerate(returns)]
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             (d / "done").touch()
@@ -356,6 +357,8 @@ def test_study_report_finds_the_steps_to_the_from_scratch_final(tmp_path):
     assert "| 45.0 | 85.5 |" in row  # the first eval (the start), and after the default seed phase: the eval at 1500
     early = next(x for x in r.output.splitlines() if "| ft-prior |" in x)
     assert "| 80.0 |" in early and "| 500 | 0.25 |" in early, early
+    now = next(x for x in r.output.splitlines() if "| ft-return-prior |" in x)
+    assert "| 60.0 | 60.0 |" in now, now  # no seed phase: the first eval is already after it
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
