@@ -88,10 +88,15 @@ def collect_runs(root: Path) -> dict:
 LAST = 3  # eval points (of one episode each) averaged into a run's final return: one alone swings by hundreds
 
 
-def seed_steps(run: Path) -> int:
-    """The run's seed phase (run.json; the official default where the run names none)."""
+def run_setting(run: Path, name: str, default):
+    """A setting of the run (its run.json), or `default` where the run names none."""
     settings = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
-    return 1000 if settings.get("seed_steps") is None else int(settings["seed_steps"])  # 0: no seed phase
+    return default if settings.get(name) is None else settings[name]
+
+
+def seed_steps(run: Path) -> int:
+    """The run's seed phase (the official default where the run names none; 0: no seed phase)."""
+    return int(run_setting(run, "seed_steps", 1000))
 
 
 def final_return(curve: dict[int, float]) -> float:
@@ -349,9 +354,10 @@ def _plot(res: dict, path):
                 ax.plot(sorted(c), [c[s] for s in sorted(c)], color=color, alpha=0.25, lw=1)
             ax.plot(steps, [np.mean([c[s] for c in cs if s in c]) for s in steps], color=color, marker="o", ms=3,
                     label=f"{kind} ({len(cs)} seeds)")
+        episodes = sorted({run_setting(d, "eval_episodes", 1) for ks in kinds.values() for d in ks.values()})
         ax.set_title(task)
         ax.set_xlabel("environment steps")
-        ax.set_ylabel("return (eval mode, 1 episode)")
+        ax.set_ylabel(f"return (eval mode, {'/'.join(map(str, episodes))} episode(s) a point)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
