@@ -45,15 +45,14 @@ def held_out_ranking(model, episodes=2, steps=500, seed=RANKING_SEED, by="loss")
 
     from edge_tdmpc.distill.collect import play
     from edge_tdmpc.distill.finetune import returns_by_row
-    from edge_tdmpc.distill.loop import closed_loop_eval
     from edge_tdmpc.distill.teacher import fit_dim
     from edge_tdmpc.tasksets import most_similar_task
     c = model.cfg
     out = {}
     for i, task in enumerate(c.tasks):
         if by == "return":
-            own = closed_loop_eval(model, [task], episodes, steps, seed)[task]
-            returns = returns_by_row(model, task, i, episodes, steps, seed)
+            returns = returns_by_row(model, task, i, episodes, steps, seed, among=c.tasks)
+            own = returns.pop(task)
             out[task] = [(task, own), *sorted(returns.items(), key=lambda tr: -tr[1])]
             continue
         data = []
@@ -133,7 +132,6 @@ def similarity(checkpoint, out, by, episodes, steps, loss_ranking, score_episode
     return, how much of the task's own row's return the chosen row keeps, on fresh episodes)."""
     from edge_tdmpc.checkpoint import load_model
     from edge_tdmpc.distill.finetune import returns_by_row
-    from edge_tdmpc.distill.loop import closed_loop_eval
     from edge_tdmpc.files import atomic_write_text
     model = load_model(checkpoint)
     if earlier:
@@ -156,8 +154,8 @@ def similarity(checkpoint, out, by, episodes, steps, loss_ranking, score_episode
                  "|---|---|" + "---|" * len(picks)]
         share, scored = {k: [] for k in picks}, {}
         for i, t in enumerate(model.cfg.tasks):
-            own = closed_loop_eval(model, [t], score_episodes, steps, seed)[t]
-            got = returns_by_row(model, t, i, score_episodes, steps, seed, among={p[t] for p in picks.values()})
+            got = returns_by_row(model, t, i, score_episodes, steps, seed, among={t, *(p[t] for p in picks.values())})
+            own = got[t]
             scored[t] = dict(own=own, **{k: (p[t], got[p[t]]) for k, p in picks.items()})
             cells = []
             for k, p in picks.items():
@@ -183,11 +181,10 @@ def hold_out(checkpoint, task, out):
     the start of fine-tuning on a held-out task. Its shared weights were trained on the task too: what
     fine-tuning it back measures is how much of a task a new embedding row recovers, an upper end for a new task."""
     from edge_tdmpc.checkpoint import load_model, save_model
+    from edge_tdmpc.tasks import check_task_subset
     from edge_tdmpc.tasksets import subset_model
     model = load_model(checkpoint)
-    if task not in model.cfg.tasks:
-        raise click.BadParameter(f"{task} is not one of the model's tasks ({', '.join(model.cfg.tasks)})",
-                                 param_hint="--task")
+    check_task_subset([task], model.cfg.tasks, "the model")
     held = subset_model(model, [t for t in model.cfg.tasks if t != task])
     save_model(held, out, dtype=next(model.parameters()).dtype)
     click.echo(f"{out}: {len(held.cfg.tasks)} tasks (without {task}), dims {held.cfg.obs_dim}/{held.cfg.action_dim}")

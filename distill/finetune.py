@@ -125,15 +125,16 @@ def train_new_row_only(model, row: int):
 
 
 def returns_by_row(model, task: str, row: int, episodes: int, steps: int, seed: int, among=None) -> dict[str, float]:
-    """{every other task of `model` (or those of `among`): the mean return of its prior (eval mode) on `task` with
-    row `row` of the embedding set to that task's}: the start that already acts best on the new task, on the same
-    initial states for every row. Leaves the row as it found it."""
+    """{every other task of `model`, or those of `among` (which may name row `row`'s own task: its row as it is):
+    the mean return of its prior (eval mode) on `task` with row `row` of the embedding set to that task's}: the
+    start that already acts best on the new task, on the same initial states for every row. Leaves the row as it
+    found it."""
     from edge_tdmpc.distill.loop import closed_loop_eval
     emb = model._task_emb.weight
     was, training = emb[row].detach().clone(), model.training
     out = {}
     for i, name in enumerate(model.cfg.tasks):
-        if i == row or (among is not None and name not in among):
+        if (i == row) if among is None else (name not in among):
             continue
         with torch.no_grad():
             emb[row] = emb[i]
