@@ -27,7 +27,7 @@ from edge_tdmpc.checkpoint import load_model
 from edge_tdmpc.distill.data import Batch, EpisodeDataset
 from edge_tdmpc.distill.online import Replay, ScheduleOptions, run_online
 from edge_tdmpc.distill.sampler import SliceSampler
-from edge_tdmpc.distill.teacher import fit_dim, write_json
+from edge_tdmpc.distill.teacher import Teacher, fit_dim, write_json
 from edge_tdmpc.distill.trainer import TrainConfig, Trainer
 from edge_tdmpc.files import file_sha256
 from edge_tdmpc.options import check_min, setting, split_settings
@@ -59,6 +59,8 @@ class FinetuneOptions(ScheduleOptions):
     planner_coef: float = setting(10.0, "weight of that planner term")
     pi_warmup: int = setting(0, "updates in which only the world model learns (the Qs fit the new task under the "
                              "prior as it is) before the policy's first step")
+    anchor_coef: float = setting(0.0, "weight of a term that holds the prior to the model's as the run starts: the "
+                                 "MSE between their eval-mode actions on every batch state (0: none)")
     trainable: str = setting("all", "what the updates move: all (every weight) or embedding (the new task's embedding "
                          "row alone: the old tasks' outputs stay bit for bit)", choices=TRAINABLE)
 
@@ -70,6 +72,7 @@ class FinetuneOptions(ScheduleOptions):
         check_min(self, 0, "planner_coef")
         check_min(self, 1, "start_episodes")
         check_min(self, 0, "pi_warmup")
+        check_min(self, 0, "anchor_coef")
         if self.init_from == AUTO and self.start_by == "loss" and self.seed_steps == 0:
             raise ValueError("--start-by loss measures on the seed phase's random episodes: give --seed-steps > 0, "
                              "--start-by return, or name the task to start from (--init-from TASK)")
@@ -169,10 +172,16 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
                              f"{mc.obs_dim}/{mc.action_dim}: replay data of the model's own tasks")
     if opts.replay_labels and not dataset:
         raise ValueError("--replay-labels teaches the prior the labels of the replayed data: give --replay DATA")
-    terms = dict(distill=("planner",), planner_coef=opts.planner_coef) if opts.replay_labels else {}
-    cfg = TrainConfig.make(batch_size=opts.batch_size, seed=opts.seed, d_coef=0.0, pi_warmup=opts.pi_warmup, **terms,
-                           **train_overrides)
-    trainer = Trainer(model, cfg, plan_labels=ReplayLabels(dataset) if opts.replay_labels else None)
+    # the anchor is the `policy` distillation term with the model as it starts as its teacher, at d_coef
+    terms = ("planner",) * opts.replay_labels + ("policy",) * (opts.anchor_coef > 0)
+    cfg = TrainConfig.make(batch_size=opts.batch_size, seed=opts.seed, distill=terms, d_coef=opts.anchor_coef,
+                           planner_coef=opts.planner_coef, pi_warmup=opts.pi_warmup, **train_overrides)
+
+    def start_model(name):  # the model before its first update, the new row `name`'s: the anchor's teacher
+        return Teacher(add_task(base, task, name).float()) if opts.anchor_coef > 0 else None
+
+    trainer = Trainer(model, cfg, teacher=start_model(mc.tasks[0] if opts.init_from == AUTO else opts.init_from),
+                      plan_labels=ReplayLabels(dataset) if opts.replay_labels else None)
     old_rows = round(opts.batch_size * opts.replay_ratio) if dataset else 0
     if dataset and not 0 < old_rows < opts.batch_size:
         raise ValueError(f"--replay-ratio {opts.replay_ratio} of --batch-size {opts.batch_size} leaves no slice for "
@@ -202,6 +211,8 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
                           tied=[t for t, r in ranking if r == ranking[0][1]])  # written once the run has begun
             announce("prior's return", ranking)
         start_from(choice["init_from"])  # a resumed checkpoint then loads over it
+    if resume and opts.anchor_coef > 0 and (out / CHOICE).exists():  # written at the first update: the start's row
+        trainer.teacher = start_model(json.loads((out / CHOICE).read_text())["init_from"])
 
     def before_first_update(replay):
         candidates = choice.get("tied", mc.tasks[:new])
@@ -216,6 +227,8 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
             announce("world-model loss" + (" among the rows tied on return" if choice else ""), ranking)
         else:
             write_json(out / CHOICE, choice or dict(task=task, init_from=opts.init_from))
+        if opts.anchor_coef > 0:
+            trainer.teacher = start_model(json.loads((out / CHOICE).read_text())["init_from"])
         # a trained model's Q values are far from the running scale's start of 1 (see Trainer.warm_scale)
         trainer.warm_scale(replay.sample() if sampler is None else sampler.sample())
 

@@ -393,3 +393,36 @@ def test_subset_report_compares_students_with_the_teacher_on_their_tasks(tmp_pat
     bench(tmp_path / "t-short", {"cartpole-swingup": 40.0})
     r = CliRunner().invoke(study, [*args[:-1], str(tmp_path / "t-short" / "report.json")])
     assert r.exit_code != 0 and "lack cartpole-balance" in r.output
+
+
+def test_anchor_holds_the_prior_to_the_start_and_resumes_with_it(base, tmp_path):
+    from edge_tdmpc.tasksets import add_task
+    start = add_task(load_model(base), "pointmass-easy", "reacher-easy").float()
+    g = torch.Generator().manual_seed(0)
+    obs, t = torch.randn(64, 6, generator=g), torch.full((64,), 2)
+
+    def drift(out):  # how far the prior's eval-mode actions on the new task moved from the start's
+        m = load_model(out / "model.pt").float()
+        with torch.no_grad():
+            return (m.pi_head(m.encode(obs, t), t)[0] - start.pi_head(start.encode(obs, t), t)[0]).abs().mean()
+
+    settings = dict(init_from="reacher-easy", progress=False, echo=lambda *a: None, **QUICK)
+    free = finetune(base, "pointmass-easy", tmp_path / "free", **settings)
+    held = finetune(base, "pointmass-easy", tmp_path / "held", anchor_coef=1000.0, **settings)
+    assert free["updates"] == held["updates"] == 59
+    assert drift(tmp_path / "held") < 0.5 * drift(tmp_path / "free")
+    run = json.loads((tmp_path / "held" / "run.json").read_text())
+    assert run["anchor_coef"] == 1000.0 and run["train"]["distill"] == ["policy"]
+    rows = [json.loads(x) for x in (tmp_path / "held" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["distill_policy_loss"]) for r in rows if r["kind"] == "train")
+    # resumed halfway, the anchor is the start again (the row measured at the first update, not the checkpoint it
+    # resumes from): the same run, bit for bit
+    other = tmp_path / "other.pt"  # the old tasks in the other order, so the row measured is not the first
+    save_model(subset_model(make_tiny_model("mt30", seed=3), OLD[::-1]), other)
+    auto = dict(settings, init_from="auto", anchor_coef=1000.0)
+    whole = finetune(other, "pointmass-easy", tmp_path / "whole", **auto)
+    assert whole["init_from"] != OLD[-1]  # not the row the run holds before it measures
+    finetune(other, "pointmass-easy", tmp_path / "half", **{**auto, "steps": 40})
+    finetune(other, "pointmass-easy", tmp_path / "half", resume=True, **auto)
+    a, b = (load_model(tmp_path / d / "model.pt").state_dict() for d in ("whole", "half"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
