@@ -15,7 +15,7 @@ learns), ft-return and ft-embedding-return (ft and ft-embedding with --start-by 
 with --seed-steps 0: the prior acts from the first step, one update per step, no burst of seed-phase updates),
 ft-return-warmup (ft-return with --pi-warmup 1000: the policy held through the seed phase's burst),
 ft-return-anchor and ft-return-prior-anchor (ft-return and ft-return-prior with --anchor-coef: the prior held to
-its start) or scratch
+its start), ft-return-replay and ft-return-replay-anchor (ft-return and ft-return-anchor with --replay) or scratch
 (train), each with its run.json and metrics.jsonl (the periodic eval: eval mode, full episodes); fine-tuned
 runs also hold mt30/report.json (or another --old-bench), the `edge-tdmpc bench --no-mpc` of the old tasks in the
 teacher's protocol (--teacher-bench).
@@ -29,7 +29,8 @@ import numpy as np
 from edge_tdmpc.bench.distill_study import _ci, bootstrap, paired_difference, scores, table
 
 KINDS = ("ft-replay-labels", "ft-replay", "ft", "ft-prior", "ft-embedding", "ft-return", "ft-embedding-return",
-         "ft-return-prior", "ft-return-warmup", "ft-return-anchor", "ft-return-prior-anchor", "scratch")
+         "ft-return-prior", "ft-return-warmup", "ft-return-anchor", "ft-return-prior-anchor",
+         "ft-return-replay", "ft-return-replay-anchor", "scratch")
 
 
 RANKING_SEED = 1  # the env seed of the held-out rankings' episodes
@@ -344,15 +345,16 @@ def _plot(res: dict, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(res), figsize=(5 * len(res), 3.6), squeeze=False)
     for ax, (task, kinds) in zip(axes[0], res.items(), strict=True):
-        for kind, color in zip(KINDS, ("C3", "C0", "C1", "C4", "C5", "C6", "C7", "C8", "C9", "C2"), strict=True):
+        for i, kind in enumerate(KINDS):
+            color, ls = ("k", "-") if kind == "scratch" else (f"C{i % 10}", "-" if i < 10 else "--")
             cs = [eval_curve(d) for d in kinds.get(kind, {}).values()]
             if not cs:
                 continue
             steps = sorted(set().union(*cs))
             for c in cs:
                 ax.plot(sorted(c), [c[s] for s in sorted(c)], color=color, alpha=0.25, lw=1)
-            ax.plot(steps, [np.mean([c[s] for c in cs if s in c]) for s in steps], color=color, marker="o", ms=3,
-                    label=f"{kind} ({len(cs)} seeds)")
+            ax.plot(steps, [np.mean([c[s] for c in cs if s in c]) for s in steps], color=color, ls=ls, marker="o",
+                    ms=3, label=f"{kind} ({len(cs)} seeds)")
         episodes = sorted({run_setting(d, "eval_episodes", 1) for ks in kinds.values() for d in ks.values()})
         ax.set_title(task)
         ax.set_xlabel("environment steps")

@@ -327,7 +327,8 @@ def test_hold_out_and_start_make_the_held_out_studys_models(tmp_path):
 def test_study_report_finds_the_steps_to_the_from_scratch_final(tmp_path):
     from edge_tdmpc.bench.finetune_study import main as study
     curves = {"scratch": {1: [10, 20, 40, 80], 2: [10, 30, 50, 60]}, "ft": {1: [50, 75, 90, 96], 2: [40, 60, 81, 90]},
-              "ft-prior": {1: [70, 80, 95, 99]}, "ft-return-prior": {1: [60, 20, 30, 40]}}
+              "ft-prior": {1: [70, 80, 95, 99]}, "ft-return-prior": {1: [60, 20, 30, 40]},
+              "ft-return-replay-anchor": {1: [60, 58, 61, 62]}}
     for kind, seeds in curves.items():
         for seed, returns in seeds.items():
             d = tmp_path / "pointmass-easy" / f"{kind}-s{seed}"
@@ -359,6 +360,8 @@ def test_study_report_finds_the_steps_to_the_from_scratch_final(tmp_path):
     assert "| 80.0 |" in early and "| 500 | 0.25 |" in early, early
     now = next(x for x in r.output.splitlines() if "| ft-return-prior |" in x)
     assert "| 60.0 | 60.0 |" in now, now  # no seed phase: the first eval is already after it
+    held = next(x for x in r.output.splitlines() if "| ft-return-replay-anchor |" in x)
+    assert "| 500 | 0.25 |" in held and "| 60.3 (60) |" in held, held  # every kind has its row and its curve
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
