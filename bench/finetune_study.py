@@ -8,17 +8,17 @@ scratch (`edge-tdmpc train`), and what the old tasks keep.
     edge-tdmpc bench finetune-study hold-out CKPT --task TASK --out FILE    # a held-out MT30 task's start model
     edge-tdmpc bench finetune-study start CKPT --task NEW --init-from TASK --out FILE   # a borrowed row, no update
 
-RUNS/TASK/KIND-sSEED holds one run's output: KIND ft, ft-replay or ft-replay-labels (finetune without replay,
-with --replay, with --replay --replay-labels), ft-prior (finetune with a seed phase of one episode, so that the
-model's own prior acts from then on), ft-embedding (finetune --trainable embedding: the new task's row alone
-learns), ft-return and ft-embedding-return (ft and ft-embedding with --start-by return), ft-return-prior (ft-return
-with --seed-steps 0: the prior acts from the first step, one update per step, no burst of seed-phase updates),
+RUNS/TASK/KIND-sSEED holds one run's output: KIND ft, ft-replay or ft-replay-labels (finetune without replay, with
+--replay, with --replay --replay-labels), ft-prior (finetune with a seed phase of one episode, so that the model's
+own prior acts from then on), ft-embedding (finetune --trainable embedding: the new task's row alone learns),
+ft-return and ft-embedding-return (ft and ft-embedding with --start-by return), ft-return-prior (ft-return with
+--seed-steps 0: the prior acts from the first step, one update per step, no burst of seed-phase updates),
 ft-return-warmup (ft-return with --pi-warmup 1000: the policy held through the seed phase's burst),
 ft-return-anchor and ft-return-prior-anchor (ft-return and ft-return-prior with --anchor-coef: the prior held to
-its start), ft-return-replay and ft-return-replay-anchor (ft-return and ft-return-anchor with --replay) or scratch
-(train), each with its run.json and metrics.jsonl (the periodic eval: eval mode, full episodes); fine-tuned
-runs also hold mt30/report.json (or another --old-bench), the `edge-tdmpc bench --no-mpc` of the old tasks in the
-teacher's protocol (--teacher-bench).
+its start), ft-anchor (ft with --anchor-coef), ft-return-replay and ft-return-replay-anchor (ft-return and
+ft-return-anchor with --replay) or scratch (train), each with its run.json and metrics.jsonl (the periodic eval:
+eval mode, full episodes); fine-tuned runs also hold mt30/report.json (or another --old-bench), the `edge-tdmpc
+bench --no-mpc` of the old tasks in the teacher's protocol (--teacher-bench).
 """
 import json
 from pathlib import Path
@@ -29,7 +29,7 @@ import numpy as np
 from edge_tdmpc.bench.distill_study import _ci, bootstrap, paired_difference, scores, table
 
 KINDS = ("ft-replay-labels", "ft-replay", "ft", "ft-prior", "ft-embedding", "ft-return", "ft-embedding-return",
-         "ft-return-prior", "ft-return-warmup", "ft-return-anchor", "ft-return-prior-anchor",
+         "ft-return-prior", "ft-return-warmup", "ft-return-anchor", "ft-return-prior-anchor", "ft-anchor",
          "ft-return-replay", "ft-return-replay-anchor", "scratch")
 
 

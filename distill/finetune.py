@@ -10,7 +10,11 @@ fits the dynamics need not be the one whose policy already does the job. Then th
 was distilled on, say) every batch also draws --replay-ratio of its slices from DATA, so the update keeps fitting
 the old tasks while it learns the new one; with --replay-labels the prior also keeps learning the teacher
 planner's actions on them (the planner term of `--distill planner`, on the replayed rows), since TD-MPC2's own
-objective alone pulls a distilled prior away from its planner (docs/results/distill-mt30.md). With --trainable
+objective alone pulls a distilled prior away from its planner (docs/results/distill-mt30.md). With --anchor-coef C
+the prior is also held to itself as the run starts (the `policy` distillation term, the start model its teacher,
+on every state of the batch): started from a trained model, that objective first unlearns the prior on the new
+task too, a good borrowed start included, and on the replayed rows the same term keeps the old tasks' prior
+(docs/results/domain-students.md). With --trainable
 embedding only the new task's embedding row learns (the world model's and the policy's losses reach it through
 the fixed network): every old task's outputs stay bit for bit what they were, at the price of what one embedding
 row (task_dim numbers) can express about a task. Out comes an ordinary
