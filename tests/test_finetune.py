@@ -233,6 +233,7 @@ def test_bad_finetune_settings_are_one_line_errors(base, tmp_path):
         ([str(base), "--task", "pointmass-easy", "--replay", str(_old_data(tmp_path / "plain")), "--replay-labels"],
          "carries no planner labels"),
         ([str(base), "--task", "pointmass-easy", "--planner-coef", "nan"], "--planner-coef must be at least 0"),
+        ([str(base), "--task", "pointmass-easy", "--anchor-coef", "-1"], "--anchor-coef must be at least 0"),
     ]
     for args, message in cases:
         out = tmp_path / "out"
