@@ -184,8 +184,13 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
     def start_model(name):  # the model before its first update, the new row `name`'s: the anchor's teacher
         return Teacher(add_task(base, task, name).float()) if opts.anchor_coef > 0 else None
 
+    # with an auto start the row is measured later (anchor_to_start): until then a stand-in of the same shape
     trainer = Trainer(model, cfg, teacher=start_model(mc.tasks[0] if opts.init_from == AUTO else opts.init_from),
                       plan_labels=ReplayLabels(dataset) if opts.replay_labels else None)
+
+    def anchor_to_start():  # new_task.json, written at the first update, names the row the run started from
+        if opts.anchor_coef > 0:
+            trainer.teacher = start_model(json.loads((out / CHOICE).read_text())["init_from"])
     old_rows = round(opts.batch_size * opts.replay_ratio) if dataset else 0
     if dataset and not 0 < old_rows < opts.batch_size:
         raise ValueError(f"--replay-ratio {opts.replay_ratio} of --batch-size {opts.batch_size} leaves no slice for "
@@ -215,8 +220,8 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
                           tied=[t for t, r in ranking if r == ranking[0][1]])  # written once the run has begun
             announce("prior's return", ranking)
         start_from(choice["init_from"])  # a resumed checkpoint then loads over it
-    if resume and opts.anchor_coef > 0 and (out / CHOICE).exists():  # written at the first update: the start's row
-        trainer.teacher = start_model(json.loads((out / CHOICE).read_text())["init_from"])
+    if resume and (out / CHOICE).exists():  # anchored to the start, not to the checkpoint it resumes from
+        anchor_to_start()
 
     def before_first_update(replay):
         candidates = choice.get("tied", mc.tasks[:new])
@@ -231,8 +236,7 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
             announce("world-model loss" + (" among the rows tied on return" if choice else ""), ranking)
         else:
             write_json(out / CHOICE, choice or dict(task=task, init_from=opts.init_from))
-        if opts.anchor_coef > 0:
-            trainer.teacher = start_model(json.loads((out / CHOICE).read_text())["init_from"])
+        anchor_to_start()
         # a trained model's Q values are far from the running scale's start of 1 (see Trainer.warm_scale)
         trainer.warm_scale(replay.sample() if sampler is None else sampler.sample())
 
