@@ -156,10 +156,11 @@ bench.add_command(finetune_study, "finetune-study")
 @click.option("--workers", default=2, show_default=True, help="collection worker processes")
 @click.option("--seed", default=1, show_default=True)
 @click.option("--threads", default=1, show_default=True, help="torch threads (the demo's models are small)")
-def demo(out, quick, teacher, tasks, workers, seed, threads):
+@click.option("--progress/--no-progress", default=True, show_default=True, help="progress bars (off in a log)")
+def demo(out, quick, teacher, tasks, workers, seed, threads, progress):
     """The whole pipeline at small scale on CPU: teacher -> data -> distilled student and from-scratch
     baseline -> compile -> bench -> OUT/report.md. Rerun to resume."""
     from edge_tdmpc.bench.demo import demo as run
     report = run(out, quick=quick, teacher=teacher, tasks=tasks, workers=workers, seed=seed, echo=click.echo,
-                 threads=threads)
+                 threads=threads, progress=progress)
     click.echo(f"report: {report}")

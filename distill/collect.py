@@ -37,17 +37,24 @@ from edge_tdmpc.workers import die_with_parent
 
 
 def play(model, task: str, task_index, seed: int, steps: int, mpc=True, eval_mode=False, noise_std=0.0,
-         random_actions=False, after_step=None, runtime=None, labels=False, **planner) -> tuple:
+         random_actions=False, after_step=None, runtime=None, labels=False, label_every=0, **planner) -> tuple:
     """One episode (the rollout loop of `data collect` and `train`) -> (obs [T+1, own obs dim], action [T, own
     action dim], reward [T], planner labels [T, 3A] or None). Env, agent noise and the episode's numpy draws
     (uniform actions when `random_actions`, else N(0, noise_std) added to the agent's action) are all seeded by
     `seed`; `after_step(t)` runs after the t-th step (the online trainer's updates). The agent is `model` itself
     (an `Agent` over the live weights), or `runtime` (a `Runtime`, reset with `seed`); `labels` keeps each step's
-    `PlanLabel` (planning only)."""
+    `PlanLabel` (planning only). `label_every` K > 0 (an agent acting from its prior) has the live model's planner
+    label every K-th step the agent acts in, from a cold start (a warm start would need a plan at every step: K
+    times the cost); the other steps' rows are NaN (no label)."""
     from edge_tdmpc.envs import make_env
+    if label_every and (labels or mpc or runtime is not None):
+        raise ValueError("label_every labels a prior's steps with the live model's planner; a planning agent's "
+                         "labels are its own (labels=True)")
     env = make_env(task, seed=seed)
     rng = np.random.default_rng(seed)
     rows = []
+    labeller = Agent(model, seed=derive_seed(seed, 1), **{**planner, "mpc": True}) if label_every else None
+    no_label = np.full(3 * model.cfg.action_dim, np.nan, np.float32) if label_every else None
     if random_actions:
         agent = None
     elif runtime is not None:
@@ -69,6 +76,12 @@ def play(model, task: str, task_index, seed: int, steps: int, mpc=True, eval_mod
     obs, _ = env.reset()
 
     def act(obs, t):
+        if labeller is not None:
+            if agent is not None and t % label_every == 0:
+                labeller.act(obs, t0=True, eval_mode=True, task=task_index)
+                rows.append(labeller.last_label.row())
+            else:
+                rows.append(no_label)
         if agent is None:
             return rng.uniform(-1, 1, env.action_dim).astype(np.float32)
         action = np.asarray(agent(obs, t))[: env.action_dim]
@@ -78,7 +91,7 @@ def play(model, task: str, task_index, seed: int, steps: int, mpc=True, eval_mod
     obs, action, reward = run(env, obs, act, steps, None if after_step is None else lambda t, _: after_step(t)).arrays()
     if labels and any(r is None for r in rows):
         raise ValueError(f"{task} (seed {seed}): a step saw a non-finite observation and has no planner label")
-    return obs, action, reward, np.stack(rows) if labels else None
+    return obs, action, reward, np.stack(rows)[: len(action)] if labels or label_every else None
 
 
 def rollout(model, task: str, episode: int, seed=0, mpc=True, noise_std=0.0, steps=500, eval_mode=False,

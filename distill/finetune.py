@@ -14,7 +14,10 @@ objective alone pulls a distilled prior away from its planner (docs/results/dist
 the prior is also held to itself as the run starts (the `policy` distillation term, the start model its teacher,
 on every state of the batch): started from a trained model, that objective first unlearns the prior on the new
 task too, a good borrowed start included, and on the replayed rows the same term keeps the old tasks' prior
-(docs/results/domain-students.md). With --trainable
+(docs/results/domain-students.md). With --self-label-every K the model's own planner labels every K-th state
+its prior acts in on the new task (cold-started MPPI on the live weights: self-distillation, as in BMPC), and the
+planner term teaches the prior those labels: where the model plans better than its prior acts, the prior can
+learn toward its planner, which the anchor (a hold) cannot. With --trainable
 embedding only the new task's embedding row learns (the world model's and the policy's losses reach it through
 the fixed network): every old task's outputs stay bit for bit what they were, at the price of what one embedding
 row (task_dim numbers) can express about a task. Out comes an ordinary
@@ -63,6 +66,9 @@ class FinetuneOptions(ScheduleOptions):
     planner_coef: float = setting(10.0, "weight of that planner term")
     pi_warmup: int = setting(0, "updates in which only the world model learns (the Qs fit the new task under the "
                              "prior as it is) before the policy's first step")
+    self_label_every: int = setting(0, "every K-th step the prior acts in on the new task, the model's own planner "
+                                    "labels the state, and the planner term (--planner-coef) teaches the prior "
+                                    "those labels (0: none)")
     anchor_coef: float = setting(0.0, "weight of a term that holds the prior to the model's as the run starts: the "
                                  "MSE between their eval-mode actions on every batch state (0: none)")
     trainable: str = setting("all", "what the updates move: all (every weight) or embedding (the new task's embedding "
@@ -76,24 +82,38 @@ class FinetuneOptions(ScheduleOptions):
         check_min(self, 0, "planner_coef")
         check_min(self, 1, "start_episodes")
         check_min(self, 0, "pi_warmup")
-        check_min(self, 0, "anchor_coef")
+        check_min(self, 0, "anchor_coef", "self_label_every")
+        if self.self_label_every and self.mpc:
+            raise ValueError("--self-label-every labels the states the prior acts in; with --mpc the acting planner "
+                             "labels every step: drop one of them")
         if self.init_from == AUTO and self.start_by == "loss" and self.seed_steps == 0:
             raise ValueError("--start-by loss measures on the seed phase's random episodes: give --seed-steps > 0, "
                              "--start-by return, or name the task to start from (--init-from TASK)")
 
 
-class ReplayLabels:
-    """The planner labels of a mixed batch's rows: the replayed data's own (its `planner` field) for its rows,
-    NaN (none) for the new task's, which `planner_distill_loss` then leaves out."""
+class BatchLabels:
+    """The planner labels of a batch's rows, [B, 3A] for the model's A. In a mixed batch (`mixed`) the old
+    tasks' rows (index >= 0) get the replayed data's own (its `planner` field) when `dataset` is given, and the
+    new task's rows (index -1 - s: the online replay's slice s) the self-labels `replay` keeps when it is
+    given; otherwise every row is the replay's slice `index`. A row with no label is NaN, which
+    `planner_distill_loss` leaves out."""
 
-    def __init__(self, dataset):
+    def __init__(self, action_dim: int, mixed: bool, dataset=None, replay: Replay | None = None):
         from edge_tdmpc.distill.labels import FieldLabels
-        self.data = FieldLabels(dataset)
+        self.dim, self.mixed, self.replay = 3 * action_dim, mixed, replay
+        self.data = FieldLabels(dataset) if dataset is not None else None
+
+    def _fit(self, rows):  # each of (mean, std, eval_action) to the model's action dims
+        return torch.cat([fit_dim(x, self.dim // 3) for x in rows.chunk(3, dim=-1)], -1)
 
     def lookup(self, index) -> torch.Tensor:
-        have = index >= 0
-        out = torch.full((len(index), self.data.dim), float("nan"))
-        out[have] = self.data.lookup(index[have])
+        out = torch.full((len(index), self.dim), float("nan"))
+        old = index >= 0 if self.mixed else torch.zeros_like(index, dtype=torch.bool)
+        if self.data is not None and old.any():
+            out[old] = self._fit(self.data.lookup(index[old]))
+        if self.replay is not None and (~old).any():
+            s = -1 - index[~old] if self.mixed else index
+            out[~old] = self._fit(self.replay.labels(s.numpy()))
         return out
 
 
@@ -111,7 +131,7 @@ class MixedSampler:
         O, A = new.obs.shape[-1], new.action.shape[-1]
         return Batch(torch.cat([new.obs, fit_dim(old.obs, O)], 1), torch.cat([new.action, fit_dim(old.action, A)], 1),
                      torch.cat([new.reward, old.reward], 1), torch.cat([new.task, self.to_model[old.task]]),
-                     torch.cat([torch.full_like(new.index, -1), old.index]))  # -1: not a transition of the data
+                     torch.cat([-1 - new.index, old.index]))  # < 0: the online replay's slice, not the data's
 
     def state_dict(self) -> dict:
         return dict(old=self.old.state_dict())
@@ -177,25 +197,29 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
     if opts.replay_labels and not dataset:
         raise ValueError("--replay-labels teaches the prior the labels of the replayed data: give --replay DATA")
     # the anchor is the `policy` distillation term with the model as it starts as its teacher, at d_coef
-    terms = ("planner",) * opts.replay_labels + ("policy",) * (opts.anchor_coef > 0)
+    labelled = opts.replay_labels or opts.self_label_every > 0
+    terms = ("planner",) * labelled + ("policy",) * (opts.anchor_coef > 0)
     cfg = TrainConfig.make(batch_size=opts.batch_size, seed=opts.seed, distill=terms, d_coef=opts.anchor_coef,
                            planner_coef=opts.planner_coef, pi_warmup=opts.pi_warmup, **train_overrides)
 
     def start_model(name):  # the model before its first update, the new row `name`'s: the anchor's teacher
         return Teacher(add_task(base, task, name).float()) if opts.anchor_coef > 0 else None
 
-    # with an auto start the row is measured later (anchor_to_start): until then a stand-in of the same shape
-    trainer = Trainer(model, cfg, teacher=start_model(mc.tasks[0] if opts.init_from == AUTO else opts.init_from),
-                      plan_labels=ReplayLabels(dataset) if opts.replay_labels else None)
-
-    def anchor_to_start():  # new_task.json, written at the first update, names the row the run started from
-        if opts.anchor_coef > 0:
-            trainer.teacher = start_model(json.loads((out / CHOICE).read_text())["init_from"])
     old_rows = round(opts.batch_size * opts.replay_ratio) if dataset else 0
     if dataset and not 0 < old_rows < opts.batch_size:
         raise ValueError(f"--replay-ratio {opts.replay_ratio} of --batch-size {opts.batch_size} leaves no slice for "
                          "one side: use a larger batch or a ratio nearer 0.5")
-    replay = Replay(mc.obs_dim, mc.action_dim, batch_size=opts.batch_size - old_rows, seed=opts.seed)
+    replay = Replay(mc.obs_dim, mc.action_dim, batch_size=opts.batch_size - old_rows, seed=opts.seed,
+                    label_dim=3 * mc.action_dim if opts.self_label_every else 0)
+    labels = BatchLabels(mc.action_dim, dataset is not None, dataset if opts.replay_labels else None,
+                         replay if opts.self_label_every else None) if labelled else None
+    # with an auto start the row is measured later (anchor_to_start): until then a stand-in of the same shape
+    trainer = Trainer(model, cfg, teacher=start_model(mc.tasks[0] if opts.init_from == AUTO else opts.init_from),
+                      plan_labels=labels)
+
+    def anchor_to_start():  # new_task.json, written at the first update, names the row the run started from
+        if opts.anchor_coef > 0:
+            trainer.teacher = start_model(json.loads((out / CHOICE).read_text())["init_from"])
     sampler = MixedSampler(replay, dataset, mc.tasks, opts.batch_size, derive_seed(opts.seed, 1)) if dataset else None
     run_settings = dict(checkpoint_sha256=file_sha256(checkpoint), task=task, **asdict(opts), train=asdict(cfg))
     out = Path(out)
@@ -241,7 +265,8 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
         trainer.warm_scale(replay.sample() if sampler is None else sampler.sample())
 
     summary = run_online(trainer, replay, [(task, new)], out, opts, run_settings, sampler=sampler,
-                         before_first_update=before_first_update, resume=resume, progress=progress, echo=echo)
+                         before_first_update=before_first_update, label_every=opts.self_label_every,
+                         resume=resume, progress=progress, echo=echo)
     if choice and not (out / CHOICE).exists():  # a run shorter than its seed phase
         write_json(out / CHOICE, choice)
     choice = json.loads((out / CHOICE).read_text()) if (out / CHOICE).exists() else {}  # None: no update yet

@@ -86,18 +86,24 @@ RESUME_MAY_CHANGE = ("steps", "logger", "save_every", "log_every", "eval_every",
 
 class Replay:
     """In-memory episodes sampled as H+1-step slices that never cross an episode boundary (the Batch of
-    edge_tdmpc.distill.data, so the same Trainer consumes both)."""
+    edge_tdmpc.distill.data, so the same Trainer consumes both; its index is the slice's number). With
+    `label_dim` every step also keeps a planner label row (NaN: none), which `labels(index)` reads back for the
+    slices' first steps."""
 
-    def __init__(self, obs_dim, action_dim, horizon=3, batch_size=256, seed=0):
+    def __init__(self, obs_dim, action_dim, horizon=3, batch_size=256, seed=0, label_dim=0):
         self.obs_dim, self.action_dim, self.horizon, self.batch_size = obs_dim, action_dim, horizon, batch_size
+        self.label_dim = label_dim
         self.episodes: list[dict] = []
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self._starts = np.zeros(0, np.int64)  # cumulative valid slice starts per episode
 
-    def add(self, obs, action, reward, task: int):
+    def add(self, obs, action, reward, task: int, labels=None):
         ep = dict(obs=_pad(np.asarray(obs, np.float32), self.obs_dim),
                   action=_pad(np.asarray(action, np.float32), self.action_dim),
                   reward=np.asarray(reward, np.float32), task=int(task))
+        if self.label_dim:
+            ep["planner"] = (np.full((len(ep["action"]), self.label_dim), np.nan, np.float32) if labels is None
+                             else np.asarray(labels, np.float32).reshape(len(ep["action"]), self.label_dim))
         self.episodes.append(ep)
         n = max(len(ep["action"]) - self.horizon + 1, 0)
         self._starts = np.append(self._starts, (self._starts[-1] if len(self._starts) else 0) + n)
@@ -106,11 +112,20 @@ class Replay:
     def num_transitions(self) -> int:
         return sum(len(e["action"]) for e in self.episodes)
 
+    def _locate(self, s):
+        e = np.searchsorted(self._starts, s, side="right")
+        return e, s - np.concatenate([[0], self._starts])[e]
+
+    def labels(self, index) -> torch.Tensor:
+        """[len(index), label_dim]: the planner label rows of slices `index`' first steps (NaN: none)."""
+        e, t = self._locate(np.asarray(index, np.int64))
+        return torch.from_numpy(np.stack([self.episodes[i]["planner"][j] for i, j in zip(e, t, strict=True)])
+                                if len(e) else np.zeros((0, self.label_dim), np.float32))
+
     def sample(self) -> Batch:
         total = int(self._starts[-1])
         s = self.rng.integers(0, total, size=self.batch_size)
-        e = np.searchsorted(self._starts, s, side="right")
-        t = s - np.concatenate([[0], self._starts])[e]
+        e, t = self._locate(s)
         H = self.horizon
         obs = np.stack([self.episodes[i]["obs"][j:j + H + 1] for i, j in zip(e, t, strict=True)], 1)
         action = np.stack([self.episodes[i]["action"][j:j + H] for i, j in zip(e, t, strict=True)], 1)
@@ -124,14 +139,14 @@ class Replay:
             lambda k: torch.zeros(0))
         return dict(rng=self.rng.bit_generator.state, lengths=[len(e["action"]) for e in self.episodes],
                     tasks=[e["task"] for e in self.episodes], obs=cat("obs"), action=cat("action"),
-                    reward=cat("reward"))
+                    reward=cat("reward"), **({"planner": cat("planner")} if self.label_dim else {}))
 
     def load_state_dict(self, sd):
         self.episodes, self._starts = [], np.zeros(0, np.int64)
         o = a = 0
         for T, task in zip(sd["lengths"], sd["tasks"], strict=True):
             self.add(sd["obs"][o:o + T + 1].numpy(), sd["action"][a:a + T].numpy(), sd["reward"][a:a + T].numpy(),
-                     task)
+                     task, sd["planner"][a:a + T].numpy() if self.label_dim else None)
             o, a = o + T + 1, a + T
         self.rng.bit_generator.state = sd["rng"]
 
@@ -159,12 +174,15 @@ def train(tasks, out, options: OnlineOptions | None = None, *, resume=False, pro
 
 
 def run_online(trainer: Trainer, replay: Replay, acting, out, opts: ScheduleOptions, settings: dict, *,
-               sampler=None, before_first_update=None, resume=False, progress=True, echo=print) -> dict:
+               sampler=None, before_first_update=None, label_every=0, resume=False, progress=True,
+               echo=print) -> dict:
     """The official online schedule around `trainer`'s model: the tasks of `acting` ([(task, the model's index of
     it)]) take turns episode by episode, their episodes go to `replay`, and updates draw from `sampler` (default:
     `replay`; anything with sample/state_dict/load_state_dict). `before_first_update(replay)` runs once, right
-    before the first update (after the seed phase). State is checkpointed at episode ends in out/checkpoints;
-    `resume` continues from the newest, refusing other `settings` (but RESUME_MAY_CHANGE)."""
+    before the first update (after the seed phase). `label_every` K: every K-th step an episode's prior acts
+    in gets the live model's planner label (`collect.play`), kept in `replay`. State is checkpointed at episode
+    ends in out/checkpoints; `resume` continues from the newest, refusing other `settings` (but
+    RESUME_MAY_CHANGE)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, mc = trainer.model, trainer.model.cfg
@@ -231,9 +249,10 @@ def run_online(trainer: Trainer, replay: Replay, acting, out, opts: ScheduleOpti
             task, index = acting[episodes % len(acting)]
             length = min(opts.episode_steps, opts.steps - env_steps)
             random_phase = env_steps < opts.seed_steps
-            obs, action, reward, _ = play(model, task, index, derive_seed(opts.seed, episodes), length, opts.mpc,
-                                          random_actions=random_phase, after_step=learn, **opts.planner)
-            replay.add(obs, action, reward, index or 0)
+            obs, action, reward, labels = play(model, task, index, derive_seed(opts.seed, episodes), length,
+                                               opts.mpc, random_actions=random_phase, after_step=learn,
+                                               label_every=label_every, **opts.planner)
+            replay.add(obs, action, reward, index or 0, labels)
             T = len(action)
             env_steps, episodes = env_steps + T, episodes + 1
             pbar.update(T)

@@ -4,9 +4,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from edge_tdmpc import load_model
 from edge_tdmpc.bench.demo import QUICK, demo
+from edge_tdmpc.cli import main
 from edge_tdmpc.distill.online import Replay, train
 
 TASKS = "cartpole-balance,cartpole-swingup"
@@ -85,10 +87,10 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     run = json.loads((tmp_path / "student" / "run.json").read_text())  # planner-labelled data: the planner term
     assert run["distill"] == ["reward", "planner"]
     assert json.loads((tmp_path / "baseline" / "run.json").read_text())["d_coef"] == 0
-    # a rerun resumes: every stage is skipped
-    msgs = []
-    demo(tmp_path, quick=True, workers=0, echo=msgs.append, progress=False)
-    assert sum("skipped" in m for m in msgs) == 5
+    # a rerun resumes: every stage is skipped (through the command a user types)
+    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--quick", "--workers", "0", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("skipped") == 5 and f"report: {report}" in r.output
 
 
 @pytest.mark.slow

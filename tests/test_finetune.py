@@ -234,6 +234,8 @@ def test_bad_finetune_settings_are_one_line_errors(base, tmp_path):
          "carries no planner labels"),
         ([str(base), "--task", "pointmass-easy", "--planner-coef", "nan"], "--planner-coef must be at least 0"),
         ([str(base), "--task", "pointmass-easy", "--anchor-coef", "-1"], "--anchor-coef must be at least 0"),
+        ([str(base), "--task", "pointmass-easy", "--self-label-every", "-1"], "--self-label-every must be at least 0"),
+        ([str(base), "--task", "pointmass-easy", "--self-label-every", "2", "--mpc"], "with --mpc the acting planner"),
     ]
     for args, message in cases:
         out = tmp_path / "out"
@@ -430,3 +432,57 @@ def test_anchor_holds_the_prior_to_the_start_and_resumes_with_it(base, tmp_path)
     finetune(other, "pointmass-easy", tmp_path / "half", resume=True, **auto)
     a, b = (load_model(tmp_path / d / "model.pt").state_dict() for d in ("whole", "half"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_self_labels_are_the_live_models_planner_on_the_steps_the_prior_acts_in(base):
+    from edge_tdmpc.distill.collect import play
+    from edge_tdmpc.planner import Agent
+    from edge_tdmpc.seeding import derive_seed
+    model = load_model(base).float()
+    obs, action, _, labels = play(model, "reacher-easy", 1, 5, 6, mpc=False, label_every=2)
+    assert labels.shape == (6, 3 * model.cfg.action_dim)
+    assert np.isnan(labels[1::2]).all() and np.isfinite(labels[::2]).all()
+    replan = Agent(model, seed=derive_seed(5, 1))  # a cold start at each labelled step, its noise drawn in turn
+    for t in (0, 2, 4):
+        replan.act(obs[t], t0=True, eval_mode=True, task=1)
+        assert np.array_equal(labels[t], replan.last_label.row()), t
+    plain = play(model, "reacher-easy", 1, 5, 6, mpc=False)
+    assert plain[3] is None and np.array_equal(plain[1], action)  # the labeller does not change how the prior acts
+    assert np.isnan(play(model, "reacher-easy", 1, 5, 4, mpc=False, random_actions=True, label_every=2)[3]).all()
+    with pytest.raises(ValueError, match="a planning agent's labels are its own"):
+        play(model, "reacher-easy", 1, 5, 4, mpc=True, label_every=2)
+
+
+def test_self_labels_reach_the_batch_rows_of_the_new_task_and_resume(base, tmp_path):
+    from edge_tdmpc.distill.data import EpisodeDataset
+    from edge_tdmpc.distill.finetune import BatchLabels
+    # a mixed batch: the new task's rows read the replay's labels, the old rows the data's (or none)
+    data = EpisodeDataset(_old_data(tmp_path / "old", labels=True))
+    replay = Replay(6, 2, batch_size=5, seed=0, label_dim=6)
+    rows = np.arange(20 * 6, dtype=np.float32).reshape(20, 6) / 100
+    rows[1::2] = np.nan
+    replay.add(np.zeros((21, 4)), np.zeros((20, 2)), np.zeros(20), 2, rows)
+    b = MixedSampler(replay, data, (*OLD, "pointmass-easy"), 12, seed=1).sample()
+    got = BatchLabels(2, True, data, replay).lookup(b.index)
+    new = -1 - b.index[:5]
+    assert torch.equal(got[:5].nan_to_num(-9), torch.from_numpy(rows[new.numpy()]).nan_to_num(-9))
+    from edge_tdmpc.distill.labels import FieldLabels
+    assert torch.equal(got[5:], FieldLabels(data).lookup(b.index[5:]))
+    assert torch.isnan(BatchLabels(2, True, None, replay).lookup(b.index)[5:]).all()
+    # the run: the planner term on the self-labelled rows; stopped halfway and resumed, the same run bit for bit
+    settings = dict(init_from="reacher-easy", self_label_every=3, planner_coef=5.0, progress=False,
+                    echo=lambda *a: None, **QUICK)
+    whole = finetune(base, "pointmass-easy", tmp_path / "whole", **settings)
+    assert whole["updates"] == 59
+    run = json.loads((tmp_path / "whole" / "run.json").read_text())
+    assert run["self_label_every"] == 3 and run["train"]["distill"] == ["planner"]
+    train = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["distill_planner_loss"] for r in train if r["kind"] == "train"]
+    assert all(np.isfinite(losses)) and max(losses) > 0
+    finetune(base, "pointmass-easy", tmp_path / "half", **{**settings, "steps": 40})
+    finetune(base, "pointmass-easy", tmp_path / "half", resume=True, **settings)
+    a, b = (load_model(tmp_path / d / "model.pt").state_dict() for d in ("whole", "half"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    free = finetune(base, "pointmass-easy", tmp_path / "free", **{**settings, "self_label_every": 0})
+    c = load_model(tmp_path / "free" / "model.pt").state_dict()
+    assert free["updates"] == 59 and not all(torch.equal(a[k], c[k]) for k in a)  # the term moved the update
