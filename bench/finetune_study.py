@@ -30,7 +30,8 @@ from edge_tdmpc.bench.distill_study import _ci, bootstrap, paired_difference, sc
 
 KINDS = ("ft-replay-labels", "ft-replay", "ft", "ft-prior", "ft-embedding", "ft-return", "ft-embedding-return",
          "ft-return-prior", "ft-return-warmup", "ft-return-anchor", "ft-return-prior-anchor", "ft-anchor",
-         "ft-return-replay", "ft-return-replay-anchor", "ft-return-self", "ft-return-anchor-self", "scratch")
+         "ft-return-replay", "ft-return-replay-anchor", "ft-return-prior-self", "ft-return-prior-anchor-self",
+         "scratch")
 
 
 RANKING_SEED = 1  # the env seed of the held-out rankings' episodes
