@@ -36,6 +36,7 @@ OBJECTIVES = {
     "planner-nll": ["--d-coef", "0", "--distill", "planner", "--planner-loss", "nll", "--planner-coef", "1"],
     "planner-frozen": ["--d-coef", "0", "--distill", "planner", "--frozen-world-model"],
     "planner-frozen-c100": ["--d-coef", "0", "--distill", "planner", "--frozen-world-model", "--planner-coef", "100"],
+    "planner-frozen-q": ["--d-coef", "0", "--distill", "planner", "--frozen-world-model", "--planner-filter", "q"],
 }
 # bench protocols: the prior in eval mode and stochastic (--episodes each), and MPPI planning with the student's
 # own world model, in the official stochastic protocol (--plan-episodes each: a pass costs ~20x the prior's)

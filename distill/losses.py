@@ -12,6 +12,7 @@ from edge_tdmpc.model import soft_ce, two_hot_inv
 DISTILL_TERMS = ("reward", "value", "policy", "latent", "planner")
 TEACHER_TERMS = DISTILL_TERMS[:4]  # targets from the teacher's networks; "planner" from its planner's labels
 PLANNER_LOSSES = ("mse", "nll")
+PLANNER_FILTERS = ("none", "q")
 
 
 def rho_weights(n: int, rho: float, device=None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from edge_tdmpc.distill.losses import (
     DISTILL_TERMS,
+    PLANNER_FILTERS,
     PLANNER_LOSSES,
     TEACHER_TERMS,
     RunningScale,
@@ -58,6 +59,9 @@ class TrainConfig:
     # beside TD-MPC2's policy objective
     planner_coef: float = 1.0
     planner_loss: str = "mse"
+    # "q": a row's label teaches the policy only where the model's own Q values the planner's mean above the
+    # policy's eval-mode action (a Q filter): the mean of a spread of elites can be an action no elite took
+    planner_filter: str = "none"
     # False: the world model (encoder, dynamics, reward, Qs, task embedding) stays as it starts and only the
     # policy learns (policy-only distillation); the planner then differs from the start's only where it uses
     # the policy (its policy trajectories, the value at the horizon)
@@ -86,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"planner_coef must be >= 0 (0 = the term is only logged), got {cfg.planner_coef}")
         if cfg.planner_loss not in PLANNER_LOSSES:
             raise ValueError(f"planner_loss {cfg.planner_loss!r}: choose from {', '.join(PLANNER_LOSSES)}")
+        if cfg.planner_filter not in PLANNER_FILTERS:
+            raise ValueError(f"planner_filter {cfg.planner_filter!r}: choose from {', '.join(PLANNER_FILTERS)}")
         if cfg.batch_size < 1:
             raise ValueError(f"batch size must be positive, got {cfg.batch_size}")
         if not (isinstance(cfg.pi_warmup, int) and cfg.pi_warmup >= 0):
@@ -372,6 +378,19 @@ class Trainer:
         self.step += 1
         return {k: v.detach() for k, v in info.items()}
 
+    @torch.no_grad()
+    def _planner_beats_policy(self, zs, action, pi_mean, planner_mean, task, noise):
+        """[B, 1]: 1 where Q(z_0, the planner's mean) > Q(z_0, the policy's eval-mode action), under the policy
+        update's own Q heads and dropout mask (so the later latents ride along with the update's actions)."""
+        m, rest = self.model, action[1:].detach()
+
+        def q(first):  # the dropout mask is used up by each forward: set it again
+            if self._drop is not None:
+                self._drop.mask = noise.pi_drop
+            return m.Q(zs, torch.cat([first[None], rest]), task, "avg", qidx=noise.pi_qidx)[0]
+        q_plan, q_pi = q(planner_mean.nan_to_num(0)), q(pi_mean[0].detach())
+        return ((q_plan > q_pi) & torch.isfinite(planner_mean).all(-1, keepdim=True)).float()
+
     def _update_pi(self, zs, task, noise, labels):
         cfg, m = self.cfg, self.model
         if task is not None:
@@ -393,6 +412,10 @@ class Trainer:
                 mask = (m._action_masks[task] if task is not None
                         else torch.ones_like(pi["mean"][0]))
                 first = {k: pi[k][0] for k in ("mean", "mu", "log_std")}
+                if cfg.planner_filter == "q":
+                    keep = self._planner_beats_policy(zs, action, pi["mean"], labels["planner"][0], task, noise)
+                    mask = mask * keep
+                    out["distill_planner_kept"] = keep.mean()
                 out["distill_planner_loss"] = planner_distill_loss(first, labels["planner"], mask, cfg.planner_loss)
                 if cfg.planner_coef > 0:  # at 0 only logged: the update is bitwise the one without the term
                     loss = loss + cfg.planner_coef * out["distill_planner_loss"]

@@ -237,6 +237,34 @@ def test_planner_term_teaches_the_policy_the_planners_mean(tmp_path):
     assert final[50.0] < 0.5 * final[0.0], final
 
 
+def test_q_filter_teaches_only_the_rows_where_the_models_q_prefers_the_planner(tmp_path):
+    ds = random_labelled(tmp_path / "d", episodes=2, T=10)
+    tr = _trainer(ds, distill="planner", planner_coef=5.0, world_model=False, planner_filter="q")
+    m, batch = tr.model, SliceSampler(ds, 3, 16, seed=0, prefetch=False).sample()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the Qs' output layers start at zero (every action valued alike): give them a view
+        for p in m._Qs.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    # the update's own draws, replayed: its latents, policy and Q heads (the world model is frozen)
+    state = tr.generator.get_state()
+    noise = tr._draw(3, 16)
+    tr.generator.set_state(state)
+    task, m_was = batch.task, m.training
+    m.train()
+    with torch.no_grad():
+        zs = tr._rollout(batch.obs[0], batch.action, task)
+        action, pi = m.pi_info(zs, task, eps=noise.pi_eps)
+        labels = tr._labels(batch)["planner"]
+        keep = tr._planner_beats_policy(zs, action, pi["mean"], labels[0], task, noise)
+        want = L.planner_distill_loss({"mean": pi["mean"][0]}, labels, m._action_masks[task] * keep)
+    m.train(m_was)
+    assert 0 < keep.sum() < 16  # a random model prefers the planner on some rows, not all
+    info = tr.update(batch)
+    assert torch.allclose(info["distill_planner_loss"], want) and info["distill_planner_kept"] == keep.mean()
+    with pytest.raises(ValueError, match="planner_filter 'x'"):
+        TrainConfig.make(planner_filter="x")
+
+
 # --- self-distillation, DAgger ------------------------------------------------------------------------------
 def test_init_teacher_starts_from_the_teachers_weights(tmp_path, teacher_path, labelled):
     from edge_tdmpc.distill.offline import DistillOptions, teacher_student
