@@ -32,6 +32,7 @@ import torch
 
 from edge_tdmpc.checkpoint import load_model
 from edge_tdmpc.distill.data import Batch, EpisodeDataset
+from edge_tdmpc.distill.losses import PLANNER_FILTERS
 from edge_tdmpc.distill.online import Replay, ScheduleOptions, run_online
 from edge_tdmpc.distill.sampler import SliceSampler
 from edge_tdmpc.distill.teacher import Teacher, fit_dim, write_json
@@ -64,6 +65,9 @@ class FinetuneOptions(ScheduleOptions):
     replay_labels: bool = setting(False, "also teach the prior the planner labels --replay carries (the planner "
                                   "term on its rows)")
     planner_coef: float = setting(10.0, "weight of that planner term")
+    planner_filter: str = setting(TrainConfig.planner_filter, "q: teach a state's label only where the model's Q "
+                                  "values the planner's mean above the prior's action (none: every state)",
+                                  choices=PLANNER_FILTERS)
     pi_warmup: int = setting(0, "updates in which only the world model learns (the Qs fit the new task under the "
                              "prior as it is) before the policy's first step")
     self_label_every: int = setting(0, "every K-th step the prior acts in on the new task, the model's own planner "
@@ -200,7 +204,8 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
     labelled = opts.replay_labels or opts.self_label_every > 0
     terms = ("planner",) * labelled + ("policy",) * (opts.anchor_coef > 0)
     cfg = TrainConfig.make(batch_size=opts.batch_size, seed=opts.seed, distill=terms, d_coef=opts.anchor_coef,
-                           planner_coef=opts.planner_coef, pi_warmup=opts.pi_warmup, **train_overrides)
+                           planner_coef=opts.planner_coef, planner_filter=opts.planner_filter,
+                           pi_warmup=opts.pi_warmup, **train_overrides)
 
     def start_model(name):  # the model before its first update, the new row `name`'s: the anchor's teacher
         return Teacher(add_task(base, task, name).float()) if opts.anchor_coef > 0 else None

@@ -486,3 +486,8 @@ def test_self_labels_reach_the_batch_rows_of_the_new_task_and_resume(base, tmp_p
     free = finetune(base, "pointmass-easy", tmp_path / "free", **{**settings, "self_label_every": 0})
     c = load_model(tmp_path / "free" / "model.pt").state_dict()
     assert free["updates"] == 59 and not all(torch.equal(a[k], c[k]) for k in a)  # the term moved the update
+    finetune(base, "pointmass-easy", tmp_path / "q", **{**settings, "planner_filter": "q"})  # the Q filter on them
+    rows = [json.loads(x) for x in (tmp_path / "q" / "metrics.jsonl").read_text().splitlines()]
+    kept = [r["distill_planner_kept"] for r in rows if r["kind"] == "train"]
+    assert kept and all(0 <= k <= 1 for k in kept)
+    assert json.loads((tmp_path / "q" / "run.json").read_text())["train"]["planner_filter"] == "q"
