@@ -30,7 +30,8 @@ from edge_tdmpc.bench.distill_study import _ci, bootstrap, paired_difference, sc
 
 KINDS = ("ft-replay-labels", "ft-replay", "ft", "ft-prior", "ft-embedding", "ft-return", "ft-embedding-return",
          "ft-return-prior", "ft-return-warmup", "ft-return-anchor", "ft-return-prior-anchor", "ft-anchor",
-         "ft-return-replay", "ft-return-replay-anchor", "ft-return-prior-self", "ft-return-prior-anchor-self",
+         "ft-return-replay", "ft-return-replay-anchor", "ft-return-prior-self", "ft-return-prior-self-every",
+         "ft-return-prior-anchor-self",
          "scratch")
 
 

@@ -44,8 +44,9 @@ def play(model, task: str, task_index, seed: int, steps: int, mpc=True, eval_mod
     `seed`; `after_step(t)` runs after the t-th step (the online trainer's updates). The agent is `model` itself
     (an `Agent` over the live weights), or `runtime` (a `Runtime`, reset with `seed`); `labels` keeps each step's
     `PlanLabel` (planning only). `label_every` K > 0 (an agent acting from its prior) has the live model's planner
-    label every K-th step the agent acts in, from a cold start (a warm start would need a plan at every step: K
-    times the cost); the other steps' rows are NaN (no label)."""
+    label every K-th step the agent acts in; the other steps' rows are NaN (no label). At K 1 the labeller keeps
+    its own warm start along the trajectory, as a planning agent would; at K > 1 each label is planned from a
+    cold start (a warm start needs a plan at every step: K times the cost)."""
     from edge_tdmpc.envs import make_env
     if label_every and (labels or mpc or runtime is not None):
         raise ValueError("label_every labels a prior's steps with the live model's planner; a planning agent's "
@@ -78,7 +79,7 @@ def play(model, task: str, task_index, seed: int, steps: int, mpc=True, eval_mod
     def act(obs, t):
         if labeller is not None:
             if agent is not None and t % label_every == 0:
-                labeller.act(obs, t0=True, eval_mode=True, task=task_index)
+                labeller.act(obs, t0=t == 0 or label_every > 1, eval_mode=True, task=task_index)
                 rows.append(labeller.last_label.row())
             else:
                 rows.append(no_label)

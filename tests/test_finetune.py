@@ -446,6 +446,11 @@ def test_self_labels_are_the_live_models_planner_on_the_steps_the_prior_acts_in(
     for t in (0, 2, 4):
         replan.act(obs[t], t0=True, eval_mode=True, task=1)
         assert np.array_equal(labels[t], replan.last_label.row()), t
+    every = play(model, "reacher-easy", 1, 5, 4, mpc=False, label_every=1)[3]  # K 1: its own warm start
+    warm = Agent(model, seed=derive_seed(5, 1))
+    for t in range(4):
+        warm.act(obs[t], t0=t == 0, eval_mode=True, task=1)
+        assert np.array_equal(every[t], warm.last_label.row()), t
     plain = play(model, "reacher-easy", 1, 5, 6, mpc=False)
     assert plain[3] is None and np.array_equal(plain[1], action)  # the labeller does not change how the prior acts
     assert np.isnan(play(model, "reacher-easy", 1, 5, 4, mpc=False, random_actions=True, label_every=2)[3]).all()
