@@ -92,7 +92,7 @@ def play(model, task: str, task_index, seed: int, steps: int, mpc=True, eval_mod
     obs, action, reward = run(env, obs, act, steps, None if after_step is None else lambda t, _: after_step(t)).arrays()
     if labels and any(r is None for r in rows):
         raise ValueError(f"{task} (seed {seed}): a step saw a non-finite observation and has no planner label")
-    return obs, action, reward, np.stack(rows)[: len(action)] if labels or label_every else None
+    return obs, action, reward, np.stack(rows) if labels or label_every else None
 
 
 def rollout(model, task: str, episode: int, seed=0, mpc=True, noise_std=0.0, steps=500, eval_mode=False,

@@ -16,13 +16,11 @@ on every state of the batch): started from a trained model, that objective first
 task too, a good borrowed start included, and on the replayed rows the same term keeps the old tasks' prior
 (docs/results/domain-students.md). With --self-label-every K the model's own planner labels every K-th state
 its prior acts in on the new task (MPPI on the live weights, keeping its warm start at K 1: self-distillation, as
-in BMPC), and the
-planner term teaches the prior those labels: where the model plans better than its prior acts, the prior can
-learn toward its planner, which the anchor (a hold) cannot. With --trainable
-embedding only the new task's embedding row learns (the world model's and the policy's losses reach it through
-the fixed network): every old task's outputs stay bit for bit what they were, at the price of what one embedding
-row (task_dim numbers) can express about a task. Out comes an ordinary
-checkpoint in the official layout with one more task.
+in BMPC), and the planner term teaches the prior those labels: where the model plans better than its prior acts,
+the prior can learn toward its planner, which the anchor (a hold) cannot. With --trainable embedding only the
+new task's embedding row learns (the world model's and the policy's losses reach it through the fixed network):
+every old task's outputs stay bit for bit what they were, at the price of what one embedding row (task_dim
+numbers) can express about a task. Out comes an ordinary checkpoint in the official layout with one more task.
 """
 import json
 import math
