@@ -31,7 +31,7 @@ import torch
 
 from edge_tdmpc.checkpoint import load_model
 from edge_tdmpc.distill.data import Batch, EpisodeDataset
-from edge_tdmpc.distill.losses import PLANNER_FILTERS
+from edge_tdmpc.distill.losses import PLANNER_FILTERS, split_plan_label
 from edge_tdmpc.distill.online import Replay, ScheduleOptions, run_online
 from edge_tdmpc.distill.sampler import SliceSampler
 from edge_tdmpc.distill.teacher import Teacher, fit_dim, write_json
@@ -107,7 +107,7 @@ class BatchLabels:
         self.data = FieldLabels(dataset) if dataset is not None else None
 
     def _fit(self, rows):  # each of (mean, std, eval_action) to the model's action dims
-        return torch.cat([fit_dim(x, self.dim // 3) for x in rows.chunk(3, dim=-1)], -1)
+        return torch.cat(split_plan_label(rows, self.dim // 3), -1)
 
     def lookup(self, index) -> torch.Tensor:
         out = torch.full((len(index), self.dim), float("nan"))
