@@ -10,6 +10,7 @@ import click
 from edge_tdmpc.bench.distill_study import main as distill_study
 from edge_tdmpc.bench.finetune_study import main as finetune_study
 from edge_tdmpc.bench.harness import BenchOptions
+from edge_tdmpc.bench.planner_probe import main as planner_probe
 from edge_tdmpc.compile.artifact import CompileOptions
 from edge_tdmpc.options import click_options, pop_settings
 from edge_tdmpc.planner import PlannerOverrides
@@ -36,6 +37,7 @@ def bench():
       edge-tdmpc bench train-speed --teacher-sizes 5,1 --updates 20        (trainer updates/s, peak RSS)
       edge-tdmpc bench wallclock CKPT --task cartpole-balance --hz 20      (real clock vs simulated time)
       edge-tdmpc bench distill-study run|report ...                        (the MT30 distillation study)
+      edge-tdmpc bench planner-probe run|report ...                        (imitating the planner perfectly)
     """
 
 
@@ -145,6 +147,7 @@ def wallclock_cmd(checkpoint, task, hz, ticks, runtime, precision, fallback, see
 
 bench.add_command(distill_study, "distill-study")
 bench.add_command(finetune_study, "finetune-study")
+bench.add_command(planner_probe, "planner-probe")
 
 
 @click.command()
