@@ -14,10 +14,12 @@ Every variant acts in eval mode on the same episodes (the bench's initial states
     mean-cold-avg  the average of --replans cold means under independent noise: the function of the state that
                    a prior fitting cold labels by MSE tends to with unlimited data and capacity
 
-mean-cold-avg also records, per step, the labels' spread (the variance of the first action's mean across the
-replans, over the task's own action dims: half the MSE two labels of one state have between them, the floor of a
-fit) and the prior's squared error to their average. `run` is resumable: finished (task, episode, variant) rows
-are kept in OUT/probe.jsonl and skipped.
+Per step, over the task's own action dims: mean-cold-avg records the labels' spread (the variance of the first
+action's mean across the replans: half the MSE two labels of one state have between them, the floor of a fit) and
+the prior's squared error to their average; mean records the prior's squared error to the warm label (what a
+dataset collected by the planner holds) and that label's squared distance to a cold replan of the same state on a
+second runtime (the part of a label that the planner's memory makes, which no function of the state can fit).
+`run` is resumable: finished (task, episode, variant) rows are kept in OUT/probe.jsonl and skipped.
 """
 import json
 import multiprocessing as mp
@@ -34,19 +36,24 @@ class ProbeActor:
     """One variant as the bench's episode loop runs a runtime (`reset(seed)`, `act(obs, task, t0, eval_mode)`),
     over a planning runtime and a prior runtime (`edge_tdmpc.runtime.Runtime`)."""
 
-    def __init__(self, variant: str, planner, prior, action_mask: np.ndarray, replans: int = 4):
+    def __init__(self, variant: str, planner, prior, action_mask: np.ndarray, replans: int = 4, cold=None):
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant '{variant}': choose from {', '.join(VARIANTS)}")
         if replans < 1:
             raise ValueError(f"--replans must be at least 1, got {replans}")
-        self.variant, self.planner, self.prior, self.replans = variant, planner, prior, replans
+        self.variant, self.planner, self.prior, self.replans, self.cold = variant, planner, prior, replans, cold
         self.dims = np.flatnonzero(action_mask)  # the task's own action dims (the rest are padding)
-        self.spread, self.prior_gap = [], []
+        self.stats = {}
 
     def reset(self, seed):
         self.planner.reset(seed)
         self.prior.reset(seed)
-        self.spread, self.prior_gap = [], []
+        if self.cold is not None:
+            self.cold.reset(seed + 1)  # its own noise: the variant's actions stay those of the planner alone
+        self.stats = {}
+
+    def _record(self, name, a, b):
+        self.stats.setdefault(name, []).append(float(((a - b)[self.dims] ** 2).mean()))
 
     def _mean(self, obs, task, t0) -> np.ndarray:
         self.planner.act(obs, task, t0=t0, eval_mode=True)
@@ -58,15 +65,19 @@ class ProbeActor:
             return self.prior.act(obs, task, t0=t0, eval_mode=True)
         if v == "plan":
             return self.planner.act(obs, task, t0=t0, eval_mode=True)
-        if v == "mean":
-            return self._mean(obs, task, t0)
         if v == "mean-cold":
             return self._mean(obs, task, True)
-        means = np.stack([self._mean(obs, task, True) for _ in range(self.replans)])
-        label = means.mean(0)
         prior = self.prior.act(obs, task, t0=t0, eval_mode=True)
-        self.spread.append(float(means[:, self.dims].var(0).mean()))
-        self.prior_gap.append(float(((prior - label)[self.dims] ** 2).mean()))
+        if v == "mean":
+            label = self._mean(obs, task, t0)
+            if self.cold is not None:
+                self.cold.act(obs, task, t0=True, eval_mode=True)
+                self._record("memory", label, self.cold.planned_mean()[0])
+        else:
+            means = np.stack([self._mean(obs, task, True) for _ in range(self.replans)])
+            label = means.mean(0)
+            self.stats.setdefault("spread", []).append(float(means[:, self.dims].var(0).mean()))
+        self._record("prior_to_warm" if v == "mean" else "prior_to_cold", prior, label)
         return label
 
 
@@ -86,13 +97,14 @@ def _init(parent, settings):
     torch.set_num_threads(1)  # processes give the parallelism
     model = load_model(settings["checkpoint"])
     cfg = PlannerConfig(**settings["planner"])
-    if settings["runtime"] == "torch":
-        planner = TorchRuntime(model, settings["precision"], cfg)
-    else:
+
+    def planner():
+        if settings["runtime"] == "torch":
+            return TorchRuntime(model, settings["precision"], cfg)
         from edge_tdmpc.compile.runtimes import OnnxRuntime
-        planner = OnnxRuntime(settings["directory"], settings["precision"], cfg, threads=1)
+        return OnnxRuntime(settings["directory"], settings["precision"], cfg, threads=1)
     prior = TorchRuntime(model, "fp32", PlannerConfig(mpc=False))
-    _WORKER.update(model=model, planner=planner, prior=prior, settings=settings)
+    _WORKER.update(model=model, planner=planner(), cold=planner(), prior=prior, settings=settings)
 
 
 def _job(job) -> dict:
@@ -102,12 +114,11 @@ def _job(job) -> dict:
     index = model.cfg.tasks.index(task) if model.cfg.multitask else None
     mask = model.action_mask(index)
     mask = np.ones(model.cfg.action_dim) if mask is None else mask.reshape(-1).float().numpy()
-    actor = ProbeActor(variant, _WORKER["planner"], _WORKER["prior"], mask, s["replans"])
+    actor = ProbeActor(variant, _WORKER["planner"], _WORKER["prior"], mask, s["replans"], _WORKER["cold"])
     ep, _, seeds = evaluation_episode(actor, model.cfg, task, s["seed"], episode, s["steps"], eval_mode=True)
     row = dict(task=task, episode=episode, variant=variant, ret=ep.ret, score=ep.ret / 10, steps=ep.steps,
                wall_s=round(ep.wall_s, 2), **seeds)
-    if actor.spread:
-        row.update(spread=float(np.mean(actor.spread)), prior_gap=float(np.mean(actor.prior_gap)))
+    row.update({name: float(np.mean(x)) for name, x in actor.stats.items()})
     return row
 
 
@@ -164,6 +175,10 @@ def run_probe(checkpoint, tasks, variants, episodes, out: Path, seed=1, steps=50
 
 
 # --- report ------------------------------------------------------------------------------------------------------
+STATS = {"spread": "cold labels' spread", "prior_to_cold": "prior to cold label",  # per-step statistics (module
+         "prior_to_warm": "prior to warm label", "memory": "warm to cold label"}   # doc) and their columns
+
+
 def score_table(rows: list[dict]) -> tuple[list[str], list[str], dict]:
     """(tasks, variants, {(task, variant): [score per episode]}) over the tasks every variant finished."""
     by = {}
@@ -189,17 +204,17 @@ def report_markdown(rows: list[dict]) -> str:
         for ref in ("plan", "prior"):
             cells.append("" if v == ref or ref not in mat else _ci(paired_difference(mat[v], mat[ref]), signed=True))
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    spread = {}
+    stats = {}  # (task, stat) -> values over episodes
     for r in rows:
-        if "spread" in r:
-            spread.setdefault(r["task"], []).append((r["spread"], r["prior_gap"]))
-    head = " | ".join(variants)
-    lines += ["", f"| task | {head} | label spread | prior's error |", "|---|" + "---|" * (len(variants) + 2)]
+        for name in STATS:
+            if name in r:
+                stats.setdefault((r["task"], name), []).append(r[name])
+    head = " | ".join(variants) + " | " + " | ".join(STATS.values())
+    lines += ["", f"| task | {head} |", "|---|" + "---|" * (len(variants) + len(STATS))]
     for t in tasks:
-        s = np.mean(spread[t], axis=0) if t in spread else None
-        extra = [f"{s[0]:.3f}", f"{s[1]:.3f}"] if s is not None else ["", ""]
-        lines.append(f"| {t} | " + " | ".join(f"{np.mean(scores[t, v]):.1f}" for v in variants) + " | "
-                     + " | ".join(extra) + " |")
+        cells = [f"{np.mean(scores[t, v]):.1f}" for v in variants]
+        cells += [f"{np.mean(stats[t, n]):.3f}" if (t, n) in stats else "" for n in STATS]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

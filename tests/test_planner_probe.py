@@ -15,10 +15,11 @@ from edge_tdmpc.runtime import TorchRuntime
 TASK, STEPS = "reacher-easy", 4
 
 
-def _actor(model, variant, replans=2):
+def _actor(model, variant, replans=2, cold=False):
     mask = model.action_mask(model.cfg.tasks.index(TASK)).reshape(-1).float().numpy()
     prior = TorchRuntime(model, "fp32", PlannerConfig(mpc=False))
-    return ProbeActor(variant, TorchRuntime(model, "fp32", SMALL), prior, mask, replans)
+    return ProbeActor(variant, TorchRuntime(model, "fp32", SMALL), prior, mask, replans,
+                      TorchRuntime(model, "fp32", SMALL) if cold else None)
 
 
 def _episode(model, runtime):
@@ -43,13 +44,20 @@ def test_mean_executes_the_label_the_planner_term_teaches(tiny_model, one_thread
     assert not np.array_equal(label, runtime.act(np.zeros(tiny_model.cfg.obs_dim, np.float32), 3, t0=True))
 
 
+def test_measuring_the_memory_leaves_the_mean_variant_alone(tiny_model, one_thread):
+    measured = _actor(tiny_model, "mean", cold=True)
+    np.testing.assert_array_equal(_episode(tiny_model, measured), _episode(tiny_model, _actor(tiny_model, "mean")))
+    assert len(measured.stats["memory"]) == STEPS and max(measured.stats["memory"]) > 0
+    assert len(measured.stats["prior_to_warm"]) == STEPS
+
+
 def test_cold_average_of_one_replan_is_the_cold_mean(tiny_model, one_thread):
     one = _actor(tiny_model, "mean-cold-avg", replans=1)
     np.testing.assert_array_equal(_episode(tiny_model, one), _episode(tiny_model, _actor(tiny_model, "mean-cold")))
-    assert one.spread == [0.0] * STEPS and len(one.prior_gap) == STEPS
+    assert one.stats["spread"] == [0.0] * STEPS and len(one.stats["prior_to_cold"]) == STEPS
     four = _actor(tiny_model, "mean-cold-avg", replans=4)
     _episode(tiny_model, four)
-    assert min(four.spread) > 0  # independent noise: the replans differ
+    assert min(four.stats["spread"]) > 0  # independent noise: the replans differ
     assert not np.array_equal(_episode(tiny_model, _actor(tiny_model, "mean")),
                               _episode(tiny_model, _actor(tiny_model, "mean-cold")))  # the warm start matters
 
@@ -63,7 +71,9 @@ def test_run_resumes_without_repeating_a_row(tiny_model, tmp_path):
     try:
         rows = run_probe(ckpt, [TASK], ["plan", "mean-cold-avg"], 1, tmp_path / "out", **kw)
         assert sorted(r["variant"] for r in rows) == ["mean-cold-avg", "plan"]
-        assert "spread" in next(r for r in rows if r["variant"] == "mean-cold-avg")
+        assert {"spread", "prior_to_cold"} <= set(next(r for r in rows if r["variant"] == "mean-cold-avg"))
+        rows = run_probe(ckpt, [TASK], ["mean"], 1, tmp_path / "out", **kw)
+        assert {"memory", "prior_to_warm"} <= set(next(r for r in rows if r["variant"] == "mean"))
         rows = run_probe(ckpt, [TASK], list(VARIANTS), 1, tmp_path / "out", **kw)
     finally:
         torch.set_num_threads(threads)
