@@ -37,6 +37,7 @@ OBJECTIVES = {
     "planner-frozen": ["--d-coef", "0", "--distill", "planner", "--frozen-world-model"],
     "planner-frozen-c100": ["--d-coef", "0", "--distill", "planner", "--frozen-world-model", "--planner-coef", "100"],
     "planner-frozen-q": ["--d-coef", "0", "--distill", "planner", "--frozen-world-model", "--planner-filter", "q"],
+    "planner-frozen-bc": ["--d-coef", "0", "--distill", "planner", "--frozen-world-model", "--pi-objective", "planner"],
 }
 # bench protocols: the prior in eval mode and stochastic (--episodes each), and MPPI planning with the student's
 # own world model, in the official stochastic protocol (--plan-episodes each: a pass costs ~20x the prior's)

@@ -13,6 +13,7 @@ DISTILL_TERMS = ("reward", "value", "policy", "latent", "planner")
 TEACHER_TERMS = DISTILL_TERMS[:4]  # targets from the teacher's networks; "planner" from its planner's labels
 PLANNER_LOSSES = ("mse", "nll")
 PLANNER_FILTERS = ("none", "q")
+PI_OBJECTIVES = ("tdmpc2", "planner")  # the policy's own objective: climb Q (TD-MPC2), or imitate the planner (BMPC)
 
 
 def rho_weights(n: int, rho: float, device=None) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from edge_tdmpc.distill.collect import COLLECT_RUNTIMES
 from edge_tdmpc.distill.loop import LoopOptions, closed_loop_eval, fit, init_distributed
-from edge_tdmpc.distill.losses import DISTILL_TERMS, PLANNER_FILTERS, PLANNER_LOSSES
+from edge_tdmpc.distill.losses import DISTILL_TERMS, PI_OBJECTIVES, PLANNER_FILTERS, PLANNER_LOSSES
 from edge_tdmpc.distill.runlog import LOGGERS, external_logger
 from edge_tdmpc.distill.trainer import TrainConfig, Trainer, build_student, parse_dims, parse_size
 from edge_tdmpc.options import check_choices, check_min, setting, split_settings
@@ -43,6 +43,8 @@ class DistillOptions(LoopOptions):
     planner_filter: str = setting(TrainConfig.planner_filter, "q: teach a state's label only where the model's Q "
                                   "values the planner's mean above the policy's action (none: every state)",
                                   choices=PLANNER_FILTERS)
+    pi_objective: str = setting(TrainConfig.pi_objective, "the policy's objective: tdmpc2 (climb Q, the planner "
+                                "term beside it) or planner (the planner term alone, as BMPC)", choices=PI_OBJECTIVES)
     world_model: bool = setting(True, "train the world model, or keep it as it starts (encoder, dynamics, "
                                 "reward, Qs) and teach the policy alone",
                                 flag="--train-world-model/--frozen-world-model")
@@ -218,7 +220,7 @@ def distill(data, out, teacher=None, options: DistillOptions | None = None, *, r
             echo("no --teacher: training the from-scratch baseline (d_coef 0)")
     cfg = TrainConfig.make(d_coef=opts.d_coef, distill=opts.distill, batch_size=opts.batch_size, seed=opts.seed,
                            planner_coef=opts.planner_coef, planner_loss=opts.planner_loss,
-                           planner_filter=opts.planner_filter,
+                           planner_filter=opts.planner_filter, pi_objective=opts.pi_objective,
                            world_model=opts.world_model, **train)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

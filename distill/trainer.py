@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from edge_tdmpc.distill.losses import (
     DISTILL_TERMS,
+    PI_OBJECTIVES,
     PLANNER_FILTERS,
     PLANNER_LOSSES,
     TEACHER_TERMS,
@@ -62,6 +63,9 @@ class TrainConfig:
     # "q": a row's label teaches the policy only where the model's own Q values the planner's mean above the
     # policy's eval-mode action (a Q filter): the mean of a spread of elites can be an action no elite took
     planner_filter: str = "none"
+    # the policy's objective: "tdmpc2" (maximise Q + entropy, the planner term beside it) or "planner" (the
+    # planner term alone, as BMPC trains its policy: no Q to climb, so the prior goes where the labels are)
+    pi_objective: str = "tdmpc2"
     # False: the world model (encoder, dynamics, reward, Qs, task embedding) stays as it starts and only the
     # policy learns (policy-only distillation); the planner then differs from the start's only where it uses
     # the policy (its policy trajectories, the value at the horizon)
@@ -92,6 +96,11 @@ class TrainConfig:
             raise ValueError(f"planner_loss {cfg.planner_loss!r}: choose from {', '.join(PLANNER_LOSSES)}")
         if cfg.planner_filter not in PLANNER_FILTERS:
             raise ValueError(f"planner_filter {cfg.planner_filter!r}: choose from {', '.join(PLANNER_FILTERS)}")
+        if cfg.pi_objective not in PI_OBJECTIVES:
+            raise ValueError(f"pi_objective {cfg.pi_objective!r}: choose from {', '.join(PI_OBJECTIVES)}")
+        if cfg.pi_objective == "planner" and not ("planner" in cfg.distill and cfg.planner_coef > 0):
+            raise ValueError("pi_objective planner teaches the policy the planner's labels alone: add planner to "
+                             "--distill with a --planner-coef above 0")
         if cfg.batch_size < 1:
             raise ValueError(f"batch size must be positive, got {cfg.batch_size}")
         if not (isinstance(cfg.pi_warmup, int) and cfg.pi_warmup >= 0):
@@ -399,11 +408,14 @@ class Trainer:
         m._Qs.requires_grad_(False)  # the official code reads Q through detached parameters here
         try:
             action, pi = m.pi_info(zs, task, eps=noise.pi_eps)
-            if self._drop is not None:
-                self._drop.mask = noise.pi_drop
-            q = m.Q(zs, action, task, "avg", qidx=noise.pi_qidx)
-            self.scale.update(self._all_gather(q[0]))
-            loss = policy_loss(self.scale(q), pi["scaled_entropy"], cfg.rho, cfg.entropy_coef)
+            if cfg.pi_objective == "tdmpc2":
+                if self._drop is not None:
+                    self._drop.mask = noise.pi_drop
+                q = m.Q(zs, action, task, "avg", qidx=noise.pi_qidx)
+                self.scale.update(self._all_gather(q[0]))
+                loss = policy_loss(self.scale(q), pi["scaled_entropy"], cfg.rho, cfg.entropy_coef)
+            else:  # the planner term below is the whole loss
+                loss = torch.zeros((), device=zs.device)
             out = {"pi_loss": loss}
             if "policy" in labels:
                 out["distill_policy_loss"] = policy_distill_loss(pi["mean"][0], labels["policy"])

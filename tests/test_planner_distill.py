@@ -265,6 +265,38 @@ def test_q_filter_teaches_only_the_rows_where_the_models_q_prefers_the_planner(t
         TrainConfig.make(planner_filter="x")
 
 
+def test_planner_objective_is_the_planner_term_alone(tmp_path):
+    """--pi-objective planner: the policy's step is the gradient of planner_coef x the planner term and nothing
+    else (no Q to climb, no entropy bonus); the world model and the Q scale stay as they were."""
+    ds = random_labelled(tmp_path / "d", episodes=2, T=10)
+    tr = _trainer(ds, distill="planner", planner_coef=5.0, world_model=False, pi_objective="planner")
+    m, batch = tr.model, SliceSampler(ds, 3, 16, seed=0, prefetch=False).sample()
+    state, scale = tr.generator.get_state(), tr.scale.value.clone()
+    noise = tr._draw(3, 16)
+    tr.generator.set_state(state)
+    task, world = batch.task, {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("_pi.")}
+    m.train()
+    zs = tr._rollout(batch.obs[0], batch.action, task).detach()
+    _, pi = m.pi_info(zs, task, eps=noise.pi_eps)
+    loss = 5.0 * L.planner_distill_loss({"mean": pi["mean"][0]}, tr._labels(batch)["planner"], m._action_masks[task])
+    want = torch.autograd.grad(loss, list(m._pi.parameters()))
+    m.eval()
+    grads = {}
+    hooks = [p.register_hook(lambda g, i=i: grads.__setitem__(i, g.clone())) for i, p in enumerate(m._pi.parameters())]
+    info = tr.update(batch)
+    for h in hooks:
+        h.remove()
+    assert info["pi_loss"] == 0 and torch.allclose(5.0 * info["distill_planner_loss"], loss.detach())
+    for i, g in enumerate(want):
+        assert torch.allclose(grads[i], g, atol=1e-6)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in world.items()) and torch.equal(tr.scale.value, scale)
+    with pytest.raises(ValueError, match="pi_objective 'x'"):
+        TrainConfig.make(pi_objective="x")
+    for bad in (dict(distill="reward"), dict(distill="planner", planner_coef=0.0)):
+        with pytest.raises(ValueError, match="add planner to --distill"):
+            TrainConfig.make(pi_objective="planner", **bad)
+
+
 # --- self-distillation, DAgger ------------------------------------------------------------------------------
 def test_init_teacher_starts_from_the_teachers_weights(tmp_path, teacher_path, labelled):
     from edge_tdmpc.distill.offline import DistillOptions, teacher_student
