@@ -2,11 +2,15 @@
 of the observation alone cannot avoid (docs/results/distill-mt30.md, "What the planner's labels can teach").
 
     edge-tdmpc bench planner-probe run CKPT --tasks walker-stand,reacher-easy --episodes 1 --out runs/probe
+    edge-tdmpc bench planner-probe run CKPT --prior STUDENT --variants prior,prior-fit ... --out runs/probe-student
     edge-tdmpc bench planner-probe report runs/probe --md FILE
 
 Every variant acts in eval mode on the same episodes (the bench's initial states and noise seeds):
 
-    prior          the policy prior (its mean): what a distilled student executes
+    prior          the policy prior (its mean): what a distilled student executes (--prior: another checkpoint's
+                   prior, a student of CKPT with its task set)
+    prior-fit      the prior acting, with CKPT's planner labelling each state it visits along the way (its own
+                   warm start, as a DAgger round labels): how well the prior fits the planner where it goes
     plan           MPPI as the bench runs it: the picked elite, warm-started from the previous step's plan
     mean           the same planner executing its final mean's first action, the label the planner term teaches
     mean-cold      that mean planned from no warm start at every step: the planner without its memory of the
@@ -18,7 +22,8 @@ Per step, over the task's own action dims: mean-cold-avg records the labels' spr
 action's mean across the replans: half the MSE two labels of one state have between them, the floor of a fit) and
 the prior's squared error to their average; mean records the prior's squared error to the warm label (what a
 dataset collected by the planner holds) and that label's squared distance to a cold replan of the same state on a
-second runtime (the part of a label that the planner's memory makes, which no function of the state can fit).
+second runtime (the part of a label that the planner's memory makes, which no function of the state can fit);
+prior-fit records the prior's squared error to the label of each state it visits.
 `run` is resumable: finished (task, episode, variant) rows are kept in OUT/probe.jsonl and skipped.
 """
 import json
@@ -29,7 +34,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-VARIANTS = ("prior", "plan", "mean", "mean-cold", "mean-cold-avg")
+VARIANTS = ("prior", "prior-fit", "plan", "mean", "mean-cold", "mean-cold-avg")
 
 
 class ProbeActor:
@@ -63,6 +68,10 @@ class ProbeActor:
         v = self.variant
         if v == "prior":
             return self.prior.act(obs, task, t0=t0, eval_mode=True)
+        if v == "prior-fit":
+            action = self.prior.act(obs, task, t0=t0, eval_mode=True)
+            self._record("prior_to_warm", action, self._mean(obs, task, t0))
+            return action
         if v == "plan":
             return self.planner.act(obs, task, t0=t0, eval_mode=True)
         if v == "mean-cold":
@@ -96,6 +105,7 @@ def _init(parent, settings):
         die_with_parent(parent)
     torch.set_num_threads(1)  # processes give the parallelism
     model = load_model(settings["checkpoint"])
+    student = load_model(settings["prior"]) if settings["prior"] else model
     cfg = PlannerConfig(**settings["planner"])
 
     def planner():
@@ -103,7 +113,7 @@ def _init(parent, settings):
             return TorchRuntime(model, settings["precision"], cfg)
         from edge_tdmpc.compile.runtimes import OnnxRuntime
         return OnnxRuntime(settings["directory"], settings["precision"], cfg, threads=1)
-    prior = TorchRuntime(model, "fp32", PlannerConfig(mpc=False))
+    prior = TorchRuntime(student, "fp32", PlannerConfig(mpc=False))
     _WORKER.update(model=model, planner=planner(), cold=planner(), prior=prior, settings=settings)
 
 
@@ -130,9 +140,9 @@ def read_rows(out: Path) -> list[dict]:
 
 
 def run_probe(checkpoint, tasks, variants, episodes, out: Path, seed=1, steps=500, replans=4, runtime="onnxruntime",
-              precision="int8", workers=2, planner=None, echo=print) -> list[dict]:
+              precision="int8", workers=2, planner=None, prior=None, echo=print) -> list[dict]:
     """Every (task, episode, variant) not yet in OUT/probe.jsonl, appended as it finishes -> all rows (planner: a
-    PlannerConfig, the official one by default)."""
+    PlannerConfig, the official one by default; prior: the checkpoint whose prior acts, CKPT's by default)."""
     from edge_tdmpc.checkpoint import load_model
     from edge_tdmpc.planner import PlannerConfig
     bad = [v for v in variants if v not in VARIANTS]
@@ -142,15 +152,19 @@ def run_probe(checkpoint, tasks, variants, episodes, out: Path, seed=1, steps=50
     unknown = [t for t in tasks if t not in model.cfg.tasks]
     if unknown:
         raise ValueError(f"task(s) {unknown} are not in the model's task set: choose from {list(model.cfg.tasks)}")
+    theirs = load_model(prior).cfg.tasks if prior is not None else model.cfg.tasks
+    if tuple(theirs) != tuple(model.cfg.tasks):
+        raise ValueError(f"--prior {prior} has the task set {list(theirs)}, CKPT {list(model.cfg.tasks)}: give a "
+                         "student of CKPT with its task set")
     cfg = planner or PlannerConfig()
-    settings = dict(checkpoint=str(checkpoint), planner=dict(vars(cfg)), runtime=runtime, precision=precision,
-                    directory=None, seed=seed, steps=steps, replans=replans)
+    settings = dict(checkpoint=str(checkpoint), prior=str(prior) if prior else None, planner=dict(vars(cfg)),
+                    runtime=runtime, precision=precision, directory=None, seed=seed, steps=steps, replans=replans)
     if runtime != "torch":
         from edge_tdmpc.compile.runtimes import compile_for
         settings["directory"] = str(compile_for(runtime, model, precision, cfg, echo=echo))
     out.mkdir(parents=True, exist_ok=True)
     done = {(r["task"], r["episode"], r["variant"]) for r in read_rows(out)}
-    cost = {"mean-cold-avg": replans + 0.1, "prior": 0.1}  # longest first, so the workers finish together
+    cost = {"mean-cold-avg": replans + 0.1, "mean": 2, "prior": 0.1}  # longest first, so the workers finish together
     jobs = sorted(((t, e, v) for t in tasks for e in range(episodes) for v in variants if (t, e, v) not in done),
                   key=lambda j: -cost.get(j[2], 1))
     if jobs:
@@ -175,8 +189,11 @@ def run_probe(checkpoint, tasks, variants, episodes, out: Path, seed=1, steps=50
 
 
 # --- report ------------------------------------------------------------------------------------------------------
-STATS = {"spread": "cold labels' spread", "prior_to_cold": "prior to cold label",  # per-step statistics (module
-         "prior_to_warm": "prior to warm label", "memory": "warm to cold label"}   # doc) and their columns
+STATS = {("mean-cold-avg", "spread"): "cold labels' spread",  # per-step statistics (module doc), their columns
+         ("mean-cold-avg", "prior_to_cold"): "prior to cold label",
+         ("mean", "prior_to_warm"): "prior to warm label (planner's states)",
+         ("mean", "memory"): "warm to cold label",
+         ("prior-fit", "prior_to_warm"): "prior to warm label (prior's states)"}
 
 
 def score_table(rows: list[dict]) -> tuple[list[str], list[str], dict]:
@@ -206,14 +223,15 @@ def report_markdown(rows: list[dict]) -> str:
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     stats = {}  # (task, stat) -> values over episodes
     for r in rows:
-        for name in STATS:
-            if name in r:
-                stats.setdefault((r["task"], name), []).append(r[name])
-    head = " | ".join(variants) + " | " + " | ".join(STATS.values())
-    lines += ["", f"| task | {head} |", "|---|" + "---|" * (len(variants) + len(STATS))]
+        for variant, name in STATS:
+            if name in r and r["variant"] == variant:
+                stats.setdefault((r["task"], variant, name), []).append(r[name])
+    shown = [k for k in STATS if any(s[1:] == k for s in stats)]
+    head = " | ".join(variants + [STATS[k] for k in shown])
+    lines += ["", f"| task | {head} |", "|---|" + "---|" * (len(variants) + len(shown))]
     for t in tasks:
         cells = [f"{np.mean(scores[t, v]):.1f}" for v in variants]
-        cells += [f"{np.mean(stats[t, n]):.3f}" if (t, n) in stats else "" for n in STATS]
+        cells += [f"{np.mean(stats[(t, *k)]):.3f}" if (t, *k) in stats else "" for k in shown]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -231,15 +249,17 @@ def main():
 @click.option("--seed", default=1, show_default=True, help="env seed (the bench's protocol)")
 @click.option("--steps", default=500, show_default=True, help="agent steps per episode")
 @click.option("--replans", default=4, show_default=True, help="cold replans averaged by mean-cold-avg")
+@click.option("--prior", type=click.Path(exists=True, dir_okay=False), help="whose prior acts [CKPT's]: a student")
 @click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="onnxruntime", show_default=True)
 @click.option("--precision", default="int8", show_default=True)
 @click.option("--workers", default=2, show_default=True, help="worker processes (0: this process)")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def run(checkpoint, tasks, variants, episodes, seed, steps, replans, runtime, precision, workers, out):
+def run(checkpoint, tasks, variants, episodes, seed, steps, replans, prior, runtime, precision, workers, out):
     """Play every variant on every task (resumable)."""
     try:
         rows = run_probe(checkpoint, [t for t in tasks.split(",") if t], [v for v in variants.split(",") if v],
-                         episodes, Path(out), seed, steps, replans, runtime, precision, workers, echo=click.echo)
+                         episodes, Path(out), seed, steps, replans, runtime, precision, workers, prior=prior,
+                         echo=click.echo)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     click.echo(report_markdown(rows))

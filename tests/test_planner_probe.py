@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import SMALL
+from helpers import SMALL, make_tiny_model
 
 from edge_tdmpc.bench.planner_probe import VARIANTS, ProbeActor, read_rows, run_probe
 from edge_tdmpc.planner import PlannerConfig
 from edge_tdmpc.rollout import evaluation_episode
 from edge_tdmpc.runtime import TorchRuntime
 
-TASK, STEPS = "reacher-easy", 4
+TASK, STEPS = "cartpole-balance", 4
 
 
 def _actor(model, variant, replans=2, cold=False):
@@ -81,6 +81,16 @@ def test_run_resumes_without_repeating_a_row(tiny_model, tmp_path):
     lines = (tmp_path / "out" / "probe.jsonl").read_text().splitlines()
     assert len(lines) == len(VARIANTS) and all(json.loads(x)["steps"] == STEPS for x in lines)
     assert read_rows(tmp_path / "out") == rows
+    other = tmp_path / "other.pt"
+    save_model(make_tiny_model(seed=5), other)  # another prior on the same task set: the prior variants follow it
+    rows = run_probe(ckpt, [TASK], ["prior", "prior-fit"], 1, tmp_path / "other", prior=other, **kw)
+    mine = {r["variant"]: r for r in read_rows(tmp_path / "out")}
+    theirs = {r["variant"]: r for r in rows}
+    assert theirs["prior"]["ret"] == theirs["prior-fit"]["ret"] != mine["prior"]["ret"]  # labelling moves nothing
+    assert theirs["prior-fit"]["prior_to_warm"] > 0
+    save_model(make_tiny_model("cartpole-balance,reacher-easy"), tmp_path / "two.pt")
+    with pytest.raises(ValueError, match="a student of CKPT with its task set"):
+        run_probe(ckpt, [TASK], ["prior"], 1, tmp_path / "x", prior=tmp_path / "two.pt", **kw)
     with pytest.raises(ValueError, match="unknown variant"):
         run_probe(ckpt, [TASK], ["elite"], 1, tmp_path / "out", **kw)
     with pytest.raises(ValueError, match="not in the model's task set"):
