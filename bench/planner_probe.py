@@ -1,5 +1,5 @@
 """What a prior that imitated its planner perfectly would score: the planner's actions under the changes a policy
-of the observation alone cannot avoid (docs/results/distill-mt30.md, "What the planner's labels can teach").
+of the observation alone cannot avoid (docs/results/distill-mt30.md, session 18).
 
     edge-tdmpc bench planner-probe run CKPT --tasks walker-stand,reacher-easy --episodes 1 --out runs/probe
     edge-tdmpc bench planner-probe run CKPT --prior STUDENT --variants prior,prior-fit ... --out runs/probe-student
@@ -133,10 +133,9 @@ def _job(job) -> dict:
 
 
 def read_rows(out: Path) -> list[dict]:
-    path = out / "probe.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """OUT/probe.jsonl's rows, a line cut by a kill left out."""
+    from edge_tdmpc.distill.runlog import read_jsonl
+    return read_jsonl(out / "probe.jsonl")
 
 
 def run_probe(checkpoint, tasks, variants, episodes, out: Path, seed=1, steps=500, replans=4, runtime="onnxruntime",
@@ -144,6 +143,7 @@ def run_probe(checkpoint, tasks, variants, episodes, out: Path, seed=1, steps=50
     """Every (task, episode, variant) not yet in OUT/probe.jsonl, appended as it finishes -> all rows (planner: a
     PlannerConfig, the official one by default; prior: the checkpoint whose prior acts, CKPT's by default)."""
     from edge_tdmpc.checkpoint import load_model
+    from edge_tdmpc.files import atomic_write_text
     from edge_tdmpc.planner import PlannerConfig
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -163,12 +163,15 @@ def run_probe(checkpoint, tasks, variants, episodes, out: Path, seed=1, steps=50
         from edge_tdmpc.compile.runtimes import compile_for
         settings["directory"] = str(compile_for(runtime, model, precision, cfg, echo=echo))
     out.mkdir(parents=True, exist_ok=True)
-    done = {(r["task"], r["episode"], r["variant"]) for r in read_rows(out)}
+    rows, path = read_rows(out), out / "probe.jsonl"
+    if path.exists() and len(rows) != len(path.read_text().splitlines()):  # a killed run's torn last line: the
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))  # next row must not join it
+    done = {(r["task"], r["episode"], r["variant"]) for r in rows}
     cost = {"mean-cold-avg": replans + 0.1, "mean": 2, "prior": 0.1}  # longest first, so the workers finish together
     jobs = sorted(((t, e, v) for t in tasks for e in range(episodes) for v in variants if (t, e, v) not in done),
                   key=lambda j: -cost.get(j[2], 1))
     if jobs:
-        with open(out / "probe.jsonl", "a") as log:
+        with open(path, "a") as log:
             if workers == 0:
                 _init(None, settings)
                 results = map(_job, jobs)
@@ -185,6 +188,7 @@ def run_probe(checkpoint, tasks, variants, episodes, out: Path, seed=1, steps=50
             finally:
                 if pool is not None:
                     pool.terminate()
+                    pool.join()
     return read_rows(out)
 
 

@@ -42,7 +42,12 @@ class Checkpoints:
 def read_metrics(out) -> list[dict]:
     """The metric rows of the run in `out` (its metrics.jsonl; [] when there is none), a line cut by a kill
     left out."""
-    path = Path(out) / "metrics.jsonl"
+    return read_jsonl(Path(out) / "metrics.jsonl")
+
+
+def read_jsonl(path) -> list[dict]:
+    """The rows of a JSON-lines file ([] when there is none), a line cut by a kill left out."""
+    path = Path(path)
     if not path.is_file():
         return []
     rows = []

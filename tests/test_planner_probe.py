@@ -81,6 +81,11 @@ def test_run_resumes_without_repeating_a_row(tiny_model, tmp_path):
     lines = (tmp_path / "out" / "probe.jsonl").read_text().splitlines()
     assert len(lines) == len(VARIANTS) and all(json.loads(x)["steps"] == STEPS for x in lines)
     assert read_rows(tmp_path / "out") == rows
+    with open(tmp_path / "out" / "probe.jsonl", "a") as f:  # a run killed mid-write leaves a torn line
+        f.write('{"task": "cartpole-bal')
+    rows = run_probe(ckpt, [TASK], list(VARIANTS), 1, tmp_path / "out", **kw)
+    assert sorted(r["variant"] for r in rows) == sorted(VARIANTS)  # read past it, nothing rerun
+    assert len((tmp_path / "out" / "probe.jsonl").read_text().splitlines()) == len(VARIANTS)  # and dropped
     other = tmp_path / "other.pt"
     save_model(make_tiny_model(seed=5), other)  # another prior on the same task set: the prior variants follow it
     rows = run_probe(ckpt, [TASK], ["prior", "prior-fit"], 1, tmp_path / "other", prior=other, **kw)
