@@ -27,8 +27,6 @@ prior-fit records the prior's squared error to the label of each state it visits
 `run` is resumable: finished (task, episode, variant) rows are kept in OUT/probe.jsonl and skipped.
 """
 import json
-import multiprocessing as mp
-import os
 from pathlib import Path
 
 import click
@@ -94,16 +92,10 @@ class ProbeActor:
 _WORKER = {}
 
 
-def _init(parent, settings):
-    import torch
-
+def _init(settings):
     from edge_tdmpc.checkpoint import load_model
     from edge_tdmpc.planner import PlannerConfig
     from edge_tdmpc.runtime import TorchRuntime
-    from edge_tdmpc.workers import die_with_parent
-    if parent is not None:
-        die_with_parent(parent)
-    torch.set_num_threads(1)  # processes give the parallelism
     model = load_model(settings["checkpoint"])
     student = load_model(settings["prior"]) if settings["prior"] else model
     cfg = PlannerConfig(**settings["planner"])
@@ -145,6 +137,7 @@ def run_probe(checkpoint, tasks, variants, episodes, out: Path, seed=1, steps=50
     from edge_tdmpc.checkpoint import load_model
     from edge_tdmpc.files import atomic_write_text
     from edge_tdmpc.planner import PlannerConfig
+    from edge_tdmpc.workers import worker_map
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise ValueError(f"unknown variant(s) {bad}: choose from {', '.join(VARIANTS)}")
@@ -171,24 +164,11 @@ def run_probe(checkpoint, tasks, variants, episodes, out: Path, seed=1, steps=50
     jobs = sorted(((t, e, v) for t in tasks for e in range(episodes) for v in variants if (t, e, v) not in done),
                   key=lambda j: -cost.get(j[2], 1))
     if jobs:
-        with open(path, "a") as log:
-            if workers == 0:
-                _init(None, settings)
-                results = map(_job, jobs)
-                pool = None
-            else:
-                pool = mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_init,
-                                                    initargs=(os.getpid(), settings))
-                results = pool.imap_unordered(_job, jobs)
-            try:
-                for row in results:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    echo(f"{row['task']} ep{row['episode']} {row['variant']}: {row['score']:.1f}")
-            finally:
-                if pool is not None:
-                    pool.terminate()
-                    pool.join()
+        with open(path, "a") as log, worker_map(_job, jobs, workers, _init, (settings,), ordered=False) as results:
+            for row in results:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                echo(f"{row['task']} ep{row['episode']} {row['variant']}: {row['score']:.1f}")
     return read_rows(out)
 
 

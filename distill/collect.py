@@ -13,15 +13,12 @@ std of the first action and the action it would execute without noise) as the da
 teacher compiled first, the fastest planner on a CPU).
 """
 import json
-import multiprocessing as mp
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from edge_tdmpc.checkpoint import load_model
@@ -33,7 +30,7 @@ from edge_tdmpc.rollout import run
 from edge_tdmpc.runtime import PRECISIONS, TORCH_DTYPES
 from edge_tdmpc.seeding import derive_seed
 from edge_tdmpc.tasks import resolve_tasks
-from edge_tdmpc.workers import die_with_parent
+from edge_tdmpc.workers import worker_map
 
 
 def play(model, task: str, task_index, seed: int, steps: int, mpc=True, eval_mode=False, noise_std=0.0,
@@ -185,9 +182,7 @@ RESUME_MAY_CHANGE = ("episodes", "workers")
 _WORKER = {}
 
 
-def _init_worker(parent, teacher, teacher_tasks, settings, spec):
-    die_with_parent(parent)
-    torch.set_num_threads(1)  # parallelism comes from processes; one thread each also makes runs repeatable
+def _init_worker(teacher, teacher_tasks, settings, spec):
     model = load_model(teacher, tasks=teacher_tasks)
     _WORKER.update(model=model, settings=settings, runtime=load_teacher_runtime(model, spec, settings["seed"]))
 
@@ -238,38 +233,16 @@ def collect(teacher, tasks, out_dir, options: CollectOptions | None = None, *, e
     fields = {"planner": 3 * cfg.action_dim} if opts.mpc else {}
     with EpisodeWriter(out_dir, cfg.obs_dim, cfg.action_dim, cfg.tasks, fields=fields) as writer:
         writer.meta["collect"] = record
-        results, pool = _results(model, jobs, opts.workers, teacher, opts.teacher_tasks, run_settings, spec)
-        last = time.monotonic()
-        try:
+        init = (str(teacher), opts.teacher_tasks, run_settings, spec)
+        with worker_map(_run_job, jobs, opts.workers, _init_worker, init) as results:
+            last = time.monotonic()
             for ep in tqdm(results, total=len(jobs), unit="ep", desc="collect", disable=not progress):
                 writer.add(ep["obs"], ep["action"], ep["reward"], task=ep["task"], key=ep["key"], **ep["fields"])
                 returns[cfg.tasks[ep["task"]]].append(float(ep["reward"].sum()))
                 if time.monotonic() - last > flush_seconds:  # bound what an interruption can lose
                     writer.flush()
                     last = time.monotonic()
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
     for t, r in returns.items():
         if r:
             echo(f"{t:<26} {len(r)} episode(s), mean return {np.mean(r):8.1f}")
     return returns
-
-
-def _results(model, jobs, workers, teacher, teacher_tasks, settings, spec):
-    """An iterator of rollouts in job order, from a spawn pool (workers >= 1) or this process (0)."""
-    if workers == 0:
-        def run_here():
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                runtime = load_teacher_runtime(model, spec, settings["seed"]) if jobs else None
-                for task, episode in jobs:
-                    yield rollout(model, task, episode, runtime=runtime, **settings)
-            finally:
-                torch.set_num_threads(threads)
-        return run_here(), None
-    pool = mp.get_context("spawn").Pool(min(workers, max(len(jobs), 1)), initializer=_init_worker,
-                                        initargs=(os.getpid(), str(teacher), teacher_tasks, settings, spec))
-    return pool.imap(_run_job, jobs), pool

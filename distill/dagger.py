@@ -9,12 +9,9 @@ workers load it and a resumed run rolls out the same student. Round r's episode 
 r * KEY_STRIDE + e: a resumed round skips the episodes it wrote; OUT/dagger/rounds.json marks finished rounds.
 """
 import json
-import multiprocessing as mp
-import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from edge_tdmpc.distill.data import EpisodeDataset, EpisodeWriter
@@ -22,7 +19,7 @@ from edge_tdmpc.distill.labels import FIELD, ConcatLabels, labelled_step
 from edge_tdmpc.distill.teacher import write_json
 from edge_tdmpc.distill.views import ConcatDataset
 from edge_tdmpc.seeding import derive_seed
-from edge_tdmpc.workers import die_with_parent
+from edge_tdmpc.workers import worker_map
 
 KEY_STRIDE = 10_000
 
@@ -56,10 +53,7 @@ def finished_rounds(run_dir) -> list[int]:
 _WORKER = {}
 
 
-def _init(parent, teacher, teacher_tasks, spec):
-    if parent is not None:
-        die_with_parent(parent)
-    torch.set_num_threads(1)
+def _init(teacher, teacher_tasks, spec):
     from edge_tdmpc.checkpoint import load_model
     from edge_tdmpc.distill.collect import teacher_planner
     model = load_model(teacher, tasks=teacher_tasks)
@@ -119,24 +113,11 @@ def run_round(r: int, student, data, present, run_dir, teacher, teacher_tasks, s
     jobs = [(str(student_path), tasks, tasks[i], r * KEY_STRIDE + e, steps, derive_seed(seed, 7919, r, i, e))
             for i in present for e in range(episodes) if (i, r * KEY_STRIDE + e) not in done]
     with EpisodeWriter(data_dir, data.obs_dim, data.action_dim, tasks, fields={FIELD: label_dim}) as writer:
-        if jobs and workers:
-            pool = mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_init,
-                                                initargs=(os.getpid(), str(teacher), teacher_tasks, spec))
-            results = pool.imap(_episode, jobs)
-        else:
-            pool = None
-            if jobs:
-                _init(None, str(teacher), teacher_tasks, spec)
-            results = map(_episode, jobs)
-        try:
+        with worker_map(_episode, jobs, workers, _init, (str(teacher), teacher_tasks, spec)) as results:
             for ep in tqdm(results, total=len(jobs), unit="ep", desc=f"dagger round {r}", disable=not progress):
                 writer.add(ep["obs"], ep["action"], ep["reward"], task=ep["task"], key=ep["key"],
                            **{FIELD: ep["planner"]})
                 writer.flush()  # each episode costs a planner's worth of labels: a kill loses none
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
     ds = EpisodeDataset(data_dir)
     t = ds.episode_table()
     returns = {}

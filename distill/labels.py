@@ -10,8 +10,6 @@ Two sources, one lookup by global transition index (`Batch.index`):
   int8 is the fastest planner on a CPU); an interrupted build resumes episode by episode.
 """
 import json
-import multiprocessing as mp
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from tqdm import tqdm
 from edge_tdmpc.distill.teacher import _dataset_id, write_json
 from edge_tdmpc.files import atomic_write
 from edge_tdmpc.seeding import derive_seed
-from edge_tdmpc.workers import die_with_parent
+from edge_tdmpc.workers import worker_map
 
 FIELD = "planner"
 CACHE_FORMAT, CACHE_VERSION = "edge-tdmpc-planner-labels", 1
@@ -110,18 +108,13 @@ class PlannerLabelCache:
                  "resuming")
         settings = dict(teacher=str(teacher), teacher_tasks=teacher_tasks, spec=spec, seed=seed,
                         root=str(dataset.root))
-        results, pool = _labelled(jobs, workers, settings)
-        try:
+        with worker_map(_label, jobs, workers, _init, (settings,)) as results:
             for i, rows in tqdm(results, total=len(jobs), unit="ep", desc="planner labels", disable=not progress):
                 lo = int(table["offset"][i])
                 array[lo:lo + len(rows)] = rows
                 array.flush()
                 done[i] = True
                 _save_done(done_path, done)  # after the rows are on disk: a crash relabels at most this episode
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
         meta["complete"] = True
         write_json(meta_path, meta)
         return cls(root)
@@ -150,10 +143,7 @@ def label_episode(runtime, obs, task_index, seed) -> np.ndarray:
 _WORKER = {}
 
 
-def _init(parent, settings):
-    if parent is not None:
-        die_with_parent(parent)
-    torch.set_num_threads(1)  # processes give the parallelism; one thread also makes the labels repeatable
+def _init(settings):
     from edge_tdmpc.checkpoint import load_model
     from edge_tdmpc.distill.collect import teacher_planner
     from edge_tdmpc.distill.data import EpisodeDataset
@@ -169,22 +159,6 @@ def _label(job):
     name = ds.tasks[ep["task"]]
     index = model.cfg.tasks.index(name) if model.cfg.multitask else None
     return i, label_episode(runtime, ep["obs"], index, derive_seed(_WORKER["seed"], ep["task"], ep["key"]))
-
-
-def _labelled(jobs, workers, settings):
-    if workers == 0 or not jobs:
-        def here():
-            threads = torch.get_num_threads()
-            try:
-                if jobs:
-                    _init(None, settings)
-                for job in jobs:
-                    yield _label(job)
-            finally:
-                torch.set_num_threads(threads)
-        return here(), None
-    pool = mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_init, initargs=(os.getpid(), settings))
-    return pool.imap(_label, jobs), pool
 
 
 class ConcatLabels:
