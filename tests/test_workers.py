@@ -1,7 +1,12 @@
 """worker_map: the same results in order at any worker count, one torch thread per process, nothing left running."""
 import os
+import re
+import signal
+import threading
+import time
 
 import psutil
+import pytest
 import torch
 
 from edge_tdmpc.workers import worker_map
@@ -37,3 +42,33 @@ def test_worker_map_gives_every_result_in_order_at_any_worker_count():
         assert sorted(r[0] for r in results) == jobs
     with worker_map(_job, [], 2, _init, (0,)) as results:  # no jobs: no pool, no init
         assert list(results) == []
+
+
+def _fail(_):
+    raise ValueError("no teacher here")
+
+
+def _die(x):
+    if x == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+    time.sleep(0.2)
+    return x
+
+
+def _through(jobs, fn, init, out):
+    try:
+        with worker_map(fn, jobs, 2, init, (0,)) as results:
+            out.append(list(results))
+    except Exception as e:
+        out.append(e)
+
+
+@pytest.mark.parametrize("fn, init, message", [(_job, _fail, "a worker failed to start: ValueError: no teacher here"),
+                                               (_die, _init, "a worker process died")])
+def test_a_worker_that_cannot_start_or_dies_is_an_error_not_a_wait(fn, init, message):
+    out = []  # a Pool left to itself would wait forever: a daemon thread bounds the test
+    thread = threading.Thread(target=_through, args=(list(range(6)), fn, init, out), daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert out, "worker_map should have raised, not waited"
+    assert isinstance(out[0], RuntimeError) and re.match(message, str(out[0])), out[0]
