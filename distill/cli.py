@@ -79,7 +79,9 @@ def train(tasks, out, resume, threads, progress, **settings):
 @click_options(FinetuneOptions, exclude=("planner",))
 @process_options
 def finetune(checkpoint, task, out, resume, threads, progress, **settings):
-    """Teach the multi-task model in CHECKPOINT one more task, online; writes OUT/model.pt (one more task)."""
+    """Teach the multi-task model in CHECKPOINT one more task, online; writes OUT/model.pt (one more task).
+
+    --steps 0 adds the task with the row --start-by return (or --init-from) chooses and trains nothing."""
     from edge_tdmpc.distill.finetune import finetune as run
     options = pop_settings(FinetuneOptions, settings)
     _threads(threads)

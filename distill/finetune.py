@@ -26,10 +26,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from edge_tdmpc.checkpoint import load_model
+from edge_tdmpc.checkpoint import load_model, save_model
 from edge_tdmpc.distill.data import Batch, EpisodeDataset
 from edge_tdmpc.distill.losses import PLANNER_FILTERS, split_plan_label
 from edge_tdmpc.distill.online import Replay, ScheduleOptions, run_online
@@ -77,8 +78,13 @@ class FinetuneOptions(ScheduleOptions):
     trainable: str = setting("all", "what the updates move: all (every weight) or embedding (the new task's embedding "
                          "row alone: the old tasks' outputs stay bit for bit)", choices=TRAINABLE)
 
+    min_steps: ClassVar[int] = 0  # --steps 0: the task added and its row chosen, nothing trained
+
     def __post_init__(self):
         super().__post_init__()
+        if self.steps == 0 and self.init_from == AUTO and self.start_by == "loss":
+            raise ValueError("--steps 0 adds the task without a seed phase for --start-by loss to measure on: "
+                             "choose its row by --start-by return or --init-from TASK")
         r = self.replay_ratio
         if not (isinstance(r, (int, float)) and math.isfinite(r) and 0 < r < 1):
             raise ValueError(f"--replay-ratio must be a number between 0 and 1 (exclusive), got {r!r}")
@@ -250,6 +256,15 @@ def finetune(checkpoint, task: str, out, options: FinetuneOptions | None = None,
         start_from(choice["init_from"])  # a resumed checkpoint then loads over it
     if resume and (out / CHOICE).exists():  # anchored to the start, not to the checkpoint it resumes from
         anchor_to_start()
+    if opts.steps == 0:  # the start a fine-tune would take, as a model: the new row borrowed, no update
+        if (out / "model.pt").exists() and not resume:
+            raise ValueError(f"{out} already holds a model; pick a new --out")
+        out.mkdir(parents=True, exist_ok=True)
+        choice = choice or dict(task=task, init_from=opts.init_from)
+        write_json(out / CHOICE, choice)
+        save_model(model, out / "model.pt")
+        return dict(model=str(out / "model.pt"), env_steps=0, updates=0, episodes=0, tasks=list(mc.tasks),
+                    init_from=choice["init_from"])
 
     def before_first_update(replay):
         candidates = choice.get("tied", mc.tasks[:new])

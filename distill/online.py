@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ class ScheduleOptions(LoopOptions):
     batch_size: int = setting(TrainConfig.batch_size)
     logger: str = setting("none", "also send metric rows to TensorBoard or wandb (when installed)", choices=LOGGERS)
     planner: dict | None = setting(None, "planner overrides (PlannerConfig fields) for acting and eval")
+    min_steps: ClassVar[int] = 1  # a run that trains nothing is no run (finetune's 0 adds the task alone)
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,7 +54,8 @@ class ScheduleOptions(LoopOptions):
         put("planner", dict(self.planner or {}))
         if self.logger is None:
             put("logger", "none")
-        check_min(self, 1, "steps", "batch_size")
+        check_min(self, self.min_steps, "steps")
+        check_min(self, 1, "batch_size")
         check_min(self, 4, "episode_steps")
         if self.seed_steps is not None:
             check_min(self, 0, "seed_steps")

@@ -102,6 +102,37 @@ def test_start_by_return_picks_the_row_whose_prior_acts_best(base, tmp_path):
     assert s["updates"] == 0 and torch.equal(emb[2], emb[OLD.index(s["init_from"])])
 
 
+def test_steps_0_writes_the_start_the_fine_tune_would_take(base, tmp_path):
+    """--steps 0: the task added, its row chosen by --start-by return (or named), no update, no env step past the
+    measurement; the model is the first-update start of the same run with steps."""
+    r = CliRunner().invoke(main, ["finetune", str(base), "--task", "pointmass-easy", "--steps", "0", "--start-by",
+                                  "return", "--seed", "3", "--episode-steps", "20", "--out", str(tmp_path / "zero"),
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "0 env steps, 0 updates" in r.output
+    choice = json.loads((tmp_path / "zero" / CHOICE).read_text())
+    returns = choice["prior_return"]
+    assert choice["init_from"] == max(OLD, key=returns.get)
+    zero = load_model(tmp_path / "zero" / "model.pt")
+    assert zero.cfg.tasks == (*OLD, "pointmass-easy")
+    emb = zero._task_emb.weight
+    assert torch.equal(emb[2], emb[OLD.index(choice["init_from"])])
+    # the same choice and the same weights as the start of the run that trains (seed phase 0, one env step)
+    s = finetune(base, "pointmass-easy", tmp_path / "one", start_by="return", seed=3, progress=False,
+                 echo=lambda *a: None, **{**QUICK, "seed_steps": 0, "steps": 1})
+    one = load_model(tmp_path / "one" / "model.pt")
+    assert s["init_from"] == choice["init_from"] and s["updates"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(zero.state_dict().values(), one.state_dict().values(), strict=True))
+    named = finetune(base, "pointmass-easy", tmp_path / "named", init_from="reacher-easy", steps=0, progress=False,
+                     echo=lambda *a: None)
+    assert named["init_from"] == "reacher-easy" and named["env_steps"] == 0
+    emb = load_model(tmp_path / "named" / "model.pt")._task_emb.weight
+    assert torch.equal(emb[2], emb[1])
+    with pytest.raises(ValueError, match="already holds a model"):
+        finetune(base, "pointmass-easy", tmp_path / "named", init_from="reacher-easy", steps=0, progress=False,
+                 echo=lambda *a: None)
+
+
 def test_finetune_resumes_after_kill_9_bit_for_bit(base, tmp_path):
     settings = {**QUICK, "steps": 100, "save_every": 1}
     args = [str(base), "--task", "pointmass-easy", *_flags(settings), "--no-progress", "--threads", "1"]
@@ -228,7 +259,8 @@ def test_bad_finetune_settings_are_one_line_errors(base, tmp_path):
         ([str(base), "--task", "pointmass-easy", "--replay-ratio", "1"], "--replay-ratio must be"),
         ([str(base), "--task", "pointmass-easy", "--replay-ratio", "nan"], "--replay-ratio must be"),
         ([str(base), "--task", "pointmass-easy", "--replay", str(tmp_path / "walker")], "'walker-walk' is not in"),
-        ([str(base), "--task", "pointmass-easy", "--steps", "0"], "--steps must be at least 1"),
+        ([str(base), "--task", "pointmass-easy", "--steps", "-1"], "--steps must be at least 0"),
+        ([str(base), "--task", "pointmass-easy", "--steps", "0"], "--steps 0 adds the task without a seed phase"),
         ([str(base), "--task", "pointmass-easy", "--replay-labels"], "--replay-labels teaches the prior"),
         ([str(base), "--task", "pointmass-easy", "--replay", str(_old_data(tmp_path / "plain")), "--replay-labels"],
          "carries no planner labels"),
