@@ -270,3 +270,21 @@ def test_pendulum_spin_rewards_angular_speed():
     assert _reward(env, qvel={"hinge": -12.0}) == pytest.approx(1)
     assert _reward(env, qvel={"hinge": 4.5}) == pytest.approx(0.5)
     assert _reward(env, qvel={"hinge": 0.0}) == 0
+
+
+@pytest.mark.parametrize("preset", [None, "glfw"])
+def test_headless_by_default_and_a_chosen_renderer_is_kept(preset):
+    """Without MUJOCO_GL the envs need no display and print no GLFW warning; a renderer the user names stays."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "DISPLAY")}
+    if preset:
+        env["MUJOCO_GL"] = preset
+    code = ("import os; from edge_tdmpc.envs import make_env; make_env('walker-walk').reset(seed=1); "
+            "print(os.environ['MUJOCO_GL'])")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == (preset or "disable")
+    if preset is None:
+        assert "GLFW" not in r.stderr and "display" not in r.stderr.lower(), r.stderr

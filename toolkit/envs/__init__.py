@@ -4,9 +4,15 @@ that fit MT30's dims (new tasks to fine-tune on), as gymnasium environments.
     env = make_env("cheetah-run-backwards", seed=1)                # obs (17,), actions (6,) in [-1, 1]
     env = make_env("cheetah-run-backwards", seed=1, multitask=True)  # obs padded to (24,), actions (6,)
 """
-from ..tasks import DMC_DIMS, MT30, TASK_DIMS
-from .custom import CUSTOM_TASKS
-from .dmcontrol import (
+import os
+
+# Nothing here renders (observations are state), but dm_control's import looks for a display and warns on every
+# headless machine unless told not to; a renderer the user names (MUJOCO_GL=egl, osmesa, glfw) is kept.
+os.environ.setdefault("MUJOCO_GL", "disable")
+
+from ..tasks import DMC_DIMS, MT30, TASK_DIMS  # noqa: E402 (after the renderer choice)
+from .custom import CUSTOM_TASKS  # noqa: E402
+from .dmcontrol import (  # noqa: E402
     ACTION_REPEAT,
     MT30_ACTION_DIM,
     MT30_OBS_DIM,
