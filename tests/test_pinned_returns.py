@@ -39,15 +39,32 @@ CASES = {
 }
 
 
-# the torch returns on a second kernel path (AMD EPYC with AVX-512 BF16); the rest as in CASES
-OTHER_PATH = {
-    "mpc": {('torch', 'cartpole-balance', 0): 38.07466622918436, ('torch', 'cartpole-balance', 1): 36.591896916358294,
-            ('torch', 'walker-walk', 0): 5.670144426109454, ('torch', 'walker-walk', 1): 3.1422257827007636},
-    "prior": {('torch', 'cartpole-balance', 0): 36.1886281478343, ('torch', 'cartpole-balance', 1): 36.69747035364499,
-              ('torch', 'walker-walk', 0): 6.022330753556726, ('torch', 'walker-walk', 1): 2.674647723433738},
-    "deadline": {('torch', 'cartpole-balance', 0): 39.399034430306536,
-                 ('torch', 'cartpole-balance', 1): 38.078332864415756,
-                 ('torch', 'walker-walk', 0): 9.696855845668074, ('torch', 'walker-walk', 1): 3.3420653956271322},
+# the torch returns on other kernel paths, by the CPU that gave them; the rest as in CASES
+OTHER_PATHS = {
+    "AMD EPYC with AVX-512 BF16": {
+        "mpc": {('torch', 'cartpole-balance', 0): 38.07466622918436,
+                ('torch', 'cartpole-balance', 1): 36.591896916358294,
+                ('torch', 'walker-walk', 0): 5.670144426109454, ('torch', 'walker-walk', 1): 3.1422257827007636},
+        "prior": {('torch', 'cartpole-balance', 0): 36.1886281478343,
+                  ('torch', 'cartpole-balance', 1): 36.69747035364499,
+                  ('torch', 'walker-walk', 0): 6.022330753556726, ('torch', 'walker-walk', 1): 2.674647723433738},
+        "deadline": {('torch', 'cartpole-balance', 0): 39.399034430306536,
+                     ('torch', 'cartpole-balance', 1): 38.078332864415756,
+                     ('torch', 'walker-walk', 0): 9.696855845668074,
+                     ('torch', 'walker-walk', 1): 3.3420653956271322},
+    },
+    "AMD EPYC with AVX2 only (no AVX-512)": {
+        "mpc": {('torch', 'cartpole-balance', 0): 38.07467760694223,
+                ('torch', 'cartpole-balance', 1): 36.59191522194683,
+                ('torch', 'walker-walk', 0): 5.667788502489932, ('torch', 'walker-walk', 1): 3.1426991037969247},
+        "prior": {('torch', 'cartpole-balance', 0): 36.188632214029525,
+                  ('torch', 'cartpole-balance', 1): 36.69746627778734,
+                  ('torch', 'walker-walk', 0): 6.022251665011477, ('torch', 'walker-walk', 1): 2.6746475495038093},
+        "deadline": {('torch', 'cartpole-balance', 0): 39.39903560840315,
+                     ('torch', 'cartpole-balance', 1): 38.07833028222608,
+                     ('torch', 'walker-walk', 0): 9.696907464628428,
+                     ('torch', 'walker-walk', 1): 3.3419259221669817},
+    },
 }
 
 
@@ -61,6 +78,6 @@ def test_bench_returns_are_pinned(case, checkpoint_path, tmp_path):
     got = {(r["runtime"], r["task"], r["episode"]): r["return"]
            for r in map(json.loads, (tmp_path / "episodes.jsonl").read_text().splitlines())}
     assert got.keys() == pinned.keys()
-    sets = [pinned, {**pinned, **OTHER_PATH[case]}]
+    sets = [pinned, *({**pinned, **path[case]} for path in OTHER_PATHS.values())]
     assert any(all(got[k] == pytest.approx(v, rel=1e-6, abs=1e-6) for k, v in s.items()) for s in sets), \
         {k: (got[k], *(s[k] for s in sets)) for k in sorted(got)}
