@@ -26,7 +26,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from edge_tdmpc.bench.distill_study import _ci, bootstrap, paired_difference, scores, table
+from edge_tdmpc.bench.distill_study import _ci, bootstrap, paired_difference, paired_ratio, scores, table
 
 KINDS = ("ft-replay-labels", "ft-replay", "ft", "ft-prior", "ft-embedding", "ft-return", "ft-embedding-return",
          "ft-return-prior", "ft-return-warmup", "ft-return-anchor", "ft-return-prior-anchor", "ft-anchor",
@@ -325,10 +325,12 @@ def subset(root, teacher, teacher_prior, teacher_planner, prior_bench, planner_b
         lines.append(f"| {objective} | {n:,} ({n / n_teacher:.0%}) | {len(seeds)} | {_ci(bootstrap(table_))} ("
                      + ", ".join(f"{table_[:, k].mean():.1f}" for k in range(table_.shape[1])) + f") | {share} | "
                      f"{planned} | {p50(own[t] for t in tasks):.2f} ms | {own[tasks[0]]['size_mib']:.2f} MiB |")
-    lines += ["", "| comparison (prior) | difference (task-paired, 95%) |", "|---|---|"]
+    lines += ["", "| comparison (prior) | difference or share (task-paired, 95%) |", "|---|---|"]
     names = list(tables)
     for i, a in enumerate(names):
         lines.append(f"| {a} - teacher | {_ci(paired_difference(tables[a], base), signed=True)} |")
+        share, lo, hi = paired_ratio(tables[a], base)
+        lines.append(f"| {a} / teacher (share of its prior) | {share:.0%} [{lo:.0%}, {hi:.0%}] |")
         lines += [f"| {a} - {b} | {_ci(paired_difference(tables[a], tables[b]), signed=True)} |" for b in names[i + 1:]]
     lines += ["", "| task | teacher prior | teacher planner | " + " | ".join(f"{o} prior" for o in names) + " |",
               "|---|---|---|" + "---|" * len(names)]

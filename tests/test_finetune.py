@@ -428,6 +428,7 @@ def test_subset_report_compares_students_with_the_teacher_on_their_tasks(tmp_pat
     n = load_model(tmp_path / "runs" / "reward+planner-s1" / "student.pt").total_params
     assert f"| {n:,} (" in row and "| 2 | 60.00 [" in row and "| 100% / 86% | – |" in row, row
     assert "| reward+planner - teacher | +0.00 [" in r.output
+    assert "| reward+planner / teacher (share of its prior) | 100% [" in r.output
     bench(tmp_path / "t-short", {"cartpole-swingup": 40.0})
     r = CliRunner().invoke(study, [*args[:-1], str(tmp_path / "t-short" / "report.json")])
     assert r.exit_code != 0 and "lack cartpole-balance" in r.output

@@ -30,6 +30,19 @@ def test_paired_difference_sees_a_shift_that_task_variance_hides():
     assert lo_a < hi_b  # unpaired, the intervals overlap
 
 
+def test_paired_ratio_is_the_share_of_the_baseline_and_tight_where_tasks_scale_together():
+    rng = np.random.default_rng(2)
+    tasks = rng.uniform(10, 100, (8, 1))  # 8 tasks of very different scores; a keeps 90% of b on each
+    a, b = 0.9 * tasks + rng.normal(0, 0.5, (8, 3)), tasks + rng.normal(0, 0.5, (8, 1))
+    share, lo, hi = study.paired_ratio(a, b)
+    assert share == pytest.approx(a.mean() / b.mean()) and lo < share < hi
+    assert 0.85 < lo and hi < 0.95  # tasks drawn twice count twice in both means: their spread cancels
+    d, d_lo, _ = study.paired_difference(a, b)
+    assert d_lo / b.mean() < lo - 0.9 - 0.01  # the difference alone cannot say so: its interval scales with tasks
+    zero = study.paired_ratio(np.ones((2, 1)), np.array([[0.0], [2.0]]))  # a draw of the zero task alone
+    assert zero[0] == 1.0 and zero[2] == np.inf
+
+
 def test_grid_names_its_runs_and_refuses_unknown_students_or_objectives():
     runs = study.grid("1M-teacher:tdmpc2,planner:1,2;s128:reward:3", 100)
     assert [r.name for r in runs] == ["1M-teacher-tdmpc2-s1", "1M-teacher-tdmpc2-s2", "1M-teacher-planner-s1",
