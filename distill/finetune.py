@@ -58,7 +58,8 @@ class FinetuneOptions(ScheduleOptions):
     start_by: str = setting("loss", "auto's measurement: loss (the world-model loss on the seed phase's random "
                             "episodes, lowest) or return (the prior's return on the new task under each row, highest, "
                             "played before the run starts; loss breaks ties)", choices=START_BY)
-    start_episodes: int = setting(1, "episodes of the new task per row that --start-by return plays")
+    start_episodes: int = setting(10, "episodes of the new task per row that --start-by return plays (on a chaotic "
+                                  "task one episode a row ranks noise)")
     replay: str | None = setting(None, "dataset of the model's old tasks mixed into every batch (against "
                                  "forgetting)", type=str)
     replay_ratio: float = setting(0.5, "share of each batch drawn from --replay")
