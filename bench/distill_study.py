@@ -174,26 +174,27 @@ def bootstrap(table: np.ndarray, reps=2000, seed=0) -> tuple[float, float, float
     return float(table.mean()), *map(float, np.percentile(boot, [2.5, 97.5]))
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, reps=2000, seed=0) -> tuple[float, float, float]:
-    """mean(a) - mean(b) over tasks [tasks, seeds each], with the 95% interval of a task-paired bootstrap."""
+def _paired_draws(a: np.ndarray, b: np.ndarray, reps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`reps` bootstrap means of a and of b [tasks, seeds each]: the same tasks drawn for both, with replacement,
+    and each one's seeds drawn within it."""
     rng = np.random.default_rng(seed)
     T = a.shape[0]
     ti = rng.integers(0, T, (reps, T))
     sa = rng.integers(0, a.shape[1], (reps, T, a.shape[1]))
     sb = rng.integers(0, b.shape[1], (reps, T, b.shape[1]))
-    boot = a[ti[..., None], sa].mean(axis=(1, 2)) - b[ti[..., None], sb].mean(axis=(1, 2))
-    return float(a.mean() - b.mean()), *map(float, np.percentile(boot, [2.5, 97.5]))
+    return a[ti[..., None], sa].mean(axis=(1, 2)), b[ti[..., None], sb].mean(axis=(1, 2))
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, reps=2000, seed=0) -> tuple[float, float, float]:
+    """mean(a) - mean(b) over tasks [tasks, seeds each], with the 95% interval of a task-paired bootstrap."""
+    boot_a, boot_b = _paired_draws(a, b, reps, seed)
+    return float(a.mean() - b.mean()), *map(float, np.percentile(boot_a - boot_b, [2.5, 97.5]))
 
 
 def paired_ratio(a: np.ndarray, b: np.ndarray, reps=2000, seed=0) -> tuple[float, float, float]:
     """mean(a) / mean(b) over tasks [tasks, seeds each] (a's share of b's score), with the 95% interval of the
     same task-paired bootstrap as paired_difference: a task drawn twice counts twice in both means."""
-    rng = np.random.default_rng(seed)
-    T = a.shape[0]
-    ti = rng.integers(0, T, (reps, T))
-    sa = rng.integers(0, a.shape[1], (reps, T, a.shape[1]))
-    sb = rng.integers(0, b.shape[1], (reps, T, b.shape[1]))
-    num, den = a[ti[..., None], sa].mean(axis=(1, 2)), b[ti[..., None], sb].mean(axis=(1, 2))
+    num, den = _paired_draws(a, b, reps, seed)
     with np.errstate(divide="ignore", invalid="ignore"):
         boot = np.where(den > 0, num / den, np.inf)  # a draw of b's zero-score tasks only: no share to speak of
     # nearest, not interpolated: an infinite draw would make an interpolated end NaN

@@ -344,7 +344,7 @@ def _ddp_worker(rank, world, init, batches, out):
     dist.barrier()
     dist.destroy_process_group()
     # Skip interpreter finalization: gloo's threads can abort it (SIGABRT, "terminate called without an active
-    # exception") after the work is done, rarely and only under load.
+    # exception") after the work is done, rarely.
     os._exit(0)
 
 
