@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_tdmpc.bench.report import save_figure
+from edge_tdmpc.files import atomic_write_text
 from edge_tdmpc.rollout import evaluation_episode
 
 DEMO_TASKS = ("cartpole-balance", "cartpole-swingup")
@@ -227,7 +229,7 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
     for ax in axes:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "training.png", dpi=110)
+    save_figure(fig, out / "training.png")
     plt.close(fig)
 
     # plot 2: closed-loop mean return per model and runtime/precision
@@ -245,7 +247,7 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
         ax.set(ylabel=f"mean return ({b.eval_steps} steps)", title="closed loop")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "returns.png", dpi=110)
+        save_figure(fig, out / "returns.png")
         plt.close(fig)
 
     lines = ["# edge-tdmpc demo report", ""]
@@ -336,7 +338,7 @@ def write_report(out: Path, tasks, b: Budget, models: dict, times: dict, quick: 
     lines += prior_table(bench_rows, tasks)
     lines += ["## Reading it honestly", "", _verdict(bench_rows, metrics, quick), ""]
     path = out / "report.md"
-    _write_text(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 
@@ -417,9 +419,3 @@ def _load_json(path: Path) -> dict:
 def _write_json(path: Path, obj):
     from edge_tdmpc.distill.teacher import write_json
     write_json(path, obj)
-
-
-def _write_text(path: Path, text: str):
-    from edge_tdmpc.files import atomic_write
-    atomic_write(path, lambda f: f.write(text), mode="w")
-

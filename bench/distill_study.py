@@ -19,6 +19,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from edge_tdmpc.bench.report import save_figure
+from edge_tdmpc.files import atomic_write_text
+
 # student: the flags that make it
 STUDENTS = {
     "1M-teacher": ["--init", "teacher"],                        # (a) the teacher's own weights, 1M
@@ -278,7 +281,7 @@ def report(out, teacher_bench, md, plot):
     text = "\n".join(lines)
     click.echo(text)
     if md:
-        Path(md).write_text(text + "\n")
+        atomic_write_text(md, text + "\n")
     if plot:
         curves(out, res, plot)
 
@@ -340,7 +343,7 @@ def curves(out: Path, res: dict, path):
     by_updates.set_ylabel("MT30 score of the prior (eval mode, 1 ep/task)")
     by_labels.legend(*by_updates.get_legend_handles_labels(), fontsize=7, loc="lower right")  # the empty corner
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

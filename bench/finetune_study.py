@@ -27,6 +27,8 @@ import click
 import numpy as np
 
 from edge_tdmpc.bench.distill_study import _ci, bootstrap, paired_difference, paired_ratio, scores, table
+from edge_tdmpc.bench.report import save_figure
+from edge_tdmpc.files import atomic_write_text
 
 KINDS = ("ft-replay-labels", "ft-replay", "ft", "ft-prior", "ft-embedding", "ft-return", "ft-embedding-return",
          "ft-return-prior", "ft-return-warmup", "ft-return-anchor", "ft-return-prior-anchor", "ft-anchor",
@@ -263,7 +265,7 @@ def report(root, teacher_bench, old_bench, md, plot):
     text = "\n".join(lines)
     click.echo(text)
     if md:
-        Path(md).write_text(text + "\n")
+        atomic_write_text(md, text + "\n")
     if plot:
         _plot(res, plot)
 
@@ -340,7 +342,7 @@ def subset(root, teacher, teacher_prior, teacher_planner, prior_bench, planner_b
     text = "\n".join(lines)
     click.echo(text)
     if md:
-        Path(md).write_text(text + "\n")
+        atomic_write_text(md, text + "\n")
 
 
 def _plot(res: dict, path):
@@ -365,7 +367,7 @@ def _plot(res: dict, path):
         ax.set_ylabel(f"return (eval mode, {'/'.join(map(str, episodes))} episode(s) a point)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -218,8 +218,14 @@ def plot(report: dict, records: list[dict], out: Path) -> list[str]:
 
 
 def _savefig(fig, path: Path) -> str:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    save_figure(fig, path)
     return path.name
+
+
+def save_figure(fig, path):
+    """fig into `path`, never half-written; the format follows the suffix (PNG without one)."""
+    path = Path(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=110))
 
 
 def write_reports(report: dict, records: list[dict], out: Path) -> dict:

@@ -18,6 +18,7 @@ import psutil
 import torch
 
 from edge_tdmpc.bench.official_update import Reference, reference_update
+from edge_tdmpc.files import atomic_write_text
 from edge_tdmpc.model import WorldModel
 
 
@@ -173,7 +174,7 @@ def benchmark(batch_size=256, student_size=1, teacher_sizes=(5, 1), updates=20, 
     echo(f"torch {torch.__version__}, {torch.get_num_threads()} threads; this process's RSS now "
          f"{peak / 2**20:.0f} MiB")
     if json_out:
-        Path(json_out).write_text(json.dumps(rows, indent=1))
+        atomic_write_text(json_out, json.dumps(rows, indent=1))
     return rows
 
 

@@ -221,6 +221,28 @@ def test_atomic_writes_honour_the_umask(tiny, tmp_path):
     assert load_model(tmp_path / "student.pt").cfg == tiny.cfg  # and complete
 
 
+
+def test_figures_are_written_whole_with_the_umask(tmp_path):
+    """A study's plot is a figure written like any other file: whole, with the umask's mode, or not at all."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edge_tdmpc.bench.report import save_figure
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    old = os.umask(0o027)
+    try:
+        save_figure(fig, tmp_path / "curves.png")
+        with pytest.raises(ValueError):  # an unknown format fails inside savefig, after the temporary file opened
+            save_figure(fig, tmp_path / "curves.notaformat")
+    finally:
+        os.umask(old)
+        plt.close(fig)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "curves.png").stat().st_mode & 0o777 == 0o640
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["curves.png"]  # no half-written file, no temporary
+
 def _act_of(name, rt):
     if name == "agent":  # the Agent's signature: act(obs, t0, eval_mode, task)
         return lambda o, task: rt.act(o, t0=True, task=task)
