@@ -182,9 +182,8 @@ def plot(report: dict, records: list[dict], out: Path) -> list[str]:
 
     pairs = [(s["runtime"], s["precision"]) for s in report["summary"]]
     tasks = list(dict.fromkeys(r["task"] for r in report["rows"]))
-    names = []
     if not pairs:
-        return names
+        return []
     fig, (hist, cdf) = plt.subplots(1, 2, figsize=(11, 4))
     for rt, prec in pairs:
         ms = np.sort([x for r in records if (r["runtime"], r["precision"]) == (rt, prec) for x in r["latency_ms"]])
@@ -200,7 +199,7 @@ def plot(report: dict, records: list[dict], out: Path) -> list[str]:
         cdf.axvline(1000 / report["settings"]["hz"], color="k", ls=":", label=f"{report['settings']['hz']:g} Hz")
     cdf.legend(fontsize=8)
     fig.tight_layout()
-    names.append(_savefig(fig, out / "latency.png"))
+    save_figure(fig, out / "latency.png")
 
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(tasks) * max(1, len(pairs)) ** 0.5 + 2), 4.5))
     width = 0.8 / len(pairs)
@@ -212,14 +211,9 @@ def plot(report: dict, records: list[dict], out: Path) -> list[str]:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    names.append(_savefig(fig, out / "scores.png"))
+    save_figure(fig, out / "scores.png")
     plt.close("all")
-    return names
-
-
-def _savefig(fig, path: Path) -> str:
-    save_figure(fig, path)
-    return path.name
+    return ["latency.png", "scores.png"]
 
 
 def save_figure(fig, path):

@@ -221,7 +221,6 @@ def test_atomic_writes_honour_the_umask(tiny, tmp_path):
     assert load_model(tmp_path / "student.pt").cfg == tiny.cfg  # and complete
 
 
-
 def test_figures_are_written_whole_with_the_umask(tmp_path):
     """A study's plot is a figure written like any other file: whole, with the umask's mode, or not at all."""
     import matplotlib
@@ -242,6 +241,7 @@ def test_figures_are_written_whole_with_the_umask(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "curves.png").stat().st_mode & 0o777 == 0o640
     assert sorted(q.name for q in tmp_path.iterdir()) == ["curves.png"]  # no half-written file, no temporary
+
 
 def _act_of(name, rt):
     if name == "agent":  # the Agent's signature: act(obs, t0, eval_mode, task)
